@@ -1,0 +1,226 @@
+"""The pipeline file, as pydantic models (the YAML contract of DESIGN.md).
+
+Loading validates shape and types only; graph checks (dangling connections, cycles,
+unfed nodes, expressions) are :mod:`engine._graph`'s.  Every model forbids unknown keys,
+so a typo is an error that names its key path.  ``docs/configuration.md`` is generated
+from these models (``python -m engine._docs``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ._errors import ConfigError, ConfigIssue
+
+__all__ = [
+    "GateSettings",
+    "LandscapeSettings",
+    "PipelineSettings",
+    "RuntimeSettings",
+    "SchemaSettings",
+    "SinkSettings",
+    "SourceSettings",
+    "TransformSettings",
+    "format_location",
+    "issues_from_validation",
+    "load_settings",
+]
+
+FieldType = Literal["int", "float", "str", "bool", "date", "datetime"]
+PluginRef = Any  # an entry name, "module:Class", a Plugin class, or (from Python) an instance
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class LandscapeSettings(_Model):
+    """Where the audit trail is written."""
+
+    url: str = Field(
+        "sqlite+aiosqlite:///runs/audit.db",
+        description="SQLAlchemy async URL of the Landscape (SQLite file or PostgreSQL).",
+    )
+
+
+class RuntimeSettings(_Model):
+    """Engine tuning; the defaults suit most pipelines."""
+
+    max_buffer_size: int = Field(
+        64, ge=1, description="Capacity of every connection between nodes (rows)."
+    )
+    commit_interval_ms: int = Field(
+        50, ge=1, description="Longest time an audit record waits for its group commit."
+    )
+
+
+class SchemaSettings(_Model):
+    """Typing and validation of source rows."""
+
+    mode: Literal["strict", "dynamic"] = Field(
+        description="strict: exactly the listed fields; dynamic: any fields, listed ones coerced."
+    )
+    fields: dict[str, FieldType] = Field(
+        default_factory=dict, description="Field name -> int | float | str | bool | date | datetime."
+    )
+
+
+class SourceSettings(_Model):
+    """The one source of the pipeline."""
+
+    name: str = Field("source", description="Node name of the source.")
+    plugin: PluginRef = Field(description="csv | jsonl | json | memory | 'module:Class'.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Plugin options.")
+    row_schema: SchemaSettings | None = Field(
+        None, alias="schema", description="Validate and coerce rows; invalid rows are quarantined."
+    )
+    on_validation_failure: str | None = Field(
+        None,
+        description="A sink for malformed rows, or 'discard'. Unset: quarantined in the "
+        "Landscape only.",
+    )
+    on_success: str = Field(description="Connection or sink that valid rows go to.")
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class TransformSettings(_Model):
+    """A row-by-row transform."""
+
+    name: str = Field(description="Unique node name.")
+    plugin: PluginRef = Field(description="field_map | compute | filter | passthrough | ...")
+    input: str = Field(description="Connection this node reads.")
+    on_success: str = Field(description="Connection or sink for results.")
+    on_error: str | None = Field(
+        None, description="Sink for rows that fail here; unset: they end 'failed'."
+    )
+    concurrency: int = Field(1, ge=1, description="Rows processed at once.")
+    ordered: bool = Field(True, description="Release results in arrival order.")
+    max_pending: int | None = Field(
+        None,
+        ge=1,
+        description="Rows in flight plus waiting to be released (default 4 x concurrency).",
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="Plugin options.")
+
+    @model_validator(mode="after")
+    def _pending_covers_concurrency(self) -> TransformSettings:
+        if self.max_pending is not None and self.max_pending < self.concurrency:
+            raise ValueError("max_pending must be at least concurrency")
+        return self
+
+    @property
+    def window(self) -> int:
+        """Effective ``max_pending``."""
+        return self.max_pending if self.max_pending is not None else 4 * self.concurrency
+
+
+class GateSettings(_Model):
+    """Routes each row by a condition, or forks it into branches."""
+
+    name: str = Field(description="Unique node name.")
+    input: str = Field(description="Connection this node reads.")
+    condition: str | None = Field(None, description="Expression over `row`.")
+    routes: dict[str, str] | None = Field(
+        None,
+        description="Condition value ('true', 'false', or str(value)) -> connection, sink "
+        "or 'discard'.",
+    )
+    fork_to: dict[str, str] | None = Field(
+        None, description="Branch name -> connection: every row goes to every branch."
+    )
+    on_error: str | None = Field(
+        None, description="Sink for rows whose condition fails; unset: 'failed'."
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> GateSettings:
+        if self.fork_to is not None:
+            if self.condition is not None or self.routes is not None:
+                raise ValueError("a gate has either fork_to or condition/routes, not both")
+            if not self.fork_to:
+                raise ValueError("fork_to needs at least one branch")
+        elif self.condition is None or not self.routes:
+            raise ValueError("a gate needs condition and routes, or fork_to")
+        return self
+
+
+class SinkSettings(_Model):
+    """Where rows are written."""
+
+    name: str = Field(description="Unique sink name; also the connection it reads.")
+    plugin: PluginRef = Field(description="csv | jsonl | database | 'module:Class'.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Plugin options.")
+    batch_size: int = Field(500, ge=1, description="Rows per durable write.")
+    flush_interval_ms: int = Field(
+        200, ge=0, description="Longest a partial batch waits for more rows."
+    )
+
+
+class PipelineSettings(_Model):
+    """A whole pipeline file."""
+
+    name: str | None = Field(None, description="Pipeline name shown in `ledgerflow runs`.")
+    landscape: LandscapeSettings = Field(default_factory=LandscapeSettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    source: SourceSettings
+    transforms: list[TransformSettings] = Field(default_factory=list)
+    gates: list[GateSettings] = Field(default_factory=list)
+    sinks: list[SinkSettings] = Field(min_length=1)
+
+
+def format_location(loc: tuple[int | str, ...], prefix: str = "") -> str:
+    """``('transforms', 1, 'input')`` -> ``transforms[1].input``."""
+    path = prefix
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def issues_from_validation(error: ValidationError, prefix: str = "") -> list[ConfigIssue]:
+    """One :class:`ConfigIssue` per pydantic error, located by key path."""
+    issues = []
+    for item in error.errors():
+        loc = tuple(part for part in item["loc"] if not _is_union_tag(part))
+        issues.append(ConfigIssue(format_location(loc, prefix), _message(item)))
+    return issues
+
+
+def _is_union_tag(part: int | str) -> bool:
+    return isinstance(part, str) and (part.startswith("function-") or "[" in part)
+
+
+def _message(item: Any) -> str:
+    message = str(item["msg"])
+    if item["type"] == "extra_forbidden":
+        return "unknown key"
+    return message.removeprefix("Value error, ")
+
+
+def load_settings(data: Any) -> PipelineSettings:
+    """Validate a parsed pipeline document; raises :class:`ConfigError` naming key paths."""
+    if not isinstance(data, dict):
+        raise ConfigError.at("", "a pipeline file must be a mapping of sections")
+    try:
+        return PipelineSettings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(issues_from_validation(exc)) from None
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; unreadable or malformed files raise :class:`ConfigError`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError.at("", f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError.at("", f"{path} is not valid YAML: {exc}") from exc

@@ -1,0 +1,142 @@
+"""Generates ``docs/configuration.md`` and ``docs/cli.md`` from the code itself.
+
+``python -m engine._docs`` rewrites both; ``tests/test_docs.py`` fails when they are
+stale, so the reference never drifts from the models and the parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from plugins import known_plugins, resolve_plugin
+
+from . import _config as config
+from .cli import build_parser
+
+__all__ = ["render_cli_reference", "render_configuration_reference", "write_docs"]
+
+_SECTIONS: list[tuple[str, type[BaseModel]]] = [
+    ("Top level", config.PipelineSettings),
+    ("`landscape`", config.LandscapeSettings),
+    ("`runtime`", config.RuntimeSettings),
+    ("`source`", config.SourceSettings),
+    ("`source.schema`", config.SchemaSettings),
+    ("`transforms[]`", config.TransformSettings),
+    ("`gates[]`", config.GateSettings),
+    ("`sinks[]`", config.SinkSettings),
+]
+
+
+def _type_name(annotation: Any) -> str:
+    if annotation is Any:
+        return "any"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    text = str(annotation).replace("typing.", "").replace("engine._config.", "")
+    return text.replace("NoneType", "None")
+
+
+def _default(field: FieldInfo) -> str:
+    if field.is_required():
+        return "required"
+    if field.default_factory is not None:
+        return "`" + repr(field.default_factory()) + "`"  # type: ignore[call-arg]
+    return f"`{field.default!r}`"
+
+
+def _model_table(model: type[BaseModel]) -> list[str]:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        annotation = _type_name(field.annotation)
+        description = (field.description or "").replace("|", "\\|")
+        lines.append(f"| `{key}` | `{annotation}` | {_default(field)} | {description} |")
+    return lines
+
+
+def _plugin_sections() -> list[str]:
+    lines = ["## Built-in plugins", ""]
+    for kind in ("source", "transform", "sink"):
+        for name in known_plugins(kind):
+            cls = resolve_plugin(kind, name)
+            lines += [f"### {kind} `{name}`", "", (cls.__doc__ or "").strip().splitlines()[0], ""]
+            if cls.Options is not None:
+                lines += [*_model_table(cls.Options), ""]
+            else:
+                lines += ["No options.", ""]
+    return lines
+
+
+def render_configuration_reference() -> str:
+    """The configuration reference as Markdown."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the configuration models by `python -m engine._docs`; do not edit.",
+        "Every key is checked: an unknown key, a wrong type or a broken reference is",
+        "refused before anything runs, with its key path (e.g. `transforms[1].input`).",
+        "",
+    ]
+    for title, model in _SECTIONS:
+        doc = (model.__doc__ or "").strip()
+        lines += [f"## {title}", "", doc, "", *_model_table(model), ""]
+    lines += _plugin_sections()
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _parser_lines(parser: argparse.ArgumentParser, title: str) -> list[str]:
+    usage = parser.format_usage().strip().removeprefix("usage: ")
+    lines = [f"## `{title}`", "", parser.description or "", "", "```", usage, "```", ""]
+    rows = []
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+            continue
+        flags = ", ".join(action.option_strings) or action.metavar or action.dest
+        rows.append(f"| `{flags}` | {(action.help or '').replace('|', '\\|')} |")
+    if rows:
+        lines += ["| argument | meaning |", "|---|---|", *rows, ""]
+    return lines
+
+
+def render_cli_reference() -> str:
+    """The CLI reference as Markdown."""
+    parser = build_parser()
+    lines = [
+        "# Command line reference",
+        "",
+        "Generated from the argument parser by `python -m engine._docs`; do not edit.",
+        "",
+    ]
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        lines += _parser_lines(sub, f"ledgerflow {name}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_docs(root: Path) -> list[Path]:
+    """Write both references under ``root/docs``; return the paths written."""
+    docs = root / "docs"
+    docs.mkdir(exist_ok=True)
+    written = []
+    for name, text in (
+        ("configuration.md", render_configuration_reference()),
+        ("cli.md", render_cli_reference()),
+    ):
+        path = docs / name
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for path in write_docs(Path(sys.argv[1]) if len(sys.argv) > 1 else Path.cwd()):
+        print(f"wrote {path}")
+
+

@@ -1,0 +1,376 @@
+"""Compiling settings into the frozen graph the runtime executes.
+
+:func:`compile_graph` resolves plugins, wires connections to their one consumer, and
+refuses — before anything runs, each problem located by its key path — unknown plugins,
+invalid options, dangling or doubly-read connections, nodes and sinks nobody feeds,
+cycles, unreachable nodes and expressions that do not parse or use forbidden constructs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from landscape import canonical_hash
+from plugins import (
+    Plugin,
+    PluginNotFound,
+    PluginSetup,
+    Sink,
+    Source,
+    Transform,
+    resolve_plugin,
+)
+from plugins.expressions import Expression, ExpressionSyntaxError, compile_expression
+
+from ._config import (
+    GateSettings,
+    PipelineSettings,
+    SinkSettings,
+    TransformSettings,
+    issues_from_validation,
+)
+from ._errors import ConfigError, ConfigIssue
+from ._redact import redact
+
+__all__ = ["DISCARD", "Arrival", "EdgeMode", "Graph", "NodeKind", "NodeSpec", "Route", "compile_graph"]
+
+DISCARD = "discard"
+
+
+class NodeKind(StrEnum):
+    SOURCE = "source"
+    TRANSFORM = "transform"
+    GATE = "gate"
+    SINK = "sink"
+
+
+class EdgeMode(StrEnum):
+    """How a token travels an edge: moved, copied into a branch, or diverted on error."""
+
+    MOVE = "move"
+    COPY = "copy"
+    DIVERT = "divert"
+
+
+class Arrival(StrEnum):
+    """How a token reached a sink, which decides its outcome there."""
+
+    NORMAL = "completed"
+    ROUTED = "routed"
+    DIVERTED = "quarantined"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one kind of result of a node goes; ``target is None`` discards."""
+
+    label: str
+    target: str | None
+    edge_id: str | None
+    mode: EdgeMode
+    arrival: Arrival
+
+    @property
+    def discards(self) -> bool:
+        return self.target is None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    """One node of the compiled graph, everything the runtime needs to run it."""
+
+    node_id: str
+    kind: NodeKind
+    path: str
+    settings: BaseModel
+    plugin: Plugin | None = None
+    input: str | None = None
+    routes: Mapping[str, Route] = field(default_factory=dict)
+    #: Where rows that fail here go (``on_error`` / ``on_validation_failure``); ``None``:
+    #: they end ``failed`` (``quarantined`` at the source).
+    error_route: Route | None = None
+    condition: Expression | None = None
+
+    def all_routes(self) -> list[Route]:
+        return [*self.routes.values(), *([self.error_route] if self.error_route else [])]
+
+    @property
+    def plugin_name(self) -> str | None:
+        return None if self.plugin is None else _plugin_label(type(self.plugin))
+
+    def config(self) -> dict[str, Any]:
+        """The node's settings as recorded in the Landscape (secrets redacted)."""
+        dumped = self.settings.model_dump(mode="python", by_alias=True, exclude_none=True)
+        if "plugin" in dumped:
+            dumped["plugin"] = self.plugin_name
+        return dict(_jsonable(redact(dumped)))
+
+
+@dataclass(frozen=True, slots=True)
+class Graph:
+    """The executable pipeline: nodes in topological order, wired by routes."""
+
+    settings: PipelineSettings
+    nodes: Mapping[str, NodeSpec]
+    base_dir: Path
+
+    @property
+    def source(self) -> NodeSpec:
+        return next(iter(self.nodes.values()))
+
+    @property
+    def config_hash(self) -> str:
+        return canonical_hash({node_id: spec.config() for node_id, spec in self.nodes.items()})
+
+    def routes(self) -> Iterator[tuple[NodeSpec, Route]]:
+        for spec in self.nodes.values():
+            for route in spec.all_routes():
+                yield spec, route
+
+    def consumers_of(self, node_id: str) -> list[str]:
+        return [r.target for r in self.nodes[node_id].all_routes() if r.target is not None]
+
+    def describe(self) -> list[str]:
+        """One line per route, for ``ledgerflow validate``."""
+        lines = []
+        for spec, route in self.routes():
+            target = route.target or DISCARD
+            lines.append(f"{spec.node_id} --{route.label} ({route.mode})--> {target}")
+        return lines
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with anything JSON cannot hold (an iterable of rows, an object) named instead."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return f"<{type(value).__name__}>"
+
+
+def _plugin_label(cls: type) -> str:
+    name = getattr(cls, "name", "")
+    return name if isinstance(name, str) and name else f"{cls.__module__}:{cls.__qualname__}"
+
+
+class _Builder:
+    """Collects every problem instead of stopping at the first."""
+
+    def __init__(self, settings: PipelineSettings, base_dir: Path) -> None:
+        self.settings = settings
+        self.base_dir = base_dir
+        self.issues: list[ConfigIssue] = []
+        self.consumers: dict[str, str] = {}
+        self.sinks: set[str] = set()
+        self.fed: set[str] = set()
+
+    def fail(self, path: str, message: str) -> None:
+        self.issues.append(ConfigIssue(path, message))
+
+    # -- plugins -----------------------------------------------------------------------
+
+    def plugin(self, kind: str, base: type[Plugin], ref: Any, node: str, path: str) -> Plugin | None:
+        if isinstance(ref, base):
+            return ref
+        try:
+            cls = ref if inspect.isclass(ref) and issubclass(ref, base) else resolve_plugin(kind, ref)
+        except PluginNotFound as exc:
+            self.fail(f"{path}.plugin", str(exc))
+            return None
+        options = getattr(self._settings_at(path), "options", {})
+        try:
+            return cls.from_options(options, PluginSetup(node_name=node, base_dir=self.base_dir))
+        except ValidationError as exc:
+            self.issues.extend(issues_from_validation(exc, f"{path}.options"))
+        except (ExpressionSyntaxError, ValueError, TypeError) as exc:
+            self.fail(f"{path}.options", str(exc))
+        return None
+
+    def _settings_at(self, path: str) -> Any:
+        section, _, index = path.partition("[")
+        value = getattr(self.settings, section)
+        return value[int(index.rstrip("]"))] if index else value
+
+    # -- connections ---------------------------------------------------------------------
+
+    def claim_input(self, connection: str, node: str, path: str) -> None:
+        if connection in self.sinks:
+            self.fail(path, f"'{connection}' is a sink; a node cannot read it")
+        elif connection in self.consumers:
+            self.fail(path, f"connection '{connection}' is already read by '{self.consumers[connection]}'")
+        else:
+            self.consumers[connection] = node
+
+    def route(
+        self, source: str, label: str, name: str, path: str, mode: EdgeMode, arrival: Arrival,
+        *, sinks_only: bool = False, may_discard: bool = False,
+    ) -> Route | None:
+        if name == DISCARD and may_discard:
+            return Route(label, None, None, mode, arrival)
+        if sinks_only and name not in self.sinks:
+            self.fail(path, f"'{name}' is not a sink" + (" (or 'discard')" if may_discard else ""))
+            return None
+        target = name if name in self.sinks else self.consumers.get(name)
+        if target is None:
+            self.fail(path, f"nothing reads '{name}': no node has it as input and no sink has that name")
+            return None
+        self.fed.add(target)
+        return Route(label, target, f"{source}:{label}->{target}", mode, arrival)
+
+
+def compile_graph(settings: PipelineSettings, base_dir: Path) -> Graph:
+    """Build the executable graph, or raise :class:`ConfigError` listing every problem."""
+    builder = _Builder(settings, base_dir)
+    names = _check_names(builder)
+    builder.sinks = {sink.name for sink in settings.sinks}
+    for i, transform in enumerate(settings.transforms):
+        builder.claim_input(transform.input, transform.name, f"transforms[{i}].input")
+    for i, gate in enumerate(settings.gates):
+        builder.claim_input(gate.input, gate.name, f"gates[{i}].input")
+    specs = [_source_spec(builder)]
+    specs += [_transform_spec(builder, t, i) for i, t in enumerate(settings.transforms)]
+    specs += [_gate_spec(builder, g, i) for i, g in enumerate(settings.gates)]
+    specs += [_sink_spec(builder, s, i) for i, s in enumerate(settings.sinks)]
+    nodes = {spec.node_id: spec for spec in specs if spec is not None}
+    if not builder.issues:
+        _check_feeding(builder, names)
+        order = _topological_order(builder, nodes, names)
+        nodes = {node_id: nodes[node_id] for node_id in order}
+    if builder.issues:
+        raise ConfigError(builder.issues)
+    return Graph(settings=settings, nodes=nodes, base_dir=base_dir)
+
+
+def _check_names(builder: _Builder) -> dict[str, str]:
+    """Node name -> key path; duplicates and reserved names are issues."""
+    s = builder.settings
+    entries = [(s.source.name, "source.name")]
+    entries += [(t.name, f"transforms[{i}].name") for i, t in enumerate(s.transforms)]
+    entries += [(g.name, f"gates[{i}].name") for i, g in enumerate(s.gates)]
+    entries += [(k.name, f"sinks[{i}].name") for i, k in enumerate(s.sinks)]
+    names: dict[str, str] = {}
+    for name, path in entries:
+        if name == DISCARD or not name:
+            builder.fail(path, f"'{name}' cannot be a node name")
+        elif name in names:
+            builder.fail(path, f"duplicate node name '{name}' (also at {names[name]})")
+        else:
+            names[name] = path.rsplit(".", 1)[0]
+    return names
+
+
+def _source_spec(b: _Builder) -> NodeSpec | None:
+    src = b.settings.source
+    plugin = b.plugin("source", Source, src.plugin, src.name, "source")
+    routes = {}
+    ok = b.route(src.name, "success", src.on_success, "source.on_success", EdgeMode.MOVE, Arrival.NORMAL)
+    if ok:
+        routes["success"] = ok
+    bad = None
+    if src.on_validation_failure is not None:
+        bad = b.route(
+            src.name, "validation_failure", src.on_validation_failure,
+            "source.on_validation_failure", EdgeMode.DIVERT, Arrival.DIVERTED,
+            sinks_only=True, may_discard=True,
+        )
+    if plugin is None:
+        return None
+    return NodeSpec(src.name, NodeKind.SOURCE, "source", src, plugin, None, routes, error_route=bad)
+
+
+def _error_route(b: _Builder, node: str, target: str | None, path: str) -> Route | None:
+    if target is None:
+        return None
+    return b.route(node, "error", target, path, EdgeMode.DIVERT, Arrival.DIVERTED, sinks_only=True)
+
+
+def _transform_spec(b: _Builder, t: TransformSettings, i: int) -> NodeSpec | None:
+    path = f"transforms[{i}]"
+    plugin = b.plugin("transform", Transform, t.plugin, t.name, path)
+    error_route = _error_route(b, t.name, t.on_error, f"{path}.on_error")
+    ok = b.route(t.name, "success", t.on_success, f"{path}.on_success", EdgeMode.MOVE, Arrival.NORMAL)
+    if plugin is None or ok is None:
+        return None
+    return NodeSpec(
+        t.name, NodeKind.TRANSFORM, path, t, plugin, t.input, {"success": ok}, error_route
+    )
+
+
+def _gate_spec(b: _Builder, g: GateSettings, i: int) -> NodeSpec | None:
+    path = f"gates[{i}]"
+    error_route = _error_route(b, g.name, g.on_error, f"{path}.on_error")
+    routes: dict[str, Route] = {}
+    condition = None
+    if g.fork_to is not None:
+        for branch, name in g.fork_to.items():
+            r = b.route(g.name, branch, name, f"{path}.fork_to.{branch}", EdgeMode.COPY, Arrival.ROUTED)
+            if r:
+                routes[branch] = r
+    else:
+        assert g.condition is not None and g.routes is not None
+        try:
+            condition = compile_expression(g.condition)
+        except ExpressionSyntaxError as exc:
+            b.fail(f"{path}.condition", str(exc))
+        for label, name in g.routes.items():
+            r = b.route(
+                g.name, label, name, f"{path}.routes.{label}", EdgeMode.MOVE, Arrival.ROUTED,
+                may_discard=True,
+            )
+            if r:
+                routes[label] = r
+    return NodeSpec(g.name, NodeKind.GATE, path, g, None, g.input, routes, error_route, condition)
+
+
+def _sink_spec(b: _Builder, s: SinkSettings, i: int) -> NodeSpec | None:
+    path = f"sinks[{i}]"
+    plugin = b.plugin("sink", Sink, s.plugin, s.name, path)
+    if plugin is None:
+        return None
+    return NodeSpec(s.name, NodeKind.SINK, path, s, plugin, s.name)
+
+
+def _check_feeding(b: _Builder, names: Mapping[str, str]) -> None:
+    for connection, node in b.consumers.items():
+        if node not in b.fed:
+            b.fail(f"{names[node]}.input", f"nothing writes to connection '{connection}'")
+    for i, sink in enumerate(b.settings.sinks):
+        if sink.name not in b.fed:
+            b.fail(f"sinks[{i}].name", f"no node writes to sink '{sink.name}'")
+
+
+def _topological_order(b: _Builder, nodes: Mapping[str, NodeSpec], names: Mapping[str, str]) -> list[str]:
+    """Nodes reachable from the source, parents first; cycles and unreachable nodes are issues."""
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(node_id: str, trail: list[str]) -> None:
+        if state.get(node_id) == "done":
+            return
+        if state.get(node_id) == "active":
+            cycle = trail[trail.index(node_id):] + [node_id]
+            b.fail(names[node_id], "cycle: " + " -> ".join(cycle))
+            return
+        state[node_id] = "active"
+        for route in nodes[node_id].all_routes():
+            if route.target is not None:
+                visit(route.target, [*trail, node_id])
+        state[node_id] = "done"
+        order.append(node_id)
+
+    source = b.settings.source.name
+    visit(source, [])
+    for node_id in nodes:
+        if node_id not in state:
+            b.fail(names[node_id], f"'{node_id}' is not reachable from the source")
+    order.reverse()
+    return order

@@ -1,0 +1,119 @@
+"""The shape every node task shares, and what nodes do alike with a token."""
+
+from __future__ import annotations
+
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from landscape import CanonicalizationError, NodeStateStatus, Outcome
+
+if TYPE_CHECKING:
+    from plugins import Row
+
+    from .._graph import NodeSpec, Route
+    from .._run_context import NodeStats, RunContext
+    from .._streams import Inbox, Outbox
+    from .._tokens import Token
+
+__all__ = ["NodeTask", "error_info"]
+
+
+def error_info(exc: BaseException) -> dict[str, Any]:
+    """What is recorded about a row's error: type, message and where it was raised."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
+    return {"type": type(exc).__name__, "message": str(exc), "where": where}
+
+
+class NodeTask:
+    """A node: reads its inbox (if any) until end of input, writes its outbox.
+
+    Subclasses implement :meth:`run`.  On end of input a node finishes what it holds
+    and closes its outbox; a row's error becomes that row's outcome; cancellation
+    propagates untouched.
+    """
+
+    def __init__(self, spec: NodeSpec, run: RunContext, inbox: Inbox | None, outbox: Outbox) -> None:
+        self.spec = spec
+        self.run_ctx = run
+        self.recorder = run.recorder
+        self.inbox = inbox
+        self.outbox = outbox
+        self.stats: NodeStats = run.stats[spec.node_id]
+
+    @property
+    def node_id(self) -> str:
+        return self.spec.node_id
+
+    async def run(self) -> None:
+        raise NotImplementedError
+
+    # -- moving tokens on ----------------------------------------------------------------
+
+    async def deliver(self, token: Token, route: Route) -> None:
+        """Send ``token`` along ``route`` (a discarding route ends it ``discarded``)."""
+        if route.target is None:
+            self.run_ctx.record_outcome(
+                token.token_id, Outcome.DISCARDED, self.node_id,
+                context={"node": self.node_id, "route": route.label},
+            )
+            return
+        token.arrival = route.arrival
+        await self.outbox.send(route.target, token)
+
+    async def fail_row(self, token: Token, error: dict[str, Any], state_id: str) -> None:
+        """Route ``token`` by the node's ``on_error``, or end it ``failed``."""
+        route = self.spec.error_route
+        if route is None or route.target is None:
+            self.run_ctx.record_outcome(
+                token.token_id, Outcome.FAILED, self.node_id,
+                context={"node": self.node_id, "error": error},
+            )
+            return
+        self.recorder.routing_event(
+            state_id=state_id, edge_id=route.edge_id or "", route_label=route.label,
+            reason={"error": error},
+        )
+        token.error = error
+        self.set_row(token, {**token.row, "_error": error["message"], "_error_node": self.node_id})
+        await self.deliver(token, route)
+
+    def set_row(self, token: Token, row: Row) -> None:
+        """Give ``token`` a new row, storing it unless it is the row it already has."""
+        if row is not token.row:
+            token.row_hash = self.recorder.store(row).hash
+            token.row = row
+
+    def store_row(self, row: Row) -> tuple[str | None, dict[str, Any] | None]:
+        """Store ``row``; returns ``(hash, None)`` or ``(None, error)`` if it has no JSON form."""
+        try:
+            return self.recorder.store(row).hash, None
+        except CanonicalizationError as exc:
+            return None, error_info(exc)
+
+    def record_state(
+        self,
+        token: Token,
+        state_id: str,
+        started_at: float,
+        completed_at: float,
+        *,
+        output_hash: str | None,
+        error: dict[str, Any] | None = None,
+        context: dict[str, Any] | None = None,
+    ) -> None:
+        """Record the token's visit here as completed (or failed when ``error`` is set)."""
+        self.recorder.node_state(
+            state_id=state_id,
+            token_id=token.token_id,
+            node_id=self.node_id,
+            status=NodeStateStatus.FAILED if error else NodeStateStatus.COMPLETED,
+            input_hash=token.row_hash,
+            output_hash=output_hash,
+            started_at=started_at,
+            completed_at=completed_at,
+            step_index=token.step,
+            error=error,
+            context=context,
+        )
+        token.step += 1

@@ -1,0 +1,109 @@
+"""The sink node: writes rows in durable batches, then records their outcomes."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import anyio
+
+from landscape import NodeStateStatus, Outcome
+from plugins import SinkItem
+
+from .._errors import PluginError
+from ._base import NodeTask
+
+if TYPE_CHECKING:
+    from plugins import Sink
+
+    from .._config import SinkSettings
+    from .._tokens import Token
+
+__all__ = ["SinkNode"]
+
+
+class SinkNode(NodeTask):
+    """Collects tokens into batches and writes each batch durably through its plugin.
+
+    A batch is written when it holds ``batch_size`` rows, when ``flush_interval_ms``
+    passed since its first row, or at end of input.  Only after the plugin reports the
+    write durable are the tokens' node states and outcomes recorded (``completed``,
+    ``routed`` when a gate sent the row here, ``quarantined`` for an error sink), so a
+    recorded outcome always names a row that is really in the sink.  Rows the plugin
+    rejects end ``failed`` with its reason.  A write that raises fails the run
+    (:class:`PluginError`): the sink's state is then unknown.  At end of input the
+    artifact is recorded.
+    """
+
+    async def run(self) -> None:
+        settings: SinkSettings = self.spec.settings  # type: ignore[assignment]
+        sink: Sink = self.spec.plugin  # type: ignore[assignment]
+        interval = settings.flush_interval_ms / 1000.0
+        while batch := await self._collect(settings.batch_size, interval):
+            await self._write(sink, batch)
+        artifact = sink.artifact()
+        if artifact is not None:
+            self.recorder.artifact(
+                sink_node_id=self.node_id, uri=artifact.uri, content_hash=artifact.content_hash,
+                size_bytes=artifact.size_bytes, rows_written=artifact.rows_written,
+            )
+
+    async def _collect(self, batch_size: int, interval: float) -> list[Token]:
+        """Up to ``batch_size`` tokens; empty only at end of input."""
+        assert self.inbox is not None
+        first = await self.inbox.receive()
+        if first is None:
+            return []
+        batch = [first]
+        with anyio.move_on_after(interval):
+            while len(batch) < batch_size:
+                token = await self.inbox.receive()
+                if token is None:
+                    break
+                batch.append(token)
+        self.stats.received += len(batch)
+        return batch
+
+    async def _write(self, sink: Sink, batch: list[Token]) -> None:
+        started = time.time()
+        items = [SinkItem(t.token_id, t.row_index, t.row) for t in batch]
+        self.stats.in_flight = len(batch)
+        try:
+            rejections = await sink.write(items)
+        except Exception as exc:
+            raise PluginError(f"sink '{self.node_id}' failed to write: {exc}") from exc
+        finally:
+            self.stats.in_flight = 0
+        rejected = {r.token_id: r.error for r in rejections}
+        completed = time.time()
+        for token in batch:
+            error = rejected.get(token.token_id)
+            if error is None:
+                self._written(token, started, completed)
+            else:
+                self._rejected(token, error, started, completed)
+
+    def _written(self, token: Token, started: float, completed: float) -> None:
+        self.recorder.node_state(
+            state_id=self.recorder.new_id("s"), token_id=token.token_id, node_id=self.node_id,
+            status=NodeStateStatus.COMPLETED, input_hash=token.row_hash,
+            output_hash=token.row_hash, started_at=started, completed_at=completed,
+            step_index=token.step,
+        )
+        context = None if token.error is None else {"error": token.error}
+        self.run_ctx.record_outcome(
+            token.token_id, Outcome(token.arrival.value), self.node_id,
+            sink_name=self.node_id, context=context,
+        )
+
+    def _rejected(self, token: Token, error: str, started: float, completed: float) -> None:
+        failure = {"type": "SinkRejection", "message": error}
+        self.recorder.node_state(
+            state_id=self.recorder.new_id("s"), token_id=token.token_id, node_id=self.node_id,
+            status=NodeStateStatus.FAILED, input_hash=token.row_hash, output_hash=None,
+            started_at=started, completed_at=completed, step_index=token.step, error=failure,
+        )
+        self.run_ctx.record_outcome(
+            token.token_id, Outcome.FAILED, self.node_id,
+            context={"node": self.node_id, "error": failure},
+        )

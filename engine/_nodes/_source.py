@@ -1,0 +1,135 @@
+"""The source node: reads records, validates them, and admits them as tokens."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from landscape import CanonicalizationError, NodeStateStatus, Outcome
+
+from .._row_schema import RowSchema, RowValidationError
+from .._tokens import Token
+from ._base import NodeTask
+
+if TYPE_CHECKING:
+    from plugins import Source, SourceRecord
+
+    from .._config import SourceSettings
+
+__all__ = ["SourceNode"]
+
+
+class SourceNode(NodeTask):
+    """Reads the source in order and sends each valid row on as a new token.
+
+    Every record, valid or not, gets a ``rows`` entry (its raw content stored as a
+    payload), a token and a node state, so any row index can be explained.  Malformed
+    records go to ``on_validation_failure`` (a sink, or ``discard``) and otherwise end
+    ``quarantined`` in the Landscape.  Before admitting a row the source waits for room
+    in the audit queue, which bounds the recorder's memory.  Reading stops at a row
+    boundary when a stop is requested; at the end the outbox closes, which is end of
+    input for the rest of the graph.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        settings: SourceSettings = self.spec.settings  # type: ignore[assignment]
+        schema = settings.row_schema
+        self.schema = None if schema is None else RowSchema.from_config(schema.mode, schema.fields)
+        self.row_prefix = f"{self.run_ctx.run_id}-r"
+
+    async def run(self) -> None:
+        source: Source = self.spec.plugin  # type: ignore[assignment]
+        stop = self.run_ctx.stop_requested
+        index = 0
+        try:
+            async for record in source.read(start_index=0):
+                await self.recorder.wait_writable()
+                await self.admit(index, record)
+                index += 1
+                self.run_ctx.rows_read = index
+                if stop.is_set():
+                    break
+        finally:
+            await self.outbox.aclose()
+
+    async def admit(self, index: int, record: SourceRecord) -> None:
+        """Record one source record and send it on (or quarantine it)."""
+        started = time.time()
+        self.stats.received += 1
+        raw_hash, error = self._store_raw(record)
+        token = Token(self.recorder.new_id("t"), f"{self.row_prefix}{index}", index, {}, raw_hash, step=0)
+        self.recorder.source_row(
+            row_id=token.row_id, row_index=index, source_node_id=self.node_id, data_hash=raw_hash
+        )
+        self.recorder.token(token_id=token.token_id, row_id=token.row_id)
+        row = None if error else self._validated(record)
+        if isinstance(row, str):
+            error, row = row, None
+        if row is None:
+            await self._reject(token, record, error or "unreadable record", started)
+            return
+        self._accept(token, record, row, started)
+        await self.deliver(token, self.spec.routes["success"])
+
+    def _store_raw(self, record: SourceRecord) -> tuple[str, str | None]:
+        try:
+            return self.recorder.store(record.raw).hash, record.error
+        except CanonicalizationError as exc:
+            fallback = self.recorder.store(repr(record.raw)).hash
+            return fallback, record.error or f"record has no JSON form: {exc}"
+
+    def _validated(self, record: SourceRecord) -> dict[str, Any] | str | None:
+        """The validated row, or the validation error as a string."""
+        if record.row is None:
+            return None
+        if self.schema is None:
+            return record.row
+        try:
+            return self.schema.validate(record.row)
+        except RowValidationError as exc:
+            return str(exc)
+
+    def _accept(self, token: Token, record: SourceRecord, row: dict[str, Any], started: float) -> None:
+        if row is not record.raw:
+            token.row_hash = self.recorder.store(row).hash
+        token.row = row
+        self.recorder.node_state(
+            state_id=self.recorder.new_id("s"), token_id=token.token_id, node_id=self.node_id,
+            status=NodeStateStatus.COMPLETED, input_hash=None, output_hash=token.row_hash,
+            started_at=started, completed_at=time.time(), step_index=0,
+        )
+        token.step = 1
+
+    async def _reject(self, token: Token, record: SourceRecord, error: str, started: float) -> None:
+        self.recorder.validation_error(
+            node_id=self.node_id, row_index=token.row_index, error=error, row_data_ref=token.row_hash
+        )
+        state_id = self.recorder.new_id("s")
+        self.recorder.node_state(
+            state_id=state_id, token_id=token.token_id, node_id=self.node_id,
+            status=NodeStateStatus.FAILED, input_hash=None, output_hash=None,
+            started_at=started, completed_at=time.time(), step_index=0,
+            error={"type": "ValidationError", "message": error},
+        )
+        token.step = 1
+        route = self.spec.error_route
+        if route is None:
+            self.run_ctx.record_outcome(
+                token.token_id, Outcome.QUARANTINED, self.node_id,
+                context={"node": self.node_id, "error": error},
+            )
+            return
+        if route.target is None:
+            self.run_ctx.record_outcome(
+                token.token_id, Outcome.DISCARDED, self.node_id,
+                context={"node": self.node_id, "reason": f"validation failed: {error}"},
+            )
+            return
+        self.recorder.routing_event(
+            state_id=state_id, edge_id=route.edge_id or "", route_label=route.label,
+            reason={"error": error},
+        )
+        token.error = {"type": "ValidationError", "message": error}
+        self.set_row(token, {"_row_index": token.row_index, "_raw": record.raw, "_error": error})
+        await self.deliver(token, route)

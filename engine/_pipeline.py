@@ -1,0 +1,275 @@
+"""``Pipeline``: load a pipeline, run it, stop it."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+import anyio
+
+from landscape import Landscape, LandscapeError, RunStatus
+
+from ._config import PipelineSettings, load_settings, read_yaml
+from ._errors import AuditError, PipelineStateError, PluginError, RunFailed
+from ._graph import Graph, NodeKind, compile_graph
+from ._nodes import GateNode, NodeTask, SinkNode, SourceNode, TransformNode
+from ._run_context import NodeStatistics, RunContext
+from ._streams import Inbox, Outbox
+from ._version import ENGINE_VERSION
+
+if TYPE_CHECKING:
+    from anyio.streams.memory import MemoryObjectSendStream
+
+    from landscape import Recorder
+
+    from ._tokens import Token
+
+__all__ = ["Pipeline", "RunResult", "RunStatistics"]
+
+_NODE_TASKS: Mapping[NodeKind, type[NodeTask]] = {
+    NodeKind.SOURCE: SourceNode,
+    NodeKind.TRANSFORM: TransformNode,
+    NodeKind.GATE: GateNode,
+    NodeKind.SINK: SinkNode,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """How a run ended."""
+
+    run_id: str
+    status: str
+    rows_processed: int
+    outcomes: dict[str, int]
+    duration_s: float
+    landscape_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunStatistics:
+    """A snapshot of a running pipeline, for progress displays."""
+
+    run_id: str
+    elapsed_s: float
+    rows_read: int
+    outcomes: Mapping[str, int]
+    nodes: list[NodeStatistics] = field(default_factory=list)
+    audit_backlog: int = 0
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_read / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+ProgressCallback = Callable[[RunStatistics], None]
+
+
+def new_run_id() -> str:
+    """A run id that sorts by start time: ``20261126T184512-a3f9c2``."""
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+class Pipeline:
+    """A validated pipeline, ready to run (several times, one run at a time).
+
+    Construction compiles the graph: an invalid configuration raises
+    :class:`~engine.ConfigError` before anything runs.
+    """
+
+    def __init__(
+        self, settings: PipelineSettings, *, base_dir: Path | str = ".", landscape_url: str | None = None
+    ) -> None:
+        self.settings = settings
+        self.graph: Graph = compile_graph(settings, Path(base_dir).resolve())
+        self.landscape_url = landscape_url or settings.landscape.url
+        self._run: RunContext | None = None
+        self._started = 0.0
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, *, landscape_url: str | None = None) -> Self:
+        """Load a pipeline file; relative paths in it are relative to the file."""
+        path = Path(path)
+        settings = load_settings(read_yaml(path))
+        return cls(settings, base_dir=path.resolve().parent, landscape_url=landscape_url)
+
+    @classmethod
+    def from_dict(
+        cls, config: Mapping[str, Any], *, base_dir: Path | str = ".", landscape_url: str | None = None
+    ) -> Self:
+        """Build from a mapping shaped like the YAML; ``plugin`` may be a class or an instance."""
+        return cls(load_settings(dict(config)), base_dir=base_dir, landscape_url=landscape_url)
+
+    # -- running -------------------------------------------------------------------------
+
+    async def run(
+        self, *, on_progress: ProgressCallback | None = None, progress_interval: float = 0.5
+    ) -> RunResult:
+        """Run the pipeline to the end of its source and return how it went.
+
+        Raises :class:`~engine.RunFailed` (after recording the run ``failed``) when a node
+        fails outside a row — rows' own errors never do — and :class:`~engine.AuditError`
+        when the Landscape cannot be written.  :meth:`stop` ends the run early as
+        ``interrupted``.
+        """
+        if self._run is not None:
+            raise PipelineStateError("this pipeline is already running")
+        run_id = new_run_id()
+        self._started = time.monotonic()
+        try:
+            async with Landscape.connect(self.landscape_url) as landscape:
+                status = await self._run_recorded(landscape, run_id, on_progress, progress_interval)
+        except LandscapeError as exc:
+            raise AuditError(str(exc)) from exc
+        finally:
+            run, self._run = self._run, None
+        assert run is not None
+        return RunResult(
+            run_id=run_id,
+            status=status.value,
+            rows_processed=run.rows_read,
+            outcomes=dict(run.outcomes),
+            duration_s=time.monotonic() - self._started,
+            landscape_url=self.landscape_url,
+        )
+
+    def stop(self) -> None:
+        """Ask the running pipeline to stop reading its source and finish what it holds."""
+        if self._run is None:
+            raise PipelineStateError("the pipeline is not running")
+        self._run.stop_requested.set()
+
+    def statistics(self) -> RunStatistics | None:
+        """A snapshot of the current run, or ``None`` when not running."""
+        run = self._run
+        if run is None:
+            return None
+        return RunStatistics(
+            run_id=run.run_id,
+            elapsed_s=time.monotonic() - self._started,
+            rows_read=run.rows_read,
+            outcomes=dict(run.outcomes),
+            nodes=run.statistics(),
+            audit_backlog=run.recorder.statistics().pending_records,
+        )
+
+    async def _run_recorded(
+        self,
+        landscape: Landscape,
+        run_id: str,
+        on_progress: ProgressCallback | None,
+        progress_interval: float,
+    ) -> RunStatus:
+        interval = self.settings.runtime.commit_interval_ms / 1000.0
+        writer = landscape.open_writer(commit_interval=interval)
+        recorder = landscape.recorder(writer, run_id)
+        run = self._run = RunContext(run_id, self.graph, recorder)
+        failure: BaseException | None = None
+        status = RunStatus.FAILED
+        async with anyio.create_task_group() as tg:
+            await tg.start(writer.run)
+            try:
+                self._record_graph(recorder)
+                await self._run_nodes(run, on_progress, progress_interval)
+                status = RunStatus.INTERRUPTED if run.stop_requested.is_set() else RunStatus.COMPLETED
+            except Exception as exc:
+                failure = exc
+            finally:
+                with anyio.CancelScope(shield=True):
+                    recorder.finish_run(
+                        status, rows_processed=run.rows_read, outcomes=run.outcomes,
+                        error=None if failure is None else _describe(failure),
+                    )
+                    await writer.aclose()
+        if failure is not None:
+            raise RunFailed(run_id, _describe(failure)) from _unwrap(failure)
+        return status
+
+    def _record_graph(self, recorder: Recorder) -> None:
+        graph = self.graph
+        recorder.begin_run(
+            config_hash=graph.config_hash,
+            settings={"name": self.settings.name, "nodes": {n: s.config() for n, s in graph.nodes.items()}},
+            engine_version=ENGINE_VERSION,
+            pipeline_name=self.settings.name,
+        )
+        for node_id, spec in graph.nodes.items():
+            plugin = spec.plugin
+            recorder.node(
+                node_id=node_id, node_type=spec.kind.value, plugin_name=spec.plugin_name,
+                plugin_version=None if plugin is None else plugin.version,
+                determinism=None if plugin is None else plugin.determinism.value,
+                config=spec.config(),
+            )
+        for spec, route in graph.routes():
+            if route.target is not None and route.edge_id is not None:
+                recorder.edge(edge_id=route.edge_id, from_node=spec.node_id, to_node=route.target,
+                              label=route.label, mode=route.mode.value)
+
+    async def _run_nodes(
+        self, run: RunContext, on_progress: ProgressCallback | None, progress_interval: float
+    ) -> None:
+        tasks = self._wire(run)
+        async with AsyncExitStack() as plugins:
+            for spec in self.graph.nodes.values():
+                if spec.plugin is not None:
+                    try:
+                        await plugins.enter_async_context(spec.plugin)
+                    except Exception as exc:
+                        raise PluginError(f"node '{spec.node_id}' failed to open: {exc}") from exc
+            async with anyio.create_task_group() as outer:
+                if on_progress is not None:
+                    outer.start_soon(self._report_progress, on_progress, progress_interval)
+                async with anyio.create_task_group() as nodes:
+                    for task in tasks:
+                        nodes.start_soon(task.run, name=f"node:{task.node_id}")
+                outer.cancel_scope.cancel()
+        if on_progress is not None:
+            final = self.statistics()
+            if final is not None:
+                on_progress(final)
+
+    def _wire(self, run: RunContext) -> list[NodeTask]:
+        """One bounded stream per consuming node; each producer gets a clone of its send end."""
+        buffer = self.settings.runtime.max_buffer_size
+        senders: dict[str, MemoryObjectSendStream[Token]] = {}
+        inboxes: dict[str, Inbox] = {}
+        for node_id, spec in self.graph.nodes.items():
+            if spec.kind is not NodeKind.SOURCE:
+                send, receive = anyio.create_memory_object_stream["Token"](buffer)
+                senders[node_id], inboxes[node_id] = send, Inbox(receive)
+                run.stats[node_id].inbox = inboxes[node_id]
+        tasks = []
+        for node_id, spec in self.graph.nodes.items():
+            targets = set(self.graph.consumers_of(node_id))
+            outbox = Outbox({target: senders[target].clone() for target in targets})
+            tasks.append(_NODE_TASKS[spec.kind](spec, run, inboxes.get(node_id), outbox))
+        for send in senders.values():
+            send.close()
+        return tasks
+
+    async def _report_progress(self, on_progress: ProgressCallback, interval: float) -> None:
+        while True:
+            await anyio.sleep(interval)
+            snapshot = self.statistics()
+            if snapshot is not None:
+                on_progress(snapshot)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The single root cause inside nested exception groups, if there is one."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _describe(exc: BaseException) -> str:
+    exc = _unwrap(exc)
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(inner) for inner in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,35 @@
+"""Tokens: one instance of a row travelling one path of the graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from plugins import Row
+
+from ._graph import Arrival
+
+__all__ = ["Token"]
+
+
+@dataclass(slots=True)
+class Token:
+    """A row on its way through the graph.
+
+    A token is owned by exactly one node at a time (it travels by stream), so the node
+    holding it updates it in place as it moves on.
+    """
+
+    token_id: str
+    row_id: str
+    row_index: int
+    row: Row
+    #: Hash of ``row``'s canonical JSON (its payload key); kept in step with ``row``.
+    row_hash: str
+    branch: str | None = None
+    #: ``step_index`` of the token's next node state.
+    step: int = 1
+    #: How the token reached the node now holding it (decides a sink's outcome).
+    arrival: Arrival = Arrival.NORMAL
+    #: The error that diverted the token to an error sink, if any.
+    error: dict[str, Any] | None = None

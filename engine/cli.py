@@ -1,0 +1,193 @@
+"""The ``ledgerflow`` command line.  ``docs/cli.md`` is generated from this parser."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+from anyio.abc import CancelScope
+from rich.console import Console
+
+from landscape import DEFAULT_URL, Landscape, LandscapeError
+from landscape._lineage import LineageNotFound
+from landscape._verify import RunNotFound
+
+from ._errors import ConfigError, LedgerflowError, RunFailed
+from ._pipeline import Pipeline, RunResult
+from ._progress import LiveProgress
+from ._render import render_lineage, render_runs, render_verify
+
+__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_INTERRUPTED", "build_parser", "main"]
+
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (also the source of ``docs/cli.md``)."""
+    parser = argparse.ArgumentParser(
+        prog="ledgerflow", description="Streaming, fully audited data pipelines."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a pipeline", description=(
+        "Run a pipeline with a live progress display; prints the run id and outcome counts. "
+        "Exit code 0 when the run completed, 3 when it was interrupted, 1 when it failed, "
+        "2 for an invalid pipeline file."))
+    run.add_argument("pipeline", metavar="PIPELINE.yaml", help="the pipeline file")
+    _landscape_option(run, "default: the pipeline's landscape.url, else " + DEFAULT_URL)
+    run.add_argument("--no-progress", action="store_true", help="no live progress display")
+
+    validate = commands.add_parser("validate", help="check a pipeline file and print its graph",
+                                   description="Check the configuration and DAG; print the graph.")
+    validate.add_argument("pipeline", metavar="PIPELINE.yaml", help="the pipeline file")
+
+    explain = commands.add_parser("explain", help="show the lineage of one row", description=(
+        "Lineage tree of one row: the source row, every node state, routing decisions with "
+        "their condition, calls, forks, the final outcome and sink."))
+    explain.add_argument("run_id", metavar="RUN_ID")
+    which = explain.add_mutually_exclusive_group(required=True)
+    which.add_argument("--row-index", type=int, metavar="N", help="source row index (0-based)")
+    which.add_argument("--row-id", metavar="ID", help="row id")
+    which.add_argument("--token-id", metavar="ID", help="token id")
+    explain.add_argument("--json", action="store_true", help="print JSON instead of a tree")
+    _landscape_option(explain)
+
+    runs = commands.add_parser("runs", help="list runs", description="List runs with status and counts.")
+    _landscape_option(runs)
+
+    verify = commands.add_parser("verify", help="check a run's audit invariants", description=(
+        "Check the audit invariants of a run; exit code 1 and each violation printed if any."))
+    verify.add_argument("run_id", metavar="RUN_ID")
+    _landscape_option(verify)
+    return parser
+
+
+def _landscape_option(parser: argparse.ArgumentParser, default_help: str = DEFAULT_URL) -> None:
+    parser.add_argument("--landscape", metavar="URL", help=f"Landscape database URL ({default_help})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ledgerflow`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    out = Console()
+    err = Console(stderr=True)
+    handler = _COMMANDS[args.command]
+    try:
+        try:
+            return anyio.run(handler, args, out, err)
+        except BaseExceptionGroup as group:
+            raise _single(group) from None
+    except ConfigError as exc:
+        err.print(str(exc), markup=False, highlight=False)
+        return EXIT_CONFIG
+    except RunFailed as exc:
+        err.print(f"[bold red]failed[/]: {exc}", highlight=False)
+        return EXIT_FAILED
+    except (LedgerflowError, LandscapeError, LookupError) as exc:
+        err.print(f"[bold red]error[/]: {exc}", highlight=False)
+        return EXIT_FAILED
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception inside nested single-member groups, else the group itself."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    pipeline = Pipeline.from_yaml(args.pipeline, landscape_url=args.landscape)
+    show_progress = not args.no_progress and out.is_terminal
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signals, pipeline, tg.cancel_scope)
+        if show_progress:
+            with LiveProgress(out) as live:
+                result = await pipeline.run(on_progress=live.update)
+        else:
+            result = await pipeline.run()
+        tg.cancel_scope.cancel()
+    _print_result(out, result)
+    if result.status == "interrupted":
+        return EXIT_INTERRUPTED
+    return 0
+
+
+async def _stop_on_signals(pipeline: Pipeline, scope: CancelScope) -> None:
+    """First SIGINT/SIGTERM: stop gracefully.  Second: cancel the run."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        stopped = False
+        async for _ in signals:
+            if stopped:
+                scope.cancel()
+                return
+            stopped = True
+            pipeline.stop()
+
+
+def _print_result(out: Console, result: RunResult) -> None:
+    out.print(f"run_id: {result.run_id}", highlight=False)
+    out.print(f"status: {result.status}", highlight=False)
+    out.print(f"rows: {result.rows_processed} in {result.duration_s:.2f} s", highlight=False)
+    for outcome, count in sorted(result.outcomes.items()):
+        out.print(f"  {outcome}: {count}", highlight=False)
+
+
+async def _validate(args: argparse.Namespace, out: Console, err: Console) -> int:
+    pipeline = Pipeline.from_yaml(args.pipeline)
+    out.print(f"{args.pipeline}: valid, {len(pipeline.graph.nodes)} nodes", highlight=False)
+    for line in pipeline.graph.describe():
+        out.print(f"  {line}", highlight=False, markup=False)
+    return 0
+
+
+async def _explain(args: argparse.Namespace, out: Console, err: Console) -> int:
+    async with Landscape.connect(args.landscape or DEFAULT_URL) as landscape:
+        try:
+            lineage = await landscape.explain(
+                args.run_id, row_index=args.row_index, row_id=args.row_id, token_id=args.token_id
+            )
+        except LineageNotFound as exc:
+            err.print(f"[bold red]not found[/]: {exc}", highlight=False)
+            return EXIT_FAILED
+    if args.json:
+        print(json.dumps(lineage.to_dict(), indent=2, default=str))
+    else:
+        out.print(render_lineage(lineage))
+    return 0
+
+
+async def _runs(args: argparse.Namespace, out: Console, err: Console) -> int:
+    async with Landscape.connect(args.landscape or DEFAULT_URL) as landscape:
+        out.print(render_runs(await landscape.list_runs()))
+    return 0
+
+
+async def _verify(args: argparse.Namespace, out: Console, err: Console) -> int:
+    async with Landscape.connect(args.landscape or DEFAULT_URL) as landscape:
+        try:
+            report = await landscape.verify(args.run_id)
+        except RunNotFound as exc:
+            err.print(f"[bold red]not found[/]: {exc}", highlight=False)
+            return EXIT_FAILED
+    out.print(render_verify(report))
+    return 0 if report.ok else EXIT_FAILED
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace, Console, Console], Awaitable[int]]] = {
+    "run": _run,
+    "validate": _validate,
+    "explain": _explain,
+    "runs": _runs,
+    "verify": _verify,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""The Landscape: ledgerflow's SQL audit trail.
+
+Everything a run does is recorded here — source rows, tokens, every node visit, routing
+decisions, external calls, batches, outcomes, artifacts and checkpoints — so that any
+output can be explained back to its source row and a crashed run resumed.
+
+This package imports neither ``engine`` nor ``plugins``.
+"""
+
+from __future__ import annotations
+
+from ._canonical import CanonicalizationError, canonical_hash, canonical_json, sha256_hex
+from ._errors import AuditIntegrityError, LandscapeError, LandscapeUnavailable
+from ._outcomes import TERMINAL_OUTCOMES, NodeStateStatus, Outcome, RunStatus
+from ._recorder import Recorder, StoredPayload
+from ._store import DEFAULT_URL, Landscape, RunSummary
+from ._writer import GroupCommitWriter
+
+__all__ = [
+    "DEFAULT_URL",
+    "TERMINAL_OUTCOMES",
+    "AuditIntegrityError",
+    "CanonicalizationError",
+    "GroupCommitWriter",
+    "Landscape",
+    "LandscapeError",
+    "LandscapeUnavailable",
+    "NodeStateStatus",
+    "Outcome",
+    "Recorder",
+    "RunStatus",
+    "RunSummary",
+    "StoredPayload",
+    "canonical_hash",
+    "canonical_json",
+    "sha256_hex",
+]

@@ -1,0 +1,125 @@
+"""Canonical JSON (RFC 8785) and the SHA-256 hashes the Landscape keys payloads by.
+
+`canonical_json` gives exactly the bytes of :func:`rfc8785.dumps` for the same value, but
+takes the C ``json`` encoder whenever its output is provably identical (keys that sort
+the same in UTF-16 and code-point order, floats Python prints the way ECMAScript does),
+which is the common case for rows and several times faster.  Values JSON cannot hold
+directly are normalised first: ``date``/``datetime``/``time`` become ISO 8601 strings,
+``Decimal`` a float, tuples lists.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+import rfc8785
+
+__all__ = ["CanonicalizationError", "canonical_hash", "canonical_json", "sha256_hex"]
+
+_MAX_SAFE_INT = 2**53 - 1
+
+
+class CanonicalizationError(ValueError):
+    """A value has no canonical JSON form (NaN, infinity, unsupported type, huge int)."""
+
+
+class _NeedsSlowPath(Exception):
+    """Internal: the value holds something only the reference encoder handles."""
+
+
+def _normalise(value: Any) -> Any:
+    """Return a JSON-ready copy of ``value`` the C encoder prints canonically.
+
+    Raises :class:`_NeedsSlowPath` when the fast encoder could differ from RFC 8785.
+    """
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is int:
+        if -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT:
+            return value
+        raise CanonicalizationError(f"integer {value} is outside the JSON safe range")
+    if kind is float:
+        return _normalise_float(value)
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                raise CanonicalizationError(f"object key {key!r} is not a string")
+            if not key.isascii():
+                raise _NeedsSlowPath
+            out[key] = _normalise(item)
+        return out
+    if isinstance(value, list | tuple):
+        return [_normalise(item) for item in value]
+    return _normalise_other(value)
+
+
+def _normalise_float(value: float) -> float | int:
+    if value != value or value in (float("inf"), float("-inf")):
+        raise CanonicalizationError(f"{value!r} has no JSON representation")
+    if value.is_integer():
+        if abs(value) <= _MAX_SAFE_INT:
+            return int(value)
+        raise _NeedsSlowPath
+    if 1e-4 <= abs(value) < 1e16:
+        return value
+    raise _NeedsSlowPath
+
+
+def _normalise_other(value: Any) -> Any:
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return _normalise(int(value))
+    if isinstance(value, float):
+        return _normalise_float(float(value))
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return _normalise_float(float(value))
+    raise CanonicalizationError(f"value of type {type(value).__name__} is not JSON-serialisable")
+
+
+def _plain(value: Any) -> Any:
+    """Like :func:`_normalise` but never refuses: input for the reference encoder."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    return value
+
+
+def canonical_json(value: Any) -> str:
+    """Return the RFC 8785 canonical JSON text of ``value``.
+
+    Raises :class:`CanonicalizationError` for values JSON cannot represent exactly.
+    """
+    try:
+        normal = _normalise(value)
+    except _NeedsSlowPath:
+        try:
+            return rfc8785.dumps(_plain(value)).decode("utf-8")
+        except rfc8785.CanonicalizationError as exc:
+            raise CanonicalizationError(str(exc)) from exc
+    return json.dumps(normal, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_hex(text: str | bytes) -> str:
+    """SHA-256 of ``text`` (UTF-8 encoded when a string) as lowercase hex."""
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_hash(value: Any) -> str:
+    """SHA-256 of the canonical JSON of ``value``."""
+    return sha256_hex(canonical_json(value))

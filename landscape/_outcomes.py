@@ -1,0 +1,46 @@
+"""The outcome vocabulary of the audit trail."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = ["NodeStateStatus", "Outcome", "RunStatus", "TERMINAL_OUTCOMES"]
+
+
+class Outcome(StrEnum):
+    """What finally happened to a token (``buffered`` is the one non-terminal value)."""
+
+    COMPLETED = "completed"
+    ROUTED = "routed"
+    FORKED = "forked"
+    COALESCED = "coalesced"
+    CONSUMED_IN_BATCH = "consumed_in_batch"
+    EXPANDED = "expanded"
+    QUARANTINED = "quarantined"
+    FAILED = "failed"
+    DISCARDED = "discarded"
+    BUFFERED = "buffered"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self is not Outcome.BUFFERED
+
+
+TERMINAL_OUTCOMES = frozenset(o for o in Outcome if o.is_terminal)
+
+
+class NodeStateStatus(StrEnum):
+    """Status of one token's visit to one node."""
+
+    OPEN = "open"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    PENDING = "pending"
+    CANCELLED = "cancelled"
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"

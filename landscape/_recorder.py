@@ -1,0 +1,349 @@
+"""What the engine records, and in what order (the policy half of the audit trail).
+
+:class:`Recorder` turns engine events into Landscape rows and hands them to the
+:class:`~landscape._writer.GroupCommitWriter`; it never talks SQL itself.  All methods
+that record are synchronous and never block: the engine bounds the queue by awaiting
+:meth:`Recorder.wait_writable` before admitting a source row.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import _schema as t
+from ._canonical import canonical_json, sha256_hex
+from ._outcomes import NodeStateStatus, Outcome, RunStatus
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from ._writer import GroupCommitWriter, WriterStatistics
+
+__all__ = ["Recorder", "StoredPayload"]
+
+
+def _json(value: Any) -> str | None:
+    if value is None:
+        return None
+    return json.dumps(value, sort_keys=True, default=str, ensure_ascii=False)
+
+
+class StoredPayload:
+    """A value as stored in the payload table: its canonical text and hash."""
+
+    __slots__ = ("content", "hash")
+
+    def __init__(self, content: str, content_hash: str) -> None:
+        self.content = content
+        self.hash = content_hash
+
+
+class Recorder:
+    """Records one run's events into the Landscape through a group-commit writer."""
+
+    def __init__(self, writer: GroupCommitWriter, run_id: str) -> None:
+        self._writer = writer
+        self.run_id = run_id
+        self._session = secrets.token_hex(5)
+        self._counter = itertools.count()
+
+    # -- identities ------------------------------------------------------------------
+
+    def new_id(self, kind: str) -> str:
+        """A new identifier, unique across runs and sessions (``kind`` is a short prefix)."""
+        return f"{kind}-{self._session}-{next(self._counter):x}"
+
+    # -- run and graph ---------------------------------------------------------------
+
+    def begin_run(
+        self,
+        *,
+        config_hash: str,
+        settings: Mapping[str, Any],
+        engine_version: str,
+        pipeline_name: str | None,
+    ) -> None:
+        self._writer.insert(
+            t.runs,
+            {
+                "run_id": self.run_id,
+                "status": RunStatus.RUNNING.value,
+                "started_at": time.time(),
+                "completed_at": None,
+                "config_hash": config_hash,
+                "settings_json": canonical_json(settings),
+                "engine_version": engine_version,
+                "pipeline_name": pipeline_name,
+                "rows_processed": None,
+                "outcomes_json": None,
+                "error": None,
+            },
+        )
+
+    def finish_run(
+        self,
+        status: RunStatus,
+        *,
+        rows_processed: int,
+        outcomes: Mapping[str, int],
+        error: str | None = None,
+    ) -> None:
+        self._writer.update(
+            t.runs,
+            {"run_id": self.run_id},
+            {
+                "status": status.value,
+                "completed_at": time.time(),
+                "rows_processed": rows_processed,
+                "outcomes_json": _json(dict(outcomes)),
+                "error": error,
+            },
+        )
+
+    def node(
+        self,
+        *,
+        node_id: str,
+        node_type: str,
+        plugin_name: str | None,
+        plugin_version: str | None,
+        determinism: str | None,
+        config: Mapping[str, Any],
+    ) -> None:
+        config_text = canonical_json(config)
+        self._writer.insert(
+            t.nodes,
+            {
+                "run_id": self.run_id,
+                "node_id": node_id,
+                "name": node_id,
+                "node_type": node_type,
+                "plugin_name": plugin_name,
+                "plugin_version": plugin_version,
+                "determinism": determinism,
+                "config_hash": sha256_hex(config_text),
+                "config_json": config_text,
+            },
+        )
+
+    def edge(self, *, edge_id: str, from_node: str, to_node: str, label: str, mode: str) -> None:
+        self._writer.insert(
+            t.edges,
+            {
+                "run_id": self.run_id,
+                "edge_id": edge_id,
+                "from_node_id": from_node,
+                "to_node_id": to_node,
+                "label": label,
+                "mode": mode,
+            },
+        )
+
+    # -- payloads, rows and tokens ---------------------------------------------------
+
+    def store(self, value: Any) -> StoredPayload:
+        """Store ``value`` content-addressed and return its canonical text and hash."""
+        content = canonical_json(value)
+        stored = StoredPayload(content, sha256_hex(content))
+        self._writer.payload(stored.hash, content)
+        return stored
+
+    def store_text(self, content: str) -> str:
+        """Store an already-canonical text; return its hash."""
+        content_hash = sha256_hex(content)
+        self._writer.payload(content_hash, content)
+        return content_hash
+
+    def source_row(
+        self, *, row_id: str, row_index: int, source_node_id: str, data_hash: str
+    ) -> None:
+        self._writer.insert(
+            t.rows,
+            {
+                "row_id": row_id,
+                "run_id": self.run_id,
+                "source_node_id": source_node_id,
+                "row_index": row_index,
+                "source_data_hash": data_hash,
+                "source_data_ref": data_hash,
+            },
+        )
+
+    def token(
+        self,
+        *,
+        token_id: str,
+        row_id: str,
+        branch_name: str | None = None,
+        parents: Sequence[str] = (),
+    ) -> None:
+        self._writer.insert(
+            t.tokens,
+            {
+                "token_id": token_id,
+                "run_id": self.run_id,
+                "row_id": row_id,
+                "branch_name": branch_name,
+                "created_at": time.time(),
+            },
+        )
+        for ordinal, parent in enumerate(parents):
+            self._writer.insert(
+                t.token_parents,
+                {
+                    "token_id": token_id,
+                    "parent_token_id": parent,
+                    "ordinal": ordinal,
+                    "run_id": self.run_id,
+                },
+            )
+
+    def validation_error(
+        self, *, node_id: str, row_index: int, error: str, row_data_ref: str | None
+    ) -> None:
+        self._writer.insert(
+            t.validation_errors,
+            {
+                "error_id": self.new_id("v"),
+                "run_id": self.run_id,
+                "node_id": node_id,
+                "row_index": row_index,
+                "error": error,
+                "row_data_ref": row_data_ref,
+            },
+        )
+
+    # -- processing --------------------------------------------------------------------
+
+    def node_state(
+        self,
+        *,
+        state_id: str,
+        token_id: str,
+        node_id: str,
+        status: NodeStateStatus,
+        input_hash: str | None,
+        output_hash: str | None,
+        started_at: float,
+        completed_at: float | None,
+        step_index: int | None = None,
+        attempt: int = 1,
+        error: Mapping[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record one visit of a token to a node, written once it has a final status."""
+        self._writer.insert(
+            t.node_states,
+            {
+                "state_id": state_id,
+                "run_id": self.run_id,
+                "token_id": token_id,
+                "node_id": node_id,
+                "attempt": attempt,
+                "status": status.value,
+                "input_hash": input_hash,
+                "output_hash": output_hash,
+                "started_at": started_at,
+                "completed_at": completed_at,
+                "duration_ms": None
+                if completed_at is None
+                else round((completed_at - started_at) * 1000.0, 3),
+                "error_json": _json(error),
+                "context_json": _json(context),
+                "step_index": step_index,
+            },
+        )
+
+    def routing_event(
+        self, *, state_id: str, edge_id: str, route_label: str, reason: Mapping[str, Any] | None
+    ) -> None:
+        self._writer.insert(
+            t.routing_events,
+            {
+                "event_id": self.new_id("e"),
+                "run_id": self.run_id,
+                "state_id": state_id,
+                "edge_id": edge_id,
+                "route_label": route_label,
+                "reason_json": _json(reason),
+            },
+        )
+
+    def call(self, values: Mapping[str, Any]) -> None:
+        """Record one external call attempt (columns of the ``calls`` table)."""
+        row: dict[str, Any] = {column.name: None for column in t.calls.columns}
+        row.update(values)
+        row["run_id"] = self.run_id
+        if row["call_id"] is None:
+            row["call_id"] = self.new_id("c")
+        self._writer.insert(t.calls, row)
+
+    def outcome(
+        self,
+        *,
+        token_id: str,
+        outcome: Outcome,
+        sink_name: str | None = None,
+        batch_id: str | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._writer.insert(
+            t.token_outcomes,
+            {
+                "outcome_id": self.new_id("o"),
+                "run_id": self.run_id,
+                "token_id": token_id,
+                "outcome": outcome.value,
+                "is_terminal": outcome.is_terminal,
+                "sink_name": sink_name,
+                "batch_id": batch_id,
+                "context_json": _json(context),
+                "recorded_at": time.time(),
+            },
+        )
+
+    def artifact(
+        self, *, sink_node_id: str, uri: str, content_hash: str, size_bytes: int, rows_written: int
+    ) -> None:
+        self._writer.insert(
+            t.artifacts,
+            {
+                "artifact_id": self.new_id("a"),
+                "run_id": self.run_id,
+                "sink_node_id": sink_node_id,
+                "uri": uri,
+                "content_hash": content_hash,
+                "size_bytes": size_bytes,
+                "rows_written": rows_written,
+                "created_at": time.time(),
+            },
+        )
+
+    def checkpoint(self, *, watermark_row_index: int, state: Mapping[str, Any]) -> None:
+        self._writer.insert(
+            t.checkpoints,
+            {
+                "checkpoint_id": self.new_id("k"),
+                "run_id": self.run_id,
+                "created_at": time.time(),
+                "watermark_row_index": watermark_row_index,
+                "state_json": canonical_json(state),
+            },
+        )
+
+    # -- flow control ------------------------------------------------------------------
+
+    async def wait_writable(self) -> None:
+        """Return once the writer's queue has room (at once, without yielding, if it has)."""
+        await self._writer.wait_writable()
+
+    async def flush(self) -> None:
+        """Return once every record made so far is committed."""
+        await self._writer.flush()
+
+    def statistics(self) -> WriterStatistics:
+        return self._writer.statistics()

@@ -1,0 +1,194 @@
+"""Opening a Landscape database and reading it back."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+from sqlalchemy import event, func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from . import _schema as t
+from ._errors import LandscapeError, LandscapeUnavailable
+from ._lineage import Lineage, explain
+from ._recorder import Recorder
+from ._verify import VerifyReport, verify
+from ._writer import GroupCommitWriter
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = ["DEFAULT_URL", "Landscape", "RunSummary"]
+
+DEFAULT_URL = "sqlite+aiosqlite:///runs/audit.db"
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """One line of ``ledgerflow runs``."""
+
+    run_id: str
+    status: str
+    started_at: float
+    completed_at: float | None
+    pipeline_name: str | None
+    rows_processed: int | None
+    outcomes: dict[str, int]
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _prepare_sqlite_path(url: str) -> None:
+    database = make_url(url).database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+class Landscape:
+    """The audit store: ``async with Landscape.connect(url) as ls: ...``.
+
+    Creates the schema on first use.  One instance may record several runs and answer
+    queries; it refuses use outside its ``async with`` block.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._engine: AsyncEngine | None = None
+
+    @classmethod
+    def connect(cls, url: str = DEFAULT_URL) -> Self:
+        """Return a Landscape for ``url``; enter it with ``async with`` to open it."""
+        return cls(url)
+
+    async def __aenter__(self) -> Self:
+        if self._engine is not None:
+            raise LandscapeError("this Landscape is already open")
+        try:
+            backend = make_url(self.url).get_backend_name()
+        except ArgumentError as exc:
+            raise LandscapeUnavailable(f"not a database URL: {self.url!r}") from exc
+        try:
+            if backend == "sqlite":
+                _prepare_sqlite_path(self.url)
+            engine = create_async_engine(self.url)
+            if backend == "sqlite":
+                event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+            async with engine.begin() as conn:
+                await conn.run_sync(t.metadata.create_all)
+        except (SQLAlchemyError, OSError, ImportError) as exc:
+            raise LandscapeUnavailable(
+                f"cannot open the Landscape at {_redact(self.url)}: {exc}"
+            ) from exc
+        self._engine = engine
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.dispose()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The open SQLAlchemy engine (for queries beyond this API)."""
+        if self._engine is None:
+            raise LandscapeError(
+                "the Landscape is not open: use `async with Landscape.connect(url)`"
+            )
+        return self._engine
+
+    # -- recording ---------------------------------------------------------------------
+
+    def open_writer(self, *, commit_interval: float = 0.05) -> GroupCommitWriter:
+        """A group-commit writer on this database; run its ``run()`` in a task group."""
+        return GroupCommitWriter(self.engine, commit_interval=commit_interval)
+
+    def recorder(self, writer: GroupCommitWriter, run_id: str) -> Recorder:
+        return Recorder(writer, run_id)
+
+    # -- reading -----------------------------------------------------------------------
+
+    async def list_runs(self) -> list[RunSummary]:
+        """Every run, newest first."""
+        query = select(t.runs).order_by(t.runs.c.started_at.desc())
+        async with self.engine.connect() as conn:
+            result = await conn.execute(query)
+            return [_summary(row._mapping) for row in result]
+
+    async def get_run(self, run_id: str) -> RunSummary | None:
+        async with self.engine.connect() as conn:
+            result = await conn.execute(select(t.runs).where(t.runs.c.run_id == run_id))
+            row = result.first()
+        return None if row is None else _summary(row._mapping)
+
+    async def outcome_counts(self, run_id: str) -> dict[str, int]:
+        """Terminal outcome counts of ``run_id`` as recorded."""
+        query = (
+            select(t.token_outcomes.c.outcome, func.count())
+            .where(t.token_outcomes.c.run_id == run_id, t.token_outcomes.c.is_terminal)
+            .group_by(t.token_outcomes.c.outcome)
+        )
+        async with self.engine.connect() as conn:
+            result = await conn.execute(query)
+            return dict(result.tuples().all())
+
+    async def load_payload(self, content_hash: str) -> Any:
+        """The value stored under ``content_hash`` (``None`` if absent)."""
+        query = select(t.payloads.c.content).where(t.payloads.c.hash == content_hash)
+        async with self.engine.connect() as conn:
+            content = (await conn.execute(query)).scalar_one_or_none()
+        return None if content is None else json.loads(content)
+
+    async def explain(
+        self,
+        run_id: str,
+        *,
+        row_index: int | None = None,
+        row_id: str | None = None,
+        token_id: str | None = None,
+    ) -> Lineage:
+        """The lineage of one source row (or of the row a token belongs to)."""
+        async with self.engine.connect() as conn:
+            return await explain(
+                conn, run_id, row_index=row_index, row_id=row_id, token_id=token_id
+            )
+
+    async def verify(self, run_id: str) -> VerifyReport:
+        """Check the audit invariants of DESIGN.md for ``run_id``."""
+        async with self.engine.connect() as conn:
+            return await verify(conn, run_id)
+
+
+def _summary(row: Any) -> RunSummary:
+    return RunSummary(
+        run_id=row["run_id"],
+        status=row["status"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        pipeline_name=row["pipeline_name"],
+        rows_processed=row["rows_processed"],
+        outcomes=json.loads(row["outcomes_json"]) if row["outcomes_json"] else {},
+    )
+
+
+def _redact(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<invalid url>"

@@ -1,0 +1,622 @@
+"""Check a run's audit trail against the invariants of DESIGN.md ("Audit invariants").
+
+Every check is one set-based query (``NOT EXISTS`` probes on indexed keys, or a
+correlated count per token) that returns only the offending records, so verifying a
+run of a million tokens costs a few table scans, not a million round trips.  Each
+check reports at most ``limit`` violations and then how many more it found.
+
+For a ``completed`` run the per-token invariants (1 to 6) cover every token.  For an
+``interrupted``, ``running`` or ``failed`` run they cover the tokens of rows at or below
+the latest checkpoint's watermark (none without a checkpoint), as invariant 7 says;
+the sink count (8) is checked for completed runs only.  Referential integrity (every
+id and payload hash a record names exists) is checked for every run in full.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import and_, case, exists, false, func, not_, or_, select, true
+
+from . import _schema as t
+from ._lineage import RunNotFound
+from ._outcomes import NodeStateStatus, Outcome, RunStatus
+
+if TYPE_CHECKING:
+    from sqlalchemy import ColumnElement, RowMapping, Select, Table
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+__all__ = ["Invariant", "RunNotFound", "VerifyReport", "Violation", "verify"]
+
+
+class Invariant(StrEnum):
+    """What a violation breaks (numbers refer to DESIGN.md's audit invariants)."""
+
+    TERMINAL_OUTCOME = "1-terminal-outcome"
+    NODE_STATE = "2-node-state"
+    BATCH = "3-batch"
+    TOKEN_PARENTS = "4-token-parents"
+    COALESCE_FAILURE = "5-coalesce-failure"
+    CALL = "6-call"
+    SINK_COUNT = "8-sink-count"
+    REFERENCE = "referential-integrity"
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """One broken invariant, with where it was found (token and row when known)."""
+
+    invariant: str
+    message: str
+    token_id: str | None = None
+    row_index: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """The result of :func:`verify`: ``ok`` exactly when ``violations`` is empty."""
+
+    run_id: str
+    ok: bool
+    violations: list[Violation]
+    #: Tokens the per-token invariants covered (all of a completed run's, else those
+    #: at or below the watermark).
+    checked_tokens: int
+    #: The latest checkpoint's watermark row index (``None`` without a checkpoint).
+    watermark: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of the report."""
+        return {
+            "run_id": self.run_id,
+            "ok": self.ok,
+            "violations": [v.to_dict() for v in self.violations],
+            "checked_tokens": self.checked_tokens,
+            "watermark": self.watermark,
+        }
+
+
+_STATE_STATUSES = tuple(s.value for s in NodeStateStatus if s is not NodeStateStatus.OPEN)
+_BATCH_FINAL = ("completed", "failed")
+_CALL_STATUSES = ("success", "error", "reused", "replayed")
+_ANSWERED_CALLS = ("success", "reused", "replayed")
+_PARENT_OUTCOMES = (Outcome.FORKED.value, Outcome.EXPANDED.value, Outcome.COALESCED.value)
+_SINK_OUTCOMES = (Outcome.COMPLETED.value, Outcome.ROUTED.value, Outcome.QUARANTINED.value)
+_JOB_ID_KEYS = ("job_id", "external_job_id")
+_COALESCE_KEYS = ("coalesce", "policy", "missing_branches")
+
+T, R, TO, NS, TP = t.tokens, t.rows, t.token_outcomes, t.node_states, t.token_parents
+
+Describe = Callable[["RowMapping"], str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Scope:
+    """Which tokens the per-token invariants cover."""
+
+    run_id: str
+    complete: bool
+    watermark: int | None
+
+    def rows(self, row_index: ColumnElement[int]) -> ColumnElement[bool]:
+        """True for the row indexes in scope."""
+        if self.complete:
+            return true()
+        if self.watermark is None:
+            return false()
+        return row_index <= self.watermark
+
+    def tokens(self) -> Any:
+        """The run's tokens joined to their rows (the FROM clause of per-token checks)."""
+        return T.join(R, R.c.row_id == T.c.row_id)
+
+    def token_filter(self) -> ColumnElement[bool]:
+        return and_(T.c.run_id == self.run_id, self.rows(R.c.row_index))
+
+
+class _Collector:
+    """Runs checks and keeps at most ``limit`` violations of each."""
+
+    def __init__(self, conn: AsyncConnection, limit: int) -> None:
+        self.conn = conn
+        self.limit = limit
+        self.violations: list[Violation] = []
+
+    async def query(self, invariant: Invariant, query: Select[Any], describe: Describe) -> None:
+        """Report one violation per row ``query`` returns (its ``token_id``/``row_index``)."""
+        rows = (await self.conn.execute(query.limit(self.limit + 1))).mappings().all()
+        for row in rows[: self.limit]:
+            self.add(invariant, describe(row), row.get("token_id"), row.get("row_index"))
+        if len(rows) > self.limit:
+            counted = select(func.count()).select_from(query.subquery())
+            total = (await self.conn.execute(counted)).scalar_one()
+            self.add(invariant, f"... and {total - self.limit} more like these")
+
+    def add(
+        self,
+        invariant: Invariant,
+        message: str,
+        token_id: str | None = None,
+        row_index: int | None = None,
+    ) -> None:
+        self.violations.append(Violation(invariant.value, message, token_id, row_index))
+
+    def add_capped(self, invariant: Invariant, found: Sequence[Violation]) -> None:
+        """Add violations found in Python, capped like :meth:`query`'s."""
+        self.violations.extend(found[: self.limit])
+        if len(found) > self.limit:
+            self.add(invariant, f"... and {len(found) - self.limit} more like these")
+
+
+# -- 1. exactly one terminal outcome ---------------------------------------------------
+
+
+async def _check_terminal_outcomes(c: _Collector, scope: _Scope) -> None:
+    terminal = (
+        select(func.count())
+        .where(TO.c.token_id == T.c.token_id, TO.c.is_terminal.is_(True))
+        .correlate(T)
+        .scalar_subquery()
+    )
+    counted = (
+        select(T.c.token_id, R.c.row_index, terminal.label("terminal"))
+        .select_from(T.outerjoin(R, R.c.row_id == T.c.row_id))
+        .where(T.c.run_id == scope.run_id)
+        .subquery()
+    )
+    query = select(counted).where(
+        or_(counted.c.terminal > 1, and_(counted.c.terminal == 0, scope.rows(counted.c.row_index)))
+    )
+    await c.query(Invariant.TERMINAL_OUTCOME, query, _describe_terminal)
+    await c.query(Invariant.TERMINAL_OUTCOME, _bad_outcome_values(scope.run_id), _describe_outcome)
+
+
+def _describe_terminal(row: RowMapping) -> str:
+    if row["terminal"] == 0:
+        return "token has no terminal outcome"
+    return f"token has {row['terminal']} terminal outcomes (exactly one allowed)"
+
+
+def _bad_outcome_values(run_id: str) -> Select[Any]:
+    buffered = TO.c.outcome == Outcome.BUFFERED.value
+    bad = or_(
+        TO.c.outcome.not_in([o.value for o in Outcome]),
+        and_(buffered, TO.c.is_terminal.is_(True)),
+        and_(not_(buffered), TO.c.is_terminal.is_(False)),
+    )
+    return select(TO.c.token_id, TO.c.outcome, TO.c.is_terminal).where(TO.c.run_id == run_id, bad)
+
+
+def _describe_outcome(row: RowMapping) -> str:
+    return f"outcome {row['outcome']!r} recorded with is_terminal={bool(row['is_terminal'])}"
+
+
+# -- 2. node states closed with a known status -----------------------------------------
+
+
+async def _check_node_states(c: _Collector, scope: _Scope) -> None:
+    in_scope = NS.join(T, T.c.token_id == NS.c.token_id).join(R, R.c.row_id == T.c.row_id)
+    base = select(NS.c.state_id, NS.c.token_id, NS.c.node_id, NS.c.status, R.c.row_index)
+    base = base.select_from(in_scope).where(NS.c.run_id == scope.run_id, scope.rows(R.c.row_index))
+    await c.query(
+        Invariant.NODE_STATE, base.where(NS.c.status.not_in(_STATE_STATUSES)), _describe_status
+    )
+    has_job = exists().where(
+        t.batches.c.aggregation_state_id == NS.c.state_id, t.batches.c.external_job_id.is_not(None)
+    )
+    pending = base.add_columns(NS.c.context_json, has_job.label("batch_job")).where(
+        NS.c.status == NodeStateStatus.PENDING.value
+    )
+    rows = (await c.conn.execute(pending)).mappings().all()
+    found = [
+        Violation(
+            Invariant.NODE_STATE.value,
+            f"node_state {row['state_id']} at {row['node_id']!r} is pending without a job id",
+            row["token_id"],
+            row["row_index"],
+        )
+        for row in rows
+        if not row["batch_job"] and not _has_job_id(row["context_json"])
+    ]
+    c.add_capped(Invariant.NODE_STATE, found)
+
+
+def _describe_status(row: RowMapping) -> str:
+    where = f"node_state {row['state_id']} at {row['node_id']!r}"
+    if row["status"] == NodeStateStatus.OPEN.value:
+        return f"{where} was left open"
+    return f"{where} has unknown status {row['status']!r}"
+
+
+def _has_job_id(context_json: str | None) -> bool:
+    context = _json_object(context_json)
+    return any(context.get(key) for key in _JOB_ID_KEYS)
+
+
+def _json_object(text: str | None) -> dict[str, Any]:
+    """``text`` parsed as a JSON object; ``{}`` when it is absent or not an object."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+# -- 3. batches closed and linked to their flush ---------------------------------------
+
+
+def _batch_scope(scope: _Scope) -> ColumnElement[bool]:
+    if scope.complete or scope.watermark is None:
+        return true() if scope.complete else false()
+    bm = t.batch_members
+    beyond = (
+        exists()
+        .where(bm.c.batch_id == t.batches.c.batch_id)
+        .where(T.c.token_id == bm.c.token_id, R.c.row_id == T.c.row_id)
+        .where(R.c.row_index > scope.watermark)
+    )
+    return not_(beyond)
+
+
+async def _check_batches(c: _Collector, scope: _Scope) -> None:
+    b = t.batches
+    state_exists = exists().where(NS.c.state_id == b.c.aggregation_state_id)
+    settled = or_(
+        b.c.status.in_(_BATCH_FINAL),
+        and_(b.c.status == "pending", b.c.external_job_id.is_not(None)),
+    )
+    query = (
+        select(b.c.batch_id, b.c.aggregation_node_id, b.c.status, b.c.aggregation_state_id)
+        .add_columns(case((state_exists, True), else_=False).label("state_exists"))
+        .where(b.c.run_id == scope.run_id, _batch_scope(scope))
+        .where(or_(not_(settled), b.c.aggregation_state_id.is_(None), not_(state_exists)))
+    )
+    await c.query(Invariant.BATCH, query, _describe_batch)
+
+
+def _describe_batch(row: RowMapping) -> str:
+    problems = []
+    status = row["status"]
+    if status not in _BATCH_FINAL:
+        problems.append(f"status {status!r} (must end completed or failed)")
+    if row["aggregation_state_id"] is None:
+        problems.append("no aggregation_state_id")
+    elif not row["state_exists"]:
+        problems.append(f"aggregation_state_id {row['aggregation_state_id']} names no node_state")
+    return f"batch {row['batch_id']} of {row['aggregation_node_id']!r}: " + "; ".join(problems)
+
+
+# -- 4. parents of every derived token -------------------------------------------------
+
+
+async def _check_token_parents(c: _Collector, scope: _Scope) -> None:
+    has_child = exists().where(TP.c.parent_token_id == T.c.token_id)
+    has_parent = exists().where(TP.c.token_id == T.c.token_id)
+    base = select(T.c.token_id, R.c.row_index).select_from(scope.tokens())
+    base = base.where(scope.token_filter())
+    parent_outcome = base.join(TO, TO.c.token_id == T.c.token_id).add_columns(TO.c.outcome)
+    parent_outcome = parent_outcome.where(TO.c.outcome.in_(_PARENT_OUTCOMES), not_(has_child))
+    await c.query(Invariant.TOKEN_PARENTS, parent_outcome, _describe_childless)
+    in_batch = exists().where(t.batch_members.c.token_id == T.c.token_id)
+    consumed = base.join(TO, TO.c.token_id == T.c.token_id).where(
+        TO.c.outcome == Outcome.CONSUMED_IN_BATCH.value, not_(in_batch)
+    )
+    await c.query(
+        Invariant.TOKEN_PARENTS, consumed, lambda _: "consumed_in_batch but member of no batch"
+    )
+    branch = base.add_columns(T.c.branch_name)
+    branch = branch.where(T.c.branch_name.is_not(None), not_(has_parent))
+    await c.query(Invariant.TOKEN_PARENTS, branch, _describe_orphan_branch)
+    await c.query(Invariant.TOKEN_PARENTS, _root_counts(scope), _describe_roots)
+
+
+def _describe_childless(row: RowMapping) -> str:
+    return f"token is {row['outcome']} but no token names it as parent"
+
+
+def _describe_orphan_branch(row: RowMapping) -> str:
+    return f"token of branch {row['branch_name']!r} has no parent recorded"
+
+
+def _root_counts(scope: _Scope) -> Select[Any]:
+    """Rows whose number of parentless tokens is not exactly one."""
+    parentless = (
+        select(func.count())
+        .select_from(T)
+        .where(T.c.row_id == R.c.row_id, not_(exists().where(TP.c.token_id == T.c.token_id)))
+        .correlate(R)
+        .scalar_subquery()
+    )
+    counted = (
+        select(R.c.row_id, R.c.row_index, parentless.label("roots"))
+        .where(R.c.run_id == scope.run_id, scope.rows(R.c.row_index))
+        .subquery()
+    )
+    return select(counted).where(counted.c.roots != 1)
+
+
+def _describe_roots(row: RowMapping) -> str:
+    if row["roots"] == 0:
+        return f"row {row['row_id']} has no source token"
+    return (
+        f"row {row['row_id']} has {row['roots']} tokens without parents: derived tokens "
+        "(branch, coalesce, aggregation or expansion outputs) must record their parents"
+    )
+
+
+# -- 5. failed coalesces say what was missing ------------------------------------------
+
+
+async def _check_coalesce_failures(c: _Collector, scope: _Scope) -> None:
+    n = t.nodes
+    names = select(n.c.node_id).where(n.c.run_id == scope.run_id, n.c.node_type == "coalesce")
+    coalesce_nodes = set((await c.conn.execute(names)).scalars())
+    if not coalesce_nodes:
+        return
+    failed_there = exists().where(
+        NS.c.token_id == TO.c.token_id,
+        NS.c.status == NodeStateStatus.FAILED.value,
+        NS.c.node_id.in_(sorted(coalesce_nodes)),
+    )
+    query = (
+        select(TO.c.token_id, R.c.row_index, TO.c.context_json, failed_there.label("at_coalesce"))
+        .select_from(scope.tokens().join(TO, TO.c.token_id == T.c.token_id))
+        .where(scope.token_filter(), TO.c.outcome == Outcome.FAILED.value)
+    )
+    rows = (await c.conn.execute(query)).mappings().all()
+    found = [v for row in rows if (v := _coalesce_violation(row, coalesce_nodes)) is not None]
+    c.add_capped(Invariant.COALESCE_FAILURE, found)
+
+
+def _coalesce_violation(row: RowMapping, coalesce_nodes: set[str]) -> Violation | None:
+    context = _json_object(row["context_json"])
+    named = {context.get("node"), context.get("coalesce")} & coalesce_nodes
+    if not (row["at_coalesce"] or named):
+        return None
+    missing = [key for key in _COALESCE_KEYS if key not in context]
+    if not missing and isinstance(context["missing_branches"], list):
+        return None
+    detail = ", ".join(missing) if missing else "missing_branches is not a list"
+    message = f"failed coalesce outcome lacks {detail} in its context"
+    return Violation(Invariant.COALESCE_FAILURE.value, message, row["token_id"], row["row_index"])
+
+
+# -- 6. external calls fully recorded --------------------------------------------------
+
+
+async def _check_calls(c: _Collector, scope: _Scope) -> None:
+    cl = t.calls
+    incomplete = or_(
+        cl.c.request_hash.is_(None),
+        cl.c.latency_ms.is_(None),
+        cl.c.attempt.is_(None),
+        cl.c.status.not_in(_CALL_STATUSES),
+        and_(cl.c.status.in_(_ANSWERED_CALLS), cl.c.response_hash.is_(None)),
+    )
+    query = (
+        select(cl, T.c.token_id, R.c.row_index)
+        .select_from(
+            cl.join(NS, NS.c.state_id == cl.c.state_id)
+            .join(T, T.c.token_id == NS.c.token_id)
+            .join(R, R.c.row_id == T.c.row_id)
+        )
+        .where(cl.c.run_id == scope.run_id, scope.rows(R.c.row_index), incomplete)
+    )
+    await c.query(Invariant.CALL, query, _describe_call)
+
+
+def _describe_call(row: RowMapping) -> str:
+    problems = [name for name in ("request_hash", "latency_ms", "attempt") if row[name] is None]
+    if row["status"] not in _CALL_STATUSES:
+        problems.append(f"unknown status {row['status']!r}")
+    elif row["status"] in _ANSWERED_CALLS and row["response_hash"] is None:
+        problems.append("response_hash")
+    return f"call {row['call_id']} of node_state {row['state_id']} lacks " + ", ".join(problems)
+
+
+# -- 8. sinks hold every token that reached them ---------------------------------------
+
+
+async def _check_sinks(c: _Collector, run_id: str) -> None:
+    n, a = t.nodes, t.artifacts
+    names = select(n.c.node_id).where(n.c.run_id == run_id, n.c.node_type == "sink")
+    sinks = set((await c.conn.execute(names)).scalars())
+    landed = (
+        select(TO.c.sink_name, func.count())
+        .where(TO.c.run_id == run_id, TO.c.is_terminal.is_(True), TO.c.outcome.in_(_SINK_OUTCOMES))
+        .group_by(TO.c.sink_name)
+    )
+    tokens: dict[str | None, int] = dict((await c.conn.execute(landed)).tuples().all())
+    written_q = select(a.c.sink_node_id, func.sum(a.c.rows_written)).where(a.c.run_id == run_id)
+    written_q = written_q.group_by(a.c.sink_node_id)
+    written = {name: total or 0 for name, total in (await c.conn.execute(written_q)).tuples()}
+    found = [_sink_violation(name, tokens, written, sinks) for name in _sink_names(tokens, written)]
+    c.add_capped(Invariant.SINK_COUNT, [v for v in found if v is not None])
+
+
+def _sink_names(tokens: dict[str | None, int], written: dict[str, int]) -> list[str | None]:
+    names = set(tokens) | set(written)
+    return sorted(names, key=lambda name: (name is not None, name or ""))
+
+
+def _sink_violation(
+    name: str | None, tokens: dict[str | None, int], written: dict[str, int], sinks: set[str]
+) -> Violation | None:
+    landed = tokens.get(name, 0)
+    if name is None:
+        message = f"{landed} completed/routed/quarantined outcomes name no sink"
+        return Violation(Invariant.SINK_COUNT.value, message)
+    if name not in sinks:
+        message = f"{landed} outcomes and artifacts name {name!r}, which is not a sink of the run"
+        return Violation(Invariant.SINK_COUNT.value, message)
+    if landed != written.get(name, 0):
+        message = (
+            f"sink {name!r}: {landed} tokens landed there but its artifacts record "
+            f"{written.get(name, 0)} rows written"
+        )
+        return Violation(Invariant.SINK_COUNT.value, message)
+    return None
+
+
+# -- referential integrity -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Ref:
+    """``column`` of a table names a ``key`` of ``target`` (within the run if ``same_run``)."""
+
+    column: str
+    target: Table
+    key: str
+    same_run: bool = False
+
+
+_P, _N = t.payloads, t.nodes
+_REFERENCES: tuple[tuple[Table, tuple[_Ref, ...]], ...] = (
+    (t.tokens, (_Ref("row_id", t.rows, "row_id"),)),
+    (
+        t.rows,
+        (
+            _Ref("source_data_hash", _P, "hash"),
+            _Ref("source_data_ref", _P, "hash"),
+            _Ref("source_node_id", _N, "node_id", True),
+        ),
+    ),
+    (t.token_parents, (_Ref("token_id", T, "token_id"), _Ref("parent_token_id", T, "token_id"))),
+    (
+        t.node_states,
+        (
+            _Ref("token_id", T, "token_id"),
+            _Ref("node_id", _N, "node_id", True),
+            _Ref("input_hash", _P, "hash"),
+            _Ref("output_hash", _P, "hash"),
+        ),
+    ),
+    (
+        t.routing_events,
+        (_Ref("state_id", NS, "state_id"), _Ref("edge_id", t.edges, "edge_id", True)),
+    ),
+    (
+        t.calls,
+        (
+            _Ref("state_id", NS, "state_id"),
+            _Ref("request_ref", _P, "hash"),
+            _Ref("response_ref", _P, "hash"),
+        ),
+    ),
+    (t.batches, (_Ref("aggregation_node_id", _N, "node_id", True),)),
+    (
+        t.batch_members,
+        (_Ref("batch_id", t.batches, "batch_id"), _Ref("token_id", T, "token_id")),
+    ),
+    (TO, (_Ref("token_id", T, "token_id"), _Ref("batch_id", t.batches, "batch_id"))),
+    (t.validation_errors, (_Ref("row_data_ref", _P, "hash"),)),
+    (
+        t.edges,
+        (_Ref("from_node_id", _N, "node_id", True), _Ref("to_node_id", _N, "node_id", True)),
+    ),
+    (t.artifacts, (_Ref("sink_node_id", _N, "node_id", True),)),
+)
+
+
+def _dangling(source: Table, ref: _Ref) -> ColumnElement[bool]:
+    """True when ``source``'s ``ref.column`` is set but names nothing."""
+    column = source.c[ref.column]
+    match = [ref.target.c[ref.key] == column]
+    if ref.same_run:
+        match.append(ref.target.c.run_id == source.c.run_id)
+    return and_(column.is_not(None), not_(exists().where(*match)))
+
+
+def _reference_query(source: Table, refs: tuple[_Ref, ...], run_id: str) -> Select[Any]:
+    flags = [
+        case((_dangling(source, ref), 1), else_=0).label(f"_dangling_{ref.column}") for ref in refs
+    ]
+    return (
+        select(source, *flags)
+        .where(source.c.run_id == run_id)
+        .where(or_(*(_dangling(source, ref) for ref in refs)))
+    )
+
+
+async def _check_references(c: _Collector, run_id: str) -> None:
+    for source, refs in _REFERENCES:
+        query = _reference_query(source, refs, run_id)
+        rows = (await c.conn.execute(query.limit(c.limit + 1))).mappings().all()
+        found = [
+            Violation(
+                Invariant.REFERENCE.value,
+                _describe_reference(source, ref, row),
+                row.get("token_id"),
+            )
+            for row in rows
+            for ref in refs
+            if row[f"_dangling_{ref.column}"]
+        ]
+        c.add_capped(Invariant.REFERENCE, found)
+        if len(rows) > c.limit:
+            c.add(Invariant.REFERENCE, f"... and more dangling references in {source.name}")
+
+
+def _describe_reference(source: Table, ref: _Ref, row: RowMapping) -> str:
+    key = ", ".join(f"{col.name}={row[col.name]}" for col in source.primary_key.columns)
+    what = f"{source.name} ({key})"
+    return f"{what}: {ref.column} {row[ref.column]!r} not found in {ref.target.name}"
+
+
+# -- the report ------------------------------------------------------------------------
+
+
+async def _scope(conn: AsyncConnection, run_id: str) -> _Scope:
+    status = (await conn.execute(select(t.runs.c.status).where(t.runs.c.run_id == run_id))).scalar()
+    if status is None:
+        raise RunNotFound(f"no run {run_id!r} in the Landscape")
+    cp = t.checkpoints
+    latest = (
+        select(cp.c.watermark_row_index)
+        .where(cp.c.run_id == run_id)
+        .order_by(cp.c.created_at.desc(), cp.c.watermark_row_index.desc())
+        .limit(1)
+    )
+    watermark = (await conn.execute(latest)).scalar()
+    return _Scope(run_id, status == RunStatus.COMPLETED.value, watermark)
+
+
+async def _checked_tokens(conn: AsyncConnection, scope: _Scope) -> int:
+    query = select(func.count()).select_from(scope.tokens()).where(scope.token_filter())
+    return int((await conn.execute(query)).scalar_one())
+
+
+async def verify(conn: AsyncConnection, run_id: str, *, limit: int = 100) -> VerifyReport:
+    """Check the audit invariants for ``run_id`` and report every violation found.
+
+    Each check reports at most ``limit`` violations, then one line counting the rest.
+    Raises :class:`RunNotFound` when the run does not exist.
+    """
+    scope = await _scope(conn, run_id)
+    c = _Collector(conn, limit)
+    await _check_terminal_outcomes(c, scope)
+    await _check_node_states(c, scope)
+    await _check_batches(c, scope)
+    await _check_token_parents(c, scope)
+    await _check_coalesce_failures(c, scope)
+    await _check_calls(c, scope)
+    if scope.complete:
+        await _check_sinks(c, run_id)
+    await _check_references(c, run_id)
+    return VerifyReport(
+        run_id=run_id,
+        ok=not c.violations,
+        violations=c.violations,
+        checked_tokens=await _checked_tokens(conn, scope),
+        watermark=scope.watermark,
+    )

@@ -1,0 +1,221 @@
+"""The one task that writes the Landscape: queued records, group-committed.
+
+Producers append rows with :meth:`GroupCommitWriter.insert` / :meth:`update` (never
+blocking); the writer task takes everything queued so far and writes it in one
+transaction, tables in :data:`INSERT_ORDER`.  A record appended after another is
+committed in the same transaction or a later one, which is what the ordering rules of
+the audit trail rely on.  The queue is bounded by its producers: they await
+:meth:`wait_writable` before admitting new work.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from sqlalchemy import and_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from ._errors import AuditIntegrityError, LandscapeUnavailable
+from ._schema import INSERT_ORDER, payloads
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from anyio.abc import TaskStatus
+    from sqlalchemy import Table
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = ["GroupCommitWriter", "WriterStatistics"]
+
+_SEEN_PAYLOADS = 200_000
+
+
+class WriterStatistics:
+    """A snapshot of the writer's counters."""
+
+    __slots__ = ("commits", "pending_records", "records_written")
+
+    def __init__(self, pending_records: int, records_written: int, commits: int) -> None:
+        self.pending_records = pending_records
+        self.records_written = records_written
+        self.commits = commits
+
+
+class _Batch:
+    """Everything queued between two commits."""
+
+    __slots__ = ("inserts", "payloads", "size", "updates")
+
+    def __init__(self) -> None:
+        self.inserts: dict[Table, list[dict[str, Any]]] = {}
+        self.payloads: dict[str, str] = {}
+        self.updates: list[tuple[Table, dict[str, Any], dict[str, Any]]] = []
+        self.size = 0
+
+
+class GroupCommitWriter:
+    """Queues audit records and commits them in large transactions from one task."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        commit_interval: float = 0.05,
+        high_water: int = 100_000,
+    ) -> None:
+        self._engine = engine
+        self._commit_interval = commit_interval
+        self._high_water = high_water
+        self._batch = _Batch()
+        self._seen_payloads: OrderedDict[str, None] = OrderedDict()
+        self._has_work = anyio.Event()
+        self._urgent = anyio.Event()
+        self._committed = anyio.Event()
+        self._submitted_seq = 0
+        self._committed_seq = 0
+        self._records_written = 0
+        self._commits = 0
+        self._closing = False
+        self._failure: BaseException | None = None
+        self._lock = anyio.Lock()
+        self._payload_insert = self._payload_statement()
+
+    # -- producers -------------------------------------------------------------------
+
+    def insert(self, table: Table, values: dict[str, Any]) -> None:
+        """Queue one row for ``table``."""
+        self._ensure_open()
+        rows = self._batch.inserts.get(table)
+        if rows is None:
+            self._batch.inserts[table] = [values]
+        else:
+            rows.append(values)
+        self._queued()
+
+    def payload(self, content_hash: str, content: str) -> None:
+        """Queue a content-addressed payload; already-stored hashes are skipped."""
+        if content_hash in self._seen_payloads:
+            self._seen_payloads.move_to_end(content_hash)
+            return
+        self._ensure_open()
+        self._seen_payloads[content_hash] = None
+        if len(self._seen_payloads) > _SEEN_PAYLOADS:
+            self._seen_payloads.popitem(last=False)
+        self._batch.payloads[content_hash] = content
+        self._queued()
+
+    def update(self, table: Table, key: Mapping[str, Any], values: Mapping[str, Any]) -> None:
+        """Queue an update of the row of ``table`` whose primary key is ``key``."""
+        self._ensure_open()
+        self._batch.updates.append((table, dict(key), dict(values)))
+        self._queued()
+
+    async def wait_writable(self) -> None:
+        """Return once the queue is below its high-water mark (at once when it is)."""
+        while self._batch.size >= self._high_water:
+            self._urgent.set()
+            await self._committed.wait()
+        if self._failure is not None:
+            raise AuditIntegrityError("the Landscape writer has failed") from self._failure
+
+    async def flush(self) -> None:
+        """Return once everything queued before this call is committed."""
+        target = self._submitted_seq
+        while self._committed_seq < target:
+            self._urgent.set()
+            self._has_work.set()
+            if self._failure is not None:
+                raise AuditIntegrityError("the Landscape writer has failed") from self._failure
+            await self._committed.wait()
+
+    def close(self) -> None:
+        """Ask the writer to commit what is queued and stop."""
+        self._closing = True
+        self._has_work.set()
+        self._urgent.set()
+
+    def statistics(self) -> WriterStatistics:
+        return WriterStatistics(self._batch.size, self._records_written, self._commits)
+
+    def _queued(self) -> None:
+        self._batch.size += 1
+        self._submitted_seq += 1
+        if not self._has_work.is_set():
+            self._has_work.set()
+
+    def _ensure_open(self) -> None:
+        if self._closing:
+            raise AuditIntegrityError("audit record submitted after the writer was closed")
+
+    # -- the writer task -------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Write queued batches until :meth:`close` and the queue is empty.
+
+        Signals ``started`` once it is ready to accept records.  A failed commit is
+        raised (the run cannot go on without its audit trail).  When cancelled, it
+        commits what is queued inside a shielded scope, then lets the cancellation through.
+        """
+        task_status.started()
+        try:
+            while not (self._closing and not self._batch.size):
+                await self._has_work.wait()
+                if not self._closing:
+                    with anyio.move_on_after(self._commit_interval):
+                        await self._urgent.wait()
+                self._has_work = anyio.Event()
+                self._urgent = anyio.Event()
+                await self._commit_queued()
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await self._commit_queued()
+            raise
+        except BaseException as exc:
+            self._failure = exc
+            self._committed.set()
+            raise
+
+    async def aclose(self) -> None:
+        """Commit everything queued and stop accepting records (safe to call under a shield)."""
+        self.close()
+        await self._commit_queued()
+
+    async def _commit_queued(self) -> None:
+        async with self._lock:
+            batch, seq = self._batch, self._submitted_seq
+            self._batch = _Batch()
+            if batch.size:
+                await self._commit(batch)
+            self._committed_seq = seq
+            self._committed.set()
+            self._committed = anyio.Event()
+
+    async def _commit(self, batch: _Batch) -> None:
+        try:
+            async with self._engine.begin() as conn:
+                if batch.payloads:
+                    rows = [{"hash": h, "content": c} for h, c in batch.payloads.items()]
+                    await conn.execute(self._payload_insert, rows)
+                for table in INSERT_ORDER:
+                    table_rows = batch.inserts.get(table)
+                    if table_rows:
+                        await conn.execute(table.insert(), table_rows)
+                for table, key, values in batch.updates:
+                    clause = and_(*(table.c[name] == value for name, value in key.items()))
+                    await conn.execute(update(table).where(clause).values(**values))
+        except IntegrityError as exc:
+            raise AuditIntegrityError(f"audit write refused by the database: {exc.orig}") from exc
+        except SQLAlchemyError as exc:
+            raise LandscapeUnavailable(f"audit write failed: {exc}") from exc
+        self._records_written += batch.size
+        self._commits += 1
+
+    def _payload_statement(self) -> Any:
+        if self._engine.dialect.name == "postgresql":
+            return postgresql.insert(payloads).on_conflict_do_nothing(index_elements=["hash"])
+        if self._engine.dialect.name == "sqlite":
+            return sqlite.insert(payloads).on_conflict_do_nothing(index_elements=["hash"])
+        return payloads.insert()

@@ -1,0 +1,46 @@
+"""Sources, transforms and sinks, and the protocols they implement.
+
+Plugins depend on nothing else of ledgerflow: the engine imports them, never the
+reverse, and they report to the audit trail only through what they return.
+"""
+
+from __future__ import annotations
+
+from ._registry import PluginNotFound, known_plugins, register_plugin, resolve_plugin
+from .protocols import (
+    Artifact,
+    Determinism,
+    Discard,
+    Plugin,
+    PluginSetup,
+    Row,
+    RowContext,
+    Sink,
+    SinkItem,
+    SinkRejection,
+    Source,
+    SourceRecord,
+    Transform,
+    TransformResult,
+)
+
+__all__ = [
+    "Artifact",
+    "Determinism",
+    "Discard",
+    "Plugin",
+    "PluginNotFound",
+    "PluginSetup",
+    "Row",
+    "RowContext",
+    "Sink",
+    "SinkItem",
+    "SinkRejection",
+    "Source",
+    "SourceRecord",
+    "Transform",
+    "TransformResult",
+    "known_plugins",
+    "register_plugin",
+    "resolve_plugin",
+]

@@ -1,0 +1,575 @@
+"""Built-in sinks: ``csv`` and ``jsonl`` files, and a ``database`` table.
+
+Every sink makes a batch durable before :meth:`~plugins.protocols.Sink.write` returns:
+file sinks write, flush and ``fsync`` in one worker-thread hop per batch; the database
+sink commits one transaction per batch.  A row the sink cannot represent is left out and
+returned as a :class:`~plugins.protocols.SinkRejection`; the rest of the batch is written.
+Problems with the sink as a whole (an unwritable file, an unreachable database, an
+existing table of the wrong shape) raise :class:`SinkError`.
+
+Each sink keeps its artifact's hash as it writes: file sinks hash the exact bytes of the
+file; the database sink hashes the canonical JSON lines of the rows it wrote, in order.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from datetime import date, datetime, time
+from pathlib import Path
+from typing import IO, Any, ClassVar
+
+import anyio.to_thread
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from plugins.protocols import Artifact, PluginSetup, Row, Sink, SinkItem, SinkRejection
+
+__all__ = [
+    "CsvSink",
+    "CsvSinkOptions",
+    "DatabaseSink",
+    "DatabaseSinkOptions",
+    "JsonlSink",
+    "JsonlSinkOptions",
+    "SinkError",
+]
+
+_INT64 = range(-(2**63), 2**63)
+_RESERVED = ("token_id", "row_index")
+
+
+class SinkError(Exception):
+    """The sink as a whole cannot write: unwritable file, database error, wrong table."""
+
+
+class _Unrepresentable(Exception):
+    """One row cannot be written by this sink; ``str(exc)`` is the rejection's reason."""
+
+
+def _json_default(value: Any) -> Any:
+    """``json`` hook: dates, datetimes and times as ISO 8601 strings."""
+    if isinstance(value, date | time):
+        return value.isoformat()
+    raise TypeError(f"a {type(value).__name__} is not JSON serialisable")
+
+
+def _json_text(value: Any) -> str:
+    """Compact JSON of ``value``; raises :class:`_Unrepresentable` when it has none."""
+    try:
+        return json.dumps(
+            value, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_json_default
+        )
+    except (TypeError, ValueError) as exc:
+        raise _Unrepresentable(f"not representable as JSON: {exc}") from exc
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _Unrepresentable(f"not representable as UTF-8: {exc.reason}") from exc
+
+
+# -- files --------------------------------------------------------------------------------
+
+
+class _FileSinkOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Path
+
+
+class CsvSinkOptions(_FileSinkOptions):
+    columns: list[str] | None = Field(default=None, min_length=1)
+
+    @field_validator("columns")
+    @classmethod
+    def _unique(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("column names must be unique")
+        return value
+
+
+class JsonlSinkOptions(_FileSinkOptions):
+    pass
+
+
+def _create_file(path: Path) -> IO[bytes]:
+    """Create (or truncate) ``path`` and its parent directories; the entry is fsynced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = open(path, "wb")  # noqa: SIM115 (closed by the sink's aclose)
+    if os.name == "posix":
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    return file
+
+
+def _write_durably(file: IO[bytes], data: bytes) -> None:
+    file.write(data)
+    file.flush()
+    os.fsync(file.fileno())
+
+
+class _FileSink(Sink):
+    """A sink appending encoded rows to one file it creates; subclasses encode rows."""
+
+    options: _FileSinkOptions
+
+    def __init__(self, options: Any, setup: PluginSetup) -> None:
+        super().__init__(options, setup)
+        self._path = setup.resolve(self.options.path).absolute()
+        self._file: IO[bytes] | None = None
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._rows = 0
+
+    async def open(self) -> None:
+        """Create the file (truncating it) and write the preamble, if any, durably."""
+        if self._file is not None:
+            raise RuntimeError(f"{self.name} sink {self._path} is already open")
+        try:
+            self._file = await anyio.to_thread.run_sync(_create_file, self._path)
+        except OSError as exc:
+            raise SinkError(f"cannot create {self._path}: {exc.strerror or exc}") from exc
+        await self._append(self._preamble(), 0)
+
+    async def write(self, items: Sequence[SinkItem]) -> Sequence[SinkRejection]:
+        """Append the representable rows; flushed and fsynced when this returns."""
+        chunks: list[bytes] = [self._batch_prefix(items)]
+        rejections: list[SinkRejection] = []
+        for item in items:
+            try:
+                chunks.append(self._encode(item.row))
+            except _Unrepresentable as exc:
+                rejections.append(SinkRejection(item.token_id, str(exc)))
+        await self._append(b"".join(chunks), len(items) - len(rejections))
+        return rejections
+
+    async def aclose(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            await anyio.to_thread.run_sync(file.close)
+
+    def artifact(self) -> Artifact | None:
+        """The file's URI, the SHA-256 and size of its bytes, and the rows in it."""
+        return Artifact(
+            uri=self._path.as_uri(),
+            content_hash=self._hash.hexdigest(),
+            size_bytes=self._size,
+            rows_written=self._rows,
+        )
+
+    async def _append(self, data: bytes, rows: int) -> None:
+        if self._file is None:
+            raise RuntimeError(f"{self.name} sink {self._path} is not open")
+        if data:
+            try:
+                await anyio.to_thread.run_sync(_write_durably, self._file, data)
+            except OSError as exc:
+                raise SinkError(f"cannot write {self._path}: {exc.strerror or exc}") from exc
+        self._hash.update(data)
+        self._size += len(data)
+        self._rows += rows
+
+    def _preamble(self) -> bytes:
+        """Bytes written once when the file is created."""
+        return b""
+
+    def _batch_prefix(self, items: Sequence[SinkItem]) -> bytes:
+        """Bytes written before a batch's rows (in the same durable write)."""
+        return b""
+
+    def _encode(self, row: Row) -> bytes:
+        """One row's bytes; raises :class:`_Unrepresentable` for a row it cannot write."""
+        raise NotImplementedError
+
+
+class JsonlSink(_FileSink):
+    """One compact JSON object per line (UTF-8); dates and datetimes as ISO strings.
+
+    A row with a value JSON cannot hold (NaN, infinity, bytes, other objects) is rejected.
+    """
+
+    name: ClassVar[str] = "jsonl"
+    Options: ClassVar[type[BaseModel] | None] = JsonlSinkOptions
+    options: JsonlSinkOptions
+
+    def _encode(self, row: Row) -> bytes:
+        return _utf8(_json_text(row) + "\n")
+
+
+class _LineCatcher:
+    """A file-like target for :func:`csv.writer` that keeps the last line written."""
+
+    line = ""
+
+    def write(self, text: str) -> int:
+        self.line = text
+        return len(text)
+
+
+def _csv_cell(value: Any) -> str:
+    """The text of one CSV cell (``None`` is empty; containers are JSON)."""
+    if isinstance(value, str):
+        return str.__str__(value)
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        return float.__repr__(value)
+    if isinstance(value, date | time):
+        return value.isoformat()
+    if isinstance(value, dict | list | tuple):
+        return _json_text(value)
+    raise _Unrepresentable(f"a {type(value).__name__} value has no CSV text")
+
+
+class CsvSink(_FileSink):
+    """A CSV file (UTF-8, ``\\n`` line ends) with a header of ``columns``.
+
+    ``columns`` defaults to the keys of the first row written.  A row with a field that
+    is not a column is rejected; a column missing from a row is written empty.  With
+    explicit ``columns`` the header is written on open, so even an empty run leaves a
+    header-only file.
+    """
+
+    name: ClassVar[str] = "csv"
+    Options: ClassVar[type[BaseModel] | None] = CsvSinkOptions
+    options: CsvSinkOptions
+
+    def __init__(self, options: Any, setup: PluginSetup) -> None:
+        super().__init__(options, setup)
+        self._columns: list[str] = []
+        self._column_set: frozenset[str] = frozenset()
+        self._catcher = _LineCatcher()
+        self._writer = csv.writer(self._catcher, lineterminator="\n")
+
+    def _preamble(self) -> bytes:
+        return self._header(self.options.columns) if self.options.columns else b""
+
+    def _header(self, columns: list[str]) -> bytes:
+        self._columns = list(columns)
+        self._column_set = frozenset(columns)
+        self._writer.writerow(columns)
+        return _utf8(self._catcher.line)
+
+    def _batch_prefix(self, items: Sequence[SinkItem]) -> bytes:
+        if self._columns or not items:
+            return b""
+        return self._header(list(items[0].row))
+
+    def _encode(self, row: Row) -> bytes:
+        unknown = [field for field in row if field not in self._column_set]
+        if unknown:
+            names = ", ".join(map(repr, unknown))
+            what = "field {} is not a column" if len(unknown) == 1 else "fields {} are not columns"
+            raise _Unrepresentable(f"{what.format(names)} of {self._path.name}")
+        self._writer.writerow([_csv_cell(row.get(column)) for column in self._columns])
+        return _utf8(self._catcher.line)
+
+
+# -- database -----------------------------------------------------------------------------
+
+_UPSERT_INSERTS: dict[str, Callable[[sa.Table], Any]] = {
+    "sqlite": sqlite.insert,
+    "postgresql": postgresql.insert,
+}
+
+
+class DatabaseSinkOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+    table: str = Field(min_length=1)
+
+    @field_validator("url")
+    @classmethod
+    def _async_upsert_url(cls, value: str) -> str:
+        try:
+            url = make_url(value)
+            is_async = url.get_dialect().is_async
+        except (ArgumentError, ImportError) as exc:
+            raise ValueError(f"not a usable SQLAlchemy URL: {exc}") from exc
+        if url.get_backend_name() not in _UPSERT_INSERTS:
+            raise ValueError(f"backend {url.get_backend_name()!r} is not sqlite or postgresql")
+        if not is_async:
+            raise ValueError(f"driver {url.drivername!r} is not async (use aiosqlite or asyncpg)")
+        return value
+
+
+Fitter = Callable[[Any], Any]
+"""Turns a row value into a column value, or raises :class:`_Unrepresentable`."""
+
+
+def _fit_int(value: Any) -> Any:
+    if value is None or (type(value) is int and value in _INT64):
+        return value
+    raise _Unrepresentable(f"{value!r} does not fit a 64-bit integer column")
+
+
+def _fit_float(value: Any) -> Any:
+    if value is None or (type(value) in (int, float) and math.isfinite(value)):
+        return value
+    raise _Unrepresentable(f"{value!r} is not a finite number for a float column")
+
+
+def _fit_bool(value: Any) -> Any:
+    if value is None or type(value) is bool:
+        return value
+    raise _Unrepresentable(f"{value!r} is not a bool for a boolean column")
+
+
+def _fit_text(value: Any) -> Any:
+    """Strings as they are; numbers, bools and containers as JSON; dates as ISO."""
+    if value is None:
+        return None
+    if isinstance(value, date | time):
+        text = value.isoformat()
+    elif isinstance(value, str):
+        text = value
+    elif isinstance(value, int | float | dict | list | tuple):
+        text = _json_text(value)
+    else:
+        raise _Unrepresentable(f"a {type(value).__name__} value has no text form")
+    if "\x00" in text:
+        raise _Unrepresentable("text with a NUL character cannot be stored")
+    return text
+
+
+def _fit_instance(kind: type) -> Fitter:
+    def fit(value: Any) -> Any:
+        if value is None or (type(value) is kind):
+            return value
+        raise _Unrepresentable(f"{value!r} is not a {kind.__name__} for a {kind.__name__} column")
+
+    return fit
+
+
+def _unsupported(column_type: sa.types.TypeEngine[Any]) -> Fitter:
+    def fit(value: Any) -> Any:
+        raise _Unrepresentable(f"column type {column_type} is not supported by the sink")
+
+    return fit
+
+
+def _fitter(column: sa.Column[Any]) -> Fitter:
+    """The value check/conversion for one column, chosen by its SQL type."""
+    kind = column.type
+    fitters: list[tuple[type, Fitter]] = [
+        (sa.Boolean, _fit_bool),
+        (sa.Integer, _fit_int),
+        (sa.Numeric, _fit_float),
+        (sa.String, _fit_text),
+        (sa.DateTime, _fit_instance(datetime)),
+        (sa.Date, _fit_instance(date)),
+    ]
+    return next((fit for sql, fit in fitters if isinstance(kind, sql)), _unsupported(kind))
+
+
+def _column_type(value: Any) -> sa.types.TypeEngine[Any]:
+    """The SQL type inferred for a first-row value (bool before int: bools are ints)."""
+    if isinstance(value, bool):
+        return sa.Boolean()
+    if isinstance(value, int):
+        return sa.BigInteger()
+    if isinstance(value, float):
+        return sa.Float()
+    return sa.Text()
+
+
+def _new_table(name: str, row: Row) -> sa.Table:
+    """A table keyed by ``token_id`` with one column per field of ``row``."""
+    return sa.Table(
+        name,
+        sa.MetaData(),
+        sa.Column("token_id", sa.Text(), primary_key=True),
+        sa.Column("row_index", sa.BigInteger(), nullable=False),
+        *(
+            sa.Column(field, _column_type(value))
+            for field, value in row.items()
+            if field not in _RESERVED
+        ),
+    )
+
+
+def _reflect(connection: sa.Connection, name: str) -> sa.Table | None:
+    """The existing table ``name``, or ``None`` when there is none."""
+    if not sa.inspect(connection).has_table(name):
+        return None
+    return sa.Table(name, sa.MetaData(), autoload_with=connection)
+
+
+def _canonical_line(row: Row) -> bytes:
+    text = json.dumps(row, sort_keys=True, separators=(",", ":"), default=str)
+    return text.encode("utf-8", "backslashreplace") + b"\n"
+
+
+class _Target:
+    """The table a database sink writes, its upsert statement and its column fitters."""
+
+    def __init__(self, table: sa.Table, dialect: str, *, exists: bool) -> None:
+        missing = [name for name in _RESERVED if name not in table.c]
+        if missing or list(table.primary_key.columns.keys()) != ["token_id"]:
+            raise SinkError(
+                f"table {table.name!r} exists but is not keyed by token_id with a row_index"
+            )
+        self.table = table
+        self.exists = exists
+        self.fitters = {c.name: _fitter(c) for c in table.columns if c.name not in _RESERVED}
+        insert = _UPSERT_INSERTS[dialect](table)
+        updates = {c.name: insert.excluded[c.name] for c in table.columns if c.name != "token_id"}
+        self.upsert = insert.on_conflict_do_update(index_elements=["token_id"], set_=updates)
+
+    def params(self, item: SinkItem) -> dict[str, Any]:
+        """The statement parameters of one item; raises :class:`_Unrepresentable`."""
+        params: dict[str, Any] = dict.fromkeys(self.fitters)
+        params["token_id"] = item.token_id
+        params["row_index"] = item.row_index
+        for field, value in item.row.items():
+            fit = self.fitters.get(field)
+            if fit is None:
+                raise _Unrepresentable(self._no_column(field))
+            try:
+                params[field] = fit(value)
+            except _Unrepresentable as exc:
+                raise _Unrepresentable(f"field {field!r}: {exc}") from exc
+        return params
+
+    def _no_column(self, field: str) -> str:
+        if field in _RESERVED:
+            return f"field {field!r} is reserved for the sink's own column"
+        return f"field {field!r} has no column in table {self.table.name!r}"
+
+
+def _resolve_url(url: str, setup: PluginSetup) -> URL:
+    """``url`` with a relative SQLite file path made relative to the pipeline's directory."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return parsed
+    if database.startswith("file:"):
+        return parsed
+    return parsed.set(database=str(setup.resolve(database).absolute()))
+
+
+class DatabaseSink(Sink):
+    """Rows upserted by ``token_id`` into ``table`` (SQLite or PostgreSQL, async driver).
+
+    A missing table is created from the first row written: ``token_id`` (primary key),
+    ``row_index`` and one column per field, typed from its value (int → BIGINT, float →
+    FLOAT, bool → BOOLEAN, anything else → TEXT).  A row with a field that has no column,
+    or a value its column cannot hold, is rejected.  Re-writing a token replaces its row.
+    """
+
+    name: ClassVar[str] = "database"
+    Options: ClassVar[type[BaseModel] | None] = DatabaseSinkOptions
+    options: DatabaseSinkOptions
+
+    def __init__(self, options: Any, setup: PluginSetup) -> None:
+        super().__init__(options, setup)
+        self._url = _resolve_url(self.options.url, setup)
+        self._engine: AsyncEngine | None = None
+        self._target: _Target | None = None
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._rows = 0
+
+    async def open(self) -> None:
+        """Connect and look up the table (created on the first write if missing)."""
+        if self._engine is not None:
+            raise RuntimeError(f"database sink {self._where()} is already open")
+        if self._url.get_backend_name() == "sqlite" and self._url.database:
+            await anyio.to_thread.run_sync(_make_parent, self._url.database)
+        self._engine = create_async_engine(self._url)
+        try:
+            async with self._engine.connect() as connection:
+                table = await connection.run_sync(_reflect, self.options.table)
+        except SQLAlchemyError as exc:
+            raise SinkError(f"database sink {self._where()}: {exc}") from exc
+        if table is not None:
+            self._target = _Target(table, self._engine.dialect.name, exists=True)
+
+    async def write(self, items: Sequence[SinkItem]) -> Sequence[SinkRejection]:
+        """Upsert the representable rows in one transaction, committed when this returns."""
+        if self._engine is None:
+            raise RuntimeError(f"database sink {self._where()} is not open")
+        if not items:
+            return []
+        target = self._target or self._new_target(items[0].row)
+        params, lines, rejections = _prepare(target, items)
+        try:
+            async with self._engine.begin() as connection:
+                if not target.exists:
+                    await connection.run_sync(target.table.create, checkfirst=True)
+                if params:
+                    await connection.execute(target.upsert, params)
+        except SQLAlchemyError as exc:
+            raise SinkError(f"database sink {self._where()}: {exc}") from exc
+        target.exists = True
+        self._record(lines)
+        return rejections
+
+    async def aclose(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.dispose()
+
+    def artifact(self) -> Artifact | None:
+        """The table's URL (password hidden) and the hash of the rows written, in order."""
+        return Artifact(
+            uri=self._where(),
+            content_hash=self._hash.hexdigest(),
+            size_bytes=self._size,
+            rows_written=self._rows,
+        )
+
+    def _where(self) -> str:
+        return f"{self._url.render_as_string(hide_password=True)}#{self.options.table}"
+
+    def _new_target(self, row: Row) -> _Target:
+        assert self._engine is not None
+        table = _new_table(self.options.table, row)
+        self._target = _Target(table, self._engine.dialect.name, exists=False)
+        return self._target
+
+    def _record(self, lines: list[bytes]) -> None:
+        for line in lines:
+            self._hash.update(line)
+            self._size += len(line)
+        self._rows += len(lines)
+
+
+def _make_parent(database: str) -> None:
+    Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _prepare(
+    target: _Target, items: Sequence[SinkItem]
+) -> tuple[list[dict[str, Any]], list[bytes], list[SinkRejection]]:
+    """Statement parameters (one per token, the last write winning), hash lines, rejections."""
+    by_token: dict[str, dict[str, Any]] = {}
+    lines: list[bytes] = []
+    rejections: list[SinkRejection] = []
+    for item in items:
+        try:
+            by_token[item.token_id] = target.params(item)
+        except _Unrepresentable as exc:
+            rejections.append(SinkRejection(item.token_id, str(exc)))
+        else:
+            lines.append(_canonical_line(item.row))
+    return list(by_token.values()), lines, rejections

@@ -1,0 +1,209 @@
+"""The plugin protocols: what a source, a transform and a sink promise the engine.
+
+A plugin is a class.  The engine builds it from its validated options with
+:meth:`Plugin.from_options`, enters it with ``async with`` before the first row and
+leaves it after the last.  Plugins never see the Landscape: everything they report
+goes back as return values (or through the :class:`RowContext` they are handed).
+
+Rows are plain ``dict``s.  A transform returns a **new** dict, or the very same dict
+object when it changes nothing (the engine then reuses the row's hash); it never
+mutates the row it was given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar, Self
+
+from pydantic import BaseModel
+
+__all__ = [
+    "Artifact",
+    "Determinism",
+    "Discard",
+    "Plugin",
+    "PluginSetup",
+    "Row",
+    "RowContext",
+    "Sink",
+    "SinkItem",
+    "SinkRejection",
+    "Source",
+    "SourceRecord",
+    "Transform",
+    "TransformResult",
+]
+
+Row = dict[str, Any]
+
+
+class Determinism(StrEnum):
+    """Whether a plugin gives the same output for the same input."""
+
+    DETERMINISTIC = "deterministic"
+    NONDETERMINISTIC = "nondeterministic"
+    EXTERNAL = "external_call"
+    IO_READ = "io_read"
+    IO_WRITE = "io_write"
+
+
+@dataclass(frozen=True, slots=True)
+class PluginSetup:
+    """What a plugin may know about where it runs, given once at construction."""
+
+    node_name: str
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    def resolve(self, path: str | Path) -> Path:
+        """``path`` relative to the pipeline file's directory (absolute paths unchanged)."""
+        candidate = Path(path).expanduser()
+        return candidate if candidate.is_absolute() else self.base_dir / candidate
+
+
+@dataclass(frozen=True, slots=True)
+class RowContext:
+    """Identity of one row's visit to one node; a fresh one per call."""
+
+    run_id: str
+    node_name: str
+    token_id: str
+    row_index: int
+    state_id: str
+
+
+class Plugin:
+    """Base of every plugin: identity, options and the async lifecycle.
+
+    Subclasses set ``name`` (the YAML entry name), ``version`` and ``determinism`` and,
+    when they take options, ``Options``: a pydantic model that validates them (an
+    invalid option is a config error naming its key path, raised before anything runs).
+    """
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    determinism: ClassVar[Determinism] = Determinism.DETERMINISTIC
+    Options: ClassVar[type[BaseModel] | None] = None
+
+    def __init__(self, options: Any, setup: PluginSetup) -> None:
+        self.options = options
+        self.setup = setup
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], setup: PluginSetup) -> Self:
+        """Validate ``options`` with ``Options`` and build the plugin.
+
+        Raises :class:`pydantic.ValidationError` for invalid options.
+        """
+        validated: Any = (
+            dict(options) if cls.Options is None else cls.Options.model_validate(dict(options))
+        )
+        return cls(validated, setup)
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Acquire resources (files, connections); called once before any row."""
+
+    async def aclose(self) -> None:
+        """Release resources; called once after the last row, also on failure."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRecord:
+    """One record read by a source.
+
+    ``row`` is the parsed record, or ``None`` when it could not be parsed, in which
+    case ``error`` says why.  ``raw`` is what was read, JSON-serialisable (a line of
+    text, a parsed object), stored as the row's source payload either way.
+    """
+
+    row: Row | None
+    raw: Any
+    error: str | None = None
+
+
+class Source(Plugin):
+    """Reads records in order. Malformed records are yielded with an error, never raised."""
+
+    determinism: ClassVar[Determinism] = Determinism.IO_READ
+
+    def read(self, *, start_index: int = 0) -> AsyncIterator[SourceRecord]:
+        """Yield the records from ``start_index`` (0-based) on, in source order."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class Discard:
+    """A transform's answer for a row it drops on purpose; ``reason`` is recorded."""
+
+    reason: str
+
+
+TransformResult = Row | Discard
+
+
+class Transform(Plugin):
+    """Turns one row into one row, or discards it.  An exception is that row's error."""
+
+    async def process(self, row: Row, ctx: RowContext) -> TransformResult:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class SinkItem:
+    """One token's row as handed to a sink."""
+
+    token_id: str
+    row_index: int
+    row: Row
+
+
+@dataclass(frozen=True, slots=True)
+class SinkRejection:
+    """A row a sink refused to write (e.g. a field it has no column for), and why."""
+
+    token_id: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact:
+    """What a sink produced, for the Landscape's ``artifacts`` table."""
+
+    uri: str
+    content_hash: str
+    size_bytes: int
+    rows_written: int
+
+
+class Sink(Plugin):
+    """Writes rows in batches.  A batch is durable when :meth:`write` returns."""
+
+    determinism: ClassVar[Determinism] = Determinism.IO_WRITE
+
+    async def write(self, items: Sequence[SinkItem]) -> Sequence[SinkRejection]:
+        """Write ``items`` durably (flushed and fsynced, or committed) before returning.
+
+        Rows the sink cannot represent are left out and returned as rejections; every
+        other item is durable on return.  An exception means nothing of the batch can
+        be relied on.
+        """
+        raise NotImplementedError
+
+    def artifact(self) -> Artifact | None:
+        """What has been written so far (called after the last write)."""
+        return None
