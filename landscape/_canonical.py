@@ -22,6 +22,7 @@ import rfc8785
 __all__ = ["CanonicalizationError", "canonical_hash", "canonical_json", "sha256_hex"]
 
 _MAX_SAFE_INT = 2**53 - 1
+_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
 
 
 class CanonicalizationError(ValueError):
@@ -46,18 +47,31 @@ def _normalise(value: Any) -> Any:
         raise CanonicalizationError(f"integer {value} is outside the JSON safe range")
     if kind is float:
         return _normalise_float(value)
+    if kind is dict:
+        return _normalise_dict(value)
     if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            if type(key) is not str:
-                raise CanonicalizationError(f"object key {key!r} is not a string")
-            if not key.isascii():
-                raise _NeedsSlowPath
-            out[key] = _normalise(item)
-        return out
+        return _normalise_dict(dict(value))
     if isinstance(value, list | tuple):
         return [_normalise(item) for item in value]
     return _normalise_other(value)
+
+
+def _normalise_dict(value: dict[Any, Any]) -> dict[str, Any]:
+    """The hot path for rows: plain values are checked inline, not by recursion."""
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if type(key) is not str:
+            raise CanonicalizationError(f"object key {key!r} is not a string")
+        if not key.isascii():
+            raise _NeedsSlowPath
+        kind = type(item)
+        if kind is str or kind is bool or item is None:
+            out[key] = item
+        elif kind is float:
+            out[key] = _normalise_float(item)
+        else:
+            out[key] = _normalise(item)
+    return out
 
 
 def _normalise_float(value: float) -> float | int:
@@ -111,7 +125,7 @@ def canonical_json(value: Any) -> str:
             return rfc8785.dumps(_plain(value)).decode("utf-8")
         except rfc8785.CanonicalizationError as exc:
             raise CanonicalizationError(str(exc)) from exc
-    return json.dumps(normal, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODE(normal)
 
 
 def sha256_hex(text: str | bytes) -> str:

@@ -26,6 +26,25 @@ if TYPE_CHECKING:
 __all__ = ["Recorder", "StoredPayload"]
 
 
+#: The column order the fast-path tuples below are built in; checked against the schema
+#: at import so that a schema change cannot silently shift values into wrong columns.
+_TUPLE_LAYOUTS = {
+    t.rows: ("row_id", "run_id", "source_node_id", "row_index", "source_data_hash",
+             "source_data_ref"),
+    t.tokens: ("token_id", "run_id", "row_id", "branch_name", "created_at"),
+    t.token_parents: ("token_id", "parent_token_id", "ordinal", "run_id"),
+    t.node_states: ("state_id", "run_id", "token_id", "node_id", "attempt", "status",
+                    "input_hash", "output_hash", "started_at", "completed_at", "duration_ms",
+                    "error_json", "context_json", "step_index"),
+    t.routing_events: ("event_id", "run_id", "state_id", "edge_id", "route_label", "reason_json"),
+    t.token_outcomes: ("outcome_id", "run_id", "token_id", "outcome", "is_terminal", "sink_name",
+                       "batch_id", "context_json", "recorded_at"),
+}
+for _table, _layout in _TUPLE_LAYOUTS.items():
+    if tuple(column.name for column in _table.columns) != _layout:
+        raise RuntimeError(f"recorder tuple layout of {_table.name} is out of date")
+
+
 def _json(value: Any) -> str | None:
     if value is None:
         return None
@@ -161,16 +180,8 @@ class Recorder:
     def source_row(
         self, *, row_id: str, row_index: int, source_node_id: str, data_hash: str
     ) -> None:
-        self._writer.insert(
-            t.rows,
-            {
-                "row_id": row_id,
-                "run_id": self.run_id,
-                "source_node_id": source_node_id,
-                "row_index": row_index,
-                "source_data_hash": data_hash,
-                "source_data_ref": data_hash,
-            },
+        self._writer.insert_row(
+            t.rows, (row_id, self.run_id, source_node_id, row_index, data_hash, data_hash)
         )
 
     def token(
@@ -181,26 +192,9 @@ class Recorder:
         branch_name: str | None = None,
         parents: Sequence[str] = (),
     ) -> None:
-        self._writer.insert(
-            t.tokens,
-            {
-                "token_id": token_id,
-                "run_id": self.run_id,
-                "row_id": row_id,
-                "branch_name": branch_name,
-                "created_at": time.time(),
-            },
-        )
+        self._writer.insert_row(t.tokens, (token_id, self.run_id, row_id, branch_name, time.time()))
         for ordinal, parent in enumerate(parents):
-            self._writer.insert(
-                t.token_parents,
-                {
-                    "token_id": token_id,
-                    "parent_token_id": parent,
-                    "ordinal": ordinal,
-                    "run_id": self.run_id,
-                },
-            )
+            self._writer.insert_row(t.token_parents, (token_id, parent, ordinal, self.run_id))
 
     def validation_error(
         self, *, node_id: str, row_index: int, error: str, row_data_ref: str | None
@@ -236,41 +230,24 @@ class Recorder:
         context: Mapping[str, Any] | None = None,
     ) -> None:
         """Record one visit of a token to a node, written once it has a final status."""
-        self._writer.insert(
+        duration_ms = None if completed_at is None else (completed_at - started_at) * 1000.0
+        self._writer.insert_row(
             t.node_states,
-            {
-                "state_id": state_id,
-                "run_id": self.run_id,
-                "token_id": token_id,
-                "node_id": node_id,
-                "attempt": attempt,
-                "status": status.value,
-                "input_hash": input_hash,
-                "output_hash": output_hash,
-                "started_at": started_at,
-                "completed_at": completed_at,
-                "duration_ms": None
-                if completed_at is None
-                else round((completed_at - started_at) * 1000.0, 3),
-                "error_json": _json(error),
-                "context_json": _json(context),
-                "step_index": step_index,
-            },
+            (
+                state_id, self.run_id, token_id, node_id, attempt, status.value, input_hash,
+                output_hash, started_at, completed_at, duration_ms,
+                None if error is None else _json(error),
+                None if context is None else _json(context),
+                step_index,
+            ),
         )
 
     def routing_event(
         self, *, state_id: str, edge_id: str, route_label: str, reason: Mapping[str, Any] | None
     ) -> None:
-        self._writer.insert(
+        self._writer.insert_row(
             t.routing_events,
-            {
-                "event_id": self.new_id("e"),
-                "run_id": self.run_id,
-                "state_id": state_id,
-                "edge_id": edge_id,
-                "route_label": route_label,
-                "reason_json": _json(reason),
-            },
+            (self.new_id("e"), self.run_id, state_id, edge_id, route_label, _json(reason)),
         )
 
     def call(self, values: Mapping[str, Any]) -> None:
@@ -291,19 +268,12 @@ class Recorder:
         batch_id: str | None = None,
         context: Mapping[str, Any] | None = None,
     ) -> None:
-        self._writer.insert(
+        self._writer.insert_row(
             t.token_outcomes,
-            {
-                "outcome_id": self.new_id("o"),
-                "run_id": self.run_id,
-                "token_id": token_id,
-                "outcome": outcome.value,
-                "is_terminal": outcome.is_terminal,
-                "sink_name": sink_name,
-                "batch_id": batch_id,
-                "context_json": _json(context),
-                "recorded_at": time.time(),
-            },
+            (
+                self.new_id("o"), self.run_id, token_id, outcome.value, outcome.is_terminal,
+                sink_name, batch_id, None if context is None else _json(context), time.time(),
+            ),
         )
 
     def artifact(

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from sqlalchemy import and_, update
+from sqlalchemy import and_, bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -50,7 +50,7 @@ class _Batch:
     __slots__ = ("inserts", "payloads", "size", "updates")
 
     def __init__(self) -> None:
-        self.inserts: dict[Table, list[dict[str, Any]]] = {}
+        self.inserts: dict[Table, list[tuple[Any, ...]]] = {}
         self.payloads: dict[str, str] = {}
         self.updates: list[tuple[Table, dict[str, Any], dict[str, Any]]] = []
         self.size = 0
@@ -82,17 +82,27 @@ class GroupCommitWriter:
         self._failure: BaseException | None = None
         self._lock = anyio.Lock()
         self._payload_insert = self._payload_statement()
+        self._insert_sql = {
+            table: self._positional_sql(
+                table.insert().values({c.name: bindparam(c.name) for c in table.columns})
+            )
+            for table in INSERT_ORDER
+        }
 
     # -- producers -------------------------------------------------------------------
 
-    def insert(self, table: Table, values: dict[str, Any]) -> None:
-        """Queue one row for ``table``."""
+    def insert(self, table: Table, values: Mapping[str, Any]) -> None:
+        """Queue one row for ``table`` given by column name (absent columns are NULL)."""
+        self.insert_row(table, tuple(values.get(column.name) for column in table.columns))
+
+    def insert_row(self, table: Table, row: tuple[Any, ...]) -> None:
+        """Queue one row for ``table`` as a tuple in the table's column order (the fast path)."""
         self._ensure_open()
         rows = self._batch.inserts.get(table)
         if rows is None:
-            self._batch.inserts[table] = [values]
+            self._batch.inserts[table] = [row]
         else:
-            rows.append(values)
+            rows.append(row)
         self._queued()
 
     def payload(self, content_hash: str, content: str) -> None:
@@ -197,12 +207,12 @@ class GroupCommitWriter:
         try:
             async with self._engine.begin() as conn:
                 if batch.payloads:
-                    rows = [{"hash": h, "content": c} for h, c in batch.payloads.items()]
-                    await conn.execute(self._payload_insert, rows)
+                    rows = list(batch.payloads.items())
+                    await conn.exec_driver_sql(self._payload_insert, rows)
                 for table in INSERT_ORDER:
                     table_rows = batch.inserts.get(table)
                     if table_rows:
-                        await conn.execute(table.insert(), table_rows)
+                        await conn.exec_driver_sql(self._insert_sql[table], table_rows)
                 for table, key, values in batch.updates:
                     clause = and_(*(table.c[name] == value for name, value in key.items()))
                     await conn.execute(update(table).where(clause).values(**values))
@@ -213,9 +223,25 @@ class GroupCommitWriter:
         self._records_written += batch.size
         self._commits += 1
 
-    def _payload_statement(self) -> Any:
+    def _positional_sql(self, statement: Any) -> str:
+        """``statement`` compiled for this dialect with positional parameters in column order.
+
+        Rows are queued as tuples and handed to the driver's ``executemany`` as they are:
+        per-row parameter processing in SQLAlchemy would cost more than the insert.
+        """
+        compiled = statement.compile(dialect=self._engine.dialect)
+        names = [column.name for column in statement.table.columns]
+        if compiled.positiontup is None or list(compiled.positiontup) != names:
+            raise LandscapeUnavailable(
+                f"{self._engine.dialect.name}: cannot insert positionally into {statement.table.name}"
+            )
+        return str(compiled)
+
+    def _payload_statement(self) -> str:
         if self._engine.dialect.name == "postgresql":
-            return postgresql.insert(payloads).on_conflict_do_nothing(index_elements=["hash"])
-        if self._engine.dialect.name == "sqlite":
-            return sqlite.insert(payloads).on_conflict_do_nothing(index_elements=["hash"])
-        return payloads.insert()
+            stmt: Any = postgresql.insert(payloads).on_conflict_do_nothing(index_elements=["hash"])
+        elif self._engine.dialect.name == "sqlite":
+            stmt = sqlite.insert(payloads).on_conflict_do_nothing(index_elements=["hash"])
+        else:
+            stmt = payloads.insert()
+        return self._positional_sql(stmt.values({c.name: bindparam(c.name) for c in payloads.columns}))
