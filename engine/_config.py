@@ -165,12 +165,16 @@ class PipelineSettings(_Model):
     """A whole pipeline file."""
 
     name: str | None = Field(None, description="Pipeline name shown in `ledgerflow runs`.")
-    landscape: LandscapeSettings = Field(default_factory=LandscapeSettings)
-    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
-    source: SourceSettings
-    transforms: list[TransformSettings] = Field(default_factory=list)
-    gates: list[GateSettings] = Field(default_factory=list)
-    sinks: list[SinkSettings] = Field(min_length=1)
+    landscape: LandscapeSettings = Field(
+        default_factory=LandscapeSettings, description="The audit store."
+    )
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings, description="Engine tuning.")
+    source: SourceSettings = Field(description="Where rows come from.")
+    transforms: list[TransformSettings] = Field(
+        default_factory=list, description="Row-by-row transforms."
+    )
+    gates: list[GateSettings] = Field(default_factory=list, description="Routing and forks.")
+    sinks: list[SinkSettings] = Field(min_length=1, description="Where rows are written.")
 
 
 def format_location(loc: tuple[int | str, ...], prefix: str = "") -> str:

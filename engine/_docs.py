@@ -34,6 +34,11 @@ _SECTIONS: list[tuple[str, type[BaseModel]]] = [
 ]
 
 
+def _cell(text: str) -> str:
+    """``text`` made safe for a Markdown table cell."""
+    return text.replace("|", "\\|")
+
+
 def _type_name(annotation: Any) -> str:
     if annotation is Any:
         return "any"
@@ -47,7 +52,8 @@ def _default(field: FieldInfo) -> str:
     if field.is_required():
         return "required"
     if field.default_factory is not None:
-        return "`" + repr(field.default_factory()) + "`"  # type: ignore[call-arg]
+        value = field.default_factory()  # type: ignore[call-arg]
+        return "see below" if isinstance(value, BaseModel) else f"`{value!r}`"
     return f"`{field.default!r}`"
 
 
@@ -55,8 +61,8 @@ def _model_table(model: type[BaseModel]) -> list[str]:
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for name, field in model.model_fields.items():
         key = field.alias or name
-        annotation = _type_name(field.annotation)
-        description = (field.description or "").replace("|", "\\|")
+        annotation = _cell(_type_name(field.annotation))
+        description = _cell(field.description or "")
         lines.append(f"| `{key}` | `{annotation}` | {_default(field)} | {description} |")
     return lines
 
@@ -92,14 +98,17 @@ def render_configuration_reference() -> str:
 
 
 def _parser_lines(parser: argparse.ArgumentParser, title: str) -> list[str]:
-    usage = parser.format_usage().strip().removeprefix("usage: ")
+    formatter = argparse.HelpFormatter(parser.prog, width=100)
+    formatter.add_usage(parser.usage, parser._actions, parser._mutually_exclusive_groups, prefix="")
+    usage = formatter.format_help().strip()
     lines = [f"## `{title}`", "", parser.description or "", "", "```", usage, "```", ""]
     rows = []
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
             continue
         flags = ", ".join(action.option_strings) or action.metavar or action.dest
-        rows.append(f"| `{flags}` | {(action.help or '').replace('|', '\\|')} |")
+        help_text = _cell(action.help or "")
+        rows.append(f"| `{flags}` | {help_text} |")
     if rows:
         lines += ["| argument | meaning |", "|---|---|", *rows, ""]
     return lines

@@ -89,6 +89,8 @@ class Pipeline:
         self.graph: Graph = compile_graph(settings, Path(base_dir).resolve())
         self.landscape_url = landscape_url or settings.landscape.url
         self._run: RunContext | None = None
+        self._running = False
+        self._stop_early = False
         self._started = 0.0
 
     @classmethod
@@ -117,8 +119,10 @@ class Pipeline:
         when the Landscape cannot be written.  :meth:`stop` ends the run early as
         ``interrupted``.
         """
-        if self._run is not None:
+        if self._running:
             raise PipelineStateError("this pipeline is already running")
+        self._running = True
+        self._stop_early = False
         run_id = new_run_id()
         self._started = time.monotonic()
         try:
@@ -128,6 +132,7 @@ class Pipeline:
             raise AuditError(str(exc)) from exc
         finally:
             run, self._run = self._run, None
+            self._running = False
         assert run is not None
         return RunResult(
             run_id=run_id,
@@ -140,9 +145,11 @@ class Pipeline:
 
     def stop(self) -> None:
         """Ask the running pipeline to stop reading its source and finish what it holds."""
-        if self._run is None:
+        if not self._running:
             raise PipelineStateError("the pipeline is not running")
-        self._run.stop_requested.set()
+        self._stop_early = True
+        if self._run is not None:
+            self._run.stop_requested.set()
 
     def statistics(self) -> RunStatistics | None:
         """A snapshot of the current run, or ``None`` when not running."""
@@ -169,6 +176,8 @@ class Pipeline:
         writer = landscape.open_writer(commit_interval=interval)
         recorder = landscape.recorder(writer, run_id)
         run = self._run = RunContext(run_id, self.graph, recorder)
+        if self._stop_early:
+            run.stop_requested.set()
         failure: BaseException | None = None
         status = RunStatus.FAILED
         async with anyio.create_task_group() as tg:
@@ -214,7 +223,6 @@ class Pipeline:
     async def _run_nodes(
         self, run: RunContext, on_progress: ProgressCallback | None, progress_interval: float
     ) -> None:
-        tasks = self._wire(run)
         async with AsyncExitStack() as plugins:
             for spec in self.graph.nodes.values():
                 if spec.plugin is not None:
@@ -222,12 +230,13 @@ class Pipeline:
                         await plugins.enter_async_context(spec.plugin)
                     except Exception as exc:
                         raise PluginError(f"node '{spec.node_id}' failed to open: {exc}") from exc
+            tasks = self._wire(run)
             async with anyio.create_task_group() as outer:
                 if on_progress is not None:
                     outer.start_soon(self._report_progress, on_progress, progress_interval)
                 async with anyio.create_task_group() as nodes:
                     for task in tasks:
-                        nodes.start_soon(task.run, name=f"node:{task.node_id}")
+                        nodes.start_soon(task.run_task, name=f"node:{task.node_id}")
                 outer.cancel_scope.cancel()
         if on_progress is not None:
             final = self.statistics()

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-import anyio
 from anyio import EndOfStream, WouldBlock
 
 if TYPE_CHECKING:
@@ -78,8 +77,7 @@ class Outbox:
         except WouldBlock:
             await stream.send(token)
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         """Close every output: each consumer sees end of input once all its producers did."""
         for stream in self._streams.values():
-            await stream.aclose()
-        await anyio.lowlevel.checkpoint()
+            stream.close()

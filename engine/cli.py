@@ -9,7 +9,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
-from anyio.abc import CancelScope
+
 from rich.console import Console
 
 from landscape import DEFAULT_URL, Landscape, LandscapeError
@@ -119,7 +119,7 @@ async def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
-async def _stop_on_signals(pipeline: Pipeline, scope: CancelScope) -> None:
+async def _stop_on_signals(pipeline: Pipeline, scope: anyio.CancelScope) -> None:
     """First SIGINT/SIGTERM: stop gracefully.  Second: cancel the run."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         stopped = False

@@ -146,7 +146,7 @@ class Landscape:
         )
         async with self.engine.connect() as conn:
             result = await conn.execute(query)
-            return dict(result.tuples().all())
+            return {outcome: count for outcome, count in result}
 
     async def load_payload(self, content_hash: str) -> Any:
         """The value stored under ``content_hash`` (``None`` if absent)."""

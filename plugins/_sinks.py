@@ -18,11 +18,13 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from datetime import date, datetime, time
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
+import anyio
 import anyio.to_thread
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -77,6 +79,21 @@ def _utf8(text: str) -> bytes:
         return text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise _Unrepresentable(f"not representable as UTF-8: {exc.reason}") from exc
+
+
+@asynccontextmanager
+async def _close_on_failure(sink: Sink) -> AsyncIterator[None]:
+    """Close ``sink`` (shielded from cancellation) when the block raises.
+
+    ``async with sink`` does not call ``__aexit__`` when ``__aenter__`` fails, so a
+    failing :meth:`open` must release what it already acquired itself.
+    """
+    try:
+        yield
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await sink.aclose()
+        raise
 
 
 # -- files --------------------------------------------------------------------------------
@@ -139,11 +156,12 @@ class _FileSink(Sink):
         """Create the file (truncating it) and write the preamble, if any, durably."""
         if self._file is not None:
             raise RuntimeError(f"{self.name} sink {self._path} is already open")
-        try:
-            self._file = await anyio.to_thread.run_sync(_create_file, self._path)
-        except OSError as exc:
-            raise SinkError(f"cannot create {self._path}: {exc.strerror or exc}") from exc
-        await self._append(self._preamble(), 0)
+        async with _close_on_failure(self):
+            try:
+                self._file = await anyio.to_thread.run_sync(_create_file, self._path)
+            except OSError as exc:
+                raise SinkError(f"cannot create {self._path}: {exc.strerror or exc}") from exc
+            await self._append(self._preamble(), 0)
 
     async def write(self, items: Sequence[SinkItem]) -> Sequence[SinkRejection]:
         """Append the representable rows; flushed and fsynced when this returns."""
@@ -323,9 +341,17 @@ def _fit_int(value: Any) -> Any:
 
 
 def _fit_float(value: Any) -> Any:
-    if value is None or (type(value) in (int, float) and math.isfinite(value)):
+    if value is None or (type(value) in (int, float) and _finite(value)):
         return value
     raise _Unrepresentable(f"{value!r} is not a finite number for a float column")
+
+
+def _finite(number: float) -> bool:
+    """Whether ``number`` is a finite float (an int too large for a float is not)."""
+    try:
+        return math.isfinite(number)
+    except OverflowError:
+        return False
 
 
 def _fit_bool(value: Any) -> Any:
@@ -370,10 +396,10 @@ def _unsupported(column_type: sa.types.TypeEngine[Any]) -> Fitter:
 def _fitter(column: sa.Column[Any]) -> Fitter:
     """The value check/conversion for one column, chosen by its SQL type."""
     kind = column.type
-    fitters: list[tuple[type, Fitter]] = [
+    fitters: list[tuple[type | tuple[type, ...], Fitter]] = [
         (sa.Boolean, _fit_bool),
         (sa.Integer, _fit_int),
-        (sa.Numeric, _fit_float),
+        ((sa.Float, sa.Numeric), _fit_float),  # siblings, not parent and child, in 2.1
         (sa.String, _fit_text),
         (sa.DateTime, _fit_instance(datetime)),
         (sa.Date, _fit_instance(date)),
@@ -493,16 +519,17 @@ class DatabaseSink(Sink):
         """Connect and look up the table (created on the first write if missing)."""
         if self._engine is not None:
             raise RuntimeError(f"database sink {self._where()} is already open")
-        if self._url.get_backend_name() == "sqlite" and self._url.database:
-            await anyio.to_thread.run_sync(_make_parent, self._url.database)
-        self._engine = create_async_engine(self._url)
-        try:
-            async with self._engine.connect() as connection:
-                table = await connection.run_sync(_reflect, self.options.table)
-        except SQLAlchemyError as exc:
-            raise SinkError(f"database sink {self._where()}: {exc}") from exc
-        if table is not None:
-            self._target = _Target(table, self._engine.dialect.name, exists=True)
+        self._engine = engine = create_async_engine(self._url)
+        async with _close_on_failure(self):
+            try:
+                if self._url.get_backend_name() == "sqlite" and self._url.database:
+                    await anyio.to_thread.run_sync(_make_parent, self._url.database)
+                async with engine.connect() as connection:
+                    table = await connection.run_sync(_reflect, self.options.table)
+            except (SQLAlchemyError, OSError) as exc:  # drivers raise OSError on connect
+                raise SinkError(f"database sink {self._where()}: {exc}") from exc
+            if table is not None:
+                self._target = _Target(table, engine.dialect.name, exists=True)
 
     async def write(self, items: Sequence[SinkItem]) -> Sequence[SinkRejection]:
         """Upsert the representable rows in one transaction, committed when this returns."""
@@ -518,7 +545,7 @@ class DatabaseSink(Sink):
                     await connection.run_sync(target.table.create, checkfirst=True)
                 if params:
                     await connection.execute(target.upsert, params)
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, OSError) as exc:  # drivers raise OSError on connect
             raise SinkError(f"database sink {self._where()}: {exc}") from exc
         target.exists = True
         self._record(lines)

@@ -175,7 +175,9 @@ class _CsvParser:
 
     def __init__(self, lines: Iterator[str], options: CsvSourceOptions) -> None:
         self._taken: list[str] = []
-        self._reader = csv.reader(_tap(lines, self._taken), delimiter=options.delimiter)
+        self._reader = csv.reader(
+            _tap(lines, self._taken), delimiter=options.delimiter, strict=True
+        )
         self._offset = options.skip_rows
         self._encoding = options.encoding
         self._header: list[str] = []
@@ -275,8 +277,10 @@ class CsvSource(Source):
     """Rows of a CSV file with a header line; every value is a ``str``.
 
     Blank lines are skipped (they are not records).  A record with a wrong number of
-    fields or with bytes invalid in ``encoding`` is yielded as malformed; a header that
-    is unreadable or repeats a name raises :class:`SourceError`.
+    fields, bad quoting (text after a closing quote, a quote left open at the end of the
+    file), a field over :func:`csv.field_size_limit` or bytes invalid in ``encoding`` is
+    yielded as malformed; a header that is unreadable or repeats a name raises
+    :class:`SourceError`.
     """
 
     name: ClassVar[str] = "csv"

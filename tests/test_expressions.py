@@ -279,7 +279,7 @@ def test_module_never_hands_source_to_eval_exec_or_compile() -> None:
         ("row.get.__self__", "attribute access '.__self__' is not allowed"),
         ("row.keys", "attribute access '.keys' is not allowed"),
         ("row['name'].upper", "attribute access '.upper' is not allowed"),
-        ("row.get", "'.get' must be called"),
+        ("row.get", "'row.get' must be called, as row.get(key) or row.get(key, default)"),
         ("row.keys()", "method call '.keys()' is not allowed"),
         ("row['name'].lower()", "method call '.lower()' is not allowed; use lower(x)"),
         ("row['nested'].get('inner')", "method call '.get()' is not allowed"),
@@ -414,9 +414,9 @@ def test_pathological_source_is_a_syntax_error(source: str, message: str) -> Non
     ("source", "message"),
     [
         ("row['score_x'] > 1", "row has no field 'score_x'"),
-        ("row['nested']['absent']", "row['nested'] has no key 'absent'"),
-        ("row['tags'][5]", "index 5 is out of range for row['tags']"),
-        ("row['tags']['a']", "cannot index row['tags'] (list) with 'a'"),
+        ("row['nested']['absent']", "`row['nested']` has no key 'absent'"),
+        ("row['tags'][5]", "index 5 is out of range for `row['tags']`"),
+        ("row['tags']['a']", "cannot index `row['tags']` (list) with 'a'"),
         ("row['count']['a']", "'int' object is not subscriptable"),
         ("row['count'] / row['zero']", "division by zero in `row['count'] / row['zero']`"),
         ("row['count'] // 0", "by zero"),
@@ -572,7 +572,40 @@ _token_soup = st.builds(
     st.sampled_from([" ", ""]),
     st.lists(st.sampled_from(FUZZ_TOKENS), max_size=25),
 )
-_sources = _token_soup | st.text(max_size=30)
+_grammar_leaves = st.sampled_from(
+    [
+        *FUZZ_NAMES,
+        *("unknown", "__class__", "0", "2", "9999", "-1", "1.5", "1e308", "None", "True"),
+        *("'a'", "'score'", "'__class__'", "''", "b'x'", "[]", "()", "{}"),
+    ]
+)
+
+
+def _grammar_extend(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    operators = st.sampled_from(["+", "-", "*", "/", "//", "%", "**", "&", "|", "<<"])
+    comparisons = st.sampled_from(["<", "==", "!=", ">=", "in", "not in", "is", "is not"])
+    functions = st.sampled_from(["len", "abs", "min", "max", "round", "lower", "upper", "open"])
+    attributes = st.sampled_from(["get", "lower", "__class__", "__dict__", "keys", "__self__"])
+    return st.one_of(
+        st.builds("{} {} {}".format, inner, operators, inner),
+        st.builds("({} {} {})".format, inner, comparisons, inner),
+        st.builds("({} {} {})".format, inner, st.sampled_from(["and", "or"]), inner),
+        st.builds("(not {})".format, inner) | st.builds("(-{})".format, inner),
+        st.builds("({} if {} else {})".format, inner, inner, inner),
+        st.builds("{}({})".format, functions, inner),
+        st.builds("{}({}, {})".format, functions, inner, inner),
+        st.builds("{}.{}".format, inner, attributes),
+        st.builds("{}.{}({})".format, inner, attributes, inner),
+        st.builds("{}[{}]".format, inner, inner),
+        st.builds("{}[{}:{}]".format, inner, inner, inner),
+        st.builds("[{}, {}]".format, inner, inner) | st.builds("({},)".format, inner),
+        st.builds("{{{}: {}}}".format, inner, inner) | st.builds("{{{}}}".format, inner),
+        st.builds("[v for v in {}]".format, inner) | st.builds("(lambda: {})".format, inner),
+    )
+
+
+_grammar = st.recursive(_grammar_leaves, _grammar_extend, max_leaves=10)
+_sources = _grammar | _token_soup | st.text(max_size=30)
 
 FUZZ_SETTINGS = settings(
     max_examples=400,

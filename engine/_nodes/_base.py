@@ -45,7 +45,17 @@ class NodeTask:
     def node_id(self) -> str:
         return self.spec.node_id
 
+    async def run_task(self) -> None:
+        """Run the node, then close its streams whatever happened."""
+        try:
+            await self.run()
+        finally:
+            if self.inbox is not None:
+                self.inbox.close()
+            self.outbox.close()
+
     async def run(self) -> None:
+        """Process the inbox until end of input (the streams are closed by the caller)."""
         raise NotImplementedError
 
     # -- moving tokens on ----------------------------------------------------------------

@@ -37,12 +37,9 @@ class GateNode(NodeTask):
     async def run(self) -> None:
         assert self.inbox is not None
         handle = self._fork if self.spec.condition is None else self._route
-        try:
-            while (token := await self.inbox.receive()) is not None:
-                self.stats.received += 1
-                await handle(token)
-        finally:
-            await self.outbox.aclose()
+        while (token := await self.inbox.receive()) is not None:
+            self.stats.received += 1
+            await handle(token)
 
     async def _route(self, token: Token) -> None:
         assert self.spec.condition is not None

@@ -42,16 +42,13 @@ class SourceNode(NodeTask):
         source: Source = self.spec.plugin  # type: ignore[assignment]
         stop = self.run_ctx.stop_requested
         index = 0
-        try:
-            async for record in source.read(start_index=0):
-                await self.recorder.wait_writable()
-                await self.admit(index, record)
-                index += 1
-                self.run_ctx.rows_read = index
-                if stop.is_set():
-                    break
-        finally:
-            await self.outbox.aclose()
+        async for record in source.read(start_index=0):
+            await self.recorder.wait_writable()
+            await self.admit(index, record)
+            index += 1
+            self.run_ctx.rows_read = index
+            if stop.is_set():
+                break
 
     async def admit(self, index: int, record: SourceRecord) -> None:
         """Record one source record and send it on (or quarantine it)."""

@@ -47,13 +47,10 @@ class TransformNode(NodeTask):
 
     async def run(self) -> None:
         settings: TransformSettings = self.spec.settings  # type: ignore[assignment]
-        try:
-            if settings.concurrency == 1:
-                await self._run_serial()
-            else:
-                await self._run_concurrent(settings.concurrency, settings.window, settings.ordered)
-        finally:
-            await self.outbox.aclose()
+        if settings.concurrency == 1:
+            await self._run_serial()
+        else:
+            await self._run_concurrent(settings.concurrency, settings.window, settings.ordered)
 
     async def _run_serial(self) -> None:
         assert self.inbox is not None

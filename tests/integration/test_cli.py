@@ -1,0 +1,63 @@
+"""The command line, end to end, as a subprocess."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .conftest import Cli, run_id_of
+
+
+def test_run_then_verify_explain_and_list(cli: Cli, quickstart: Path, tmp_path: Path) -> None:
+    ran = cli("run", str(quickstart), "--no-progress")
+    assert ran.returncode == 0, ran.stderr
+    run_id = run_id_of(ran.stdout)
+    assert "quarantined: 4" in ran.stdout
+    assert (tmp_path / "runs" / "audit.db").exists()
+
+    verified = cli("verify", run_id)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    tree = cli("explain", run_id, "--row-index", "3")
+    assert tree.returncode == 0, tree.stderr
+    for expected in ("tidy", "price", "size", "row['amount_eur'] >= 500", "routed"):
+        assert expected in tree.stdout, (expected, tree.stdout)
+
+    as_json = cli("explain", run_id, "--row-index", "3", "--json")
+    lineage = json.loads(as_json.stdout)
+    assert json.dumps(lineage).count("size") >= 1
+    token_id = lineage["tokens"][0]["token_id"]
+    row_id = lineage["row"]["row_id"]
+    assert cli("explain", run_id, "--token-id", token_id).returncode == 0
+    assert cli("explain", run_id, "--row-id", row_id).returncode == 0
+
+    quarantined = cli("explain", run_id, "--row-index", "36")
+    assert "twelve" in quarantined.stdout and "quarantined" in quarantined.stdout
+
+    listed = cli("runs")
+    assert listed.returncode == 0 and run_id in listed.stdout and "completed" in listed.stdout
+
+
+def test_validate_prints_the_graph(cli: Cli, quickstart: Path) -> None:
+    result = cli("validate", str(quickstart))
+    assert result.returncode == 0, result.stderr
+    assert "size --true (move)--> review" in result.stdout
+
+
+def test_broken_config_is_refused_with_its_key_path(cli: Cli, quickstart: Path, tmp_path: Path) -> None:
+    text = quickstart.read_text(encoding="utf-8").replace("input: tidy_out", "input: tidy_outt")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(text, encoding="utf-8")
+    for command in ("validate", "run"):
+        result = cli(command, str(broken))
+        assert result.returncode == 2
+        assert "transforms[1].input" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_explain_unknown_row_and_verify_unknown_run_fail_clearly(cli: Cli, quickstart: Path) -> None:
+    run_id = run_id_of(cli("run", str(quickstart), "--no-progress").stdout)
+    missing = cli("explain", run_id, "--row-index", "99999")
+    assert missing.returncode == 1 and "99999" in missing.stderr
+    unknown = cli("verify", "no-such-run")
+    assert unknown.returncode == 1 and "no-such-run" in unknown.stderr
