@@ -173,28 +173,29 @@ class Pipeline:
         progress_interval: float,
     ) -> RunStatus:
         interval = self.settings.runtime.commit_interval_ms / 1000.0
-        writer = landscape.open_writer(commit_interval=interval)
-        recorder = landscape.recorder(writer, run_id)
-        run = self._run = RunContext(run_id, self.graph, recorder)
-        if self._stop_early:
-            run.stop_requested.set()
         failure: BaseException | None = None
         status = RunStatus.FAILED
-        async with anyio.create_task_group() as tg:
-            await tg.start(writer.run)
-            try:
-                self._record_graph(recorder)
-                await self._run_nodes(run, on_progress, progress_interval)
-                status = RunStatus.INTERRUPTED if run.stop_requested.is_set() else RunStatus.COMPLETED
-            except Exception as exc:
-                failure = exc
-            finally:
-                with anyio.CancelScope(shield=True):
-                    recorder.finish_run(
-                        status, rows_processed=run.rows_read, outcomes=run.outcomes,
-                        error=None if failure is None else _describe(failure),
-                    )
-                    await writer.aclose()
+        async with landscape.open_writer(commit_interval=interval) as writer:
+            recorder = landscape.recorder(writer, run_id)
+            run = self._run = RunContext(run_id, self.graph, recorder)
+            if self._stop_early:
+                run.stop_requested.set()
+            async with anyio.create_task_group() as tg:
+                await tg.start(writer.run)
+                try:
+                    self._record_graph(recorder)
+                    await self._run_nodes(run, on_progress, progress_interval)
+                    stopped = run.stop_requested.is_set()
+                    status = RunStatus.INTERRUPTED if stopped else RunStatus.COMPLETED
+                except Exception as exc:
+                    failure = exc
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        recorder.finish_run(
+                            status, rows_processed=run.rows_read, outcomes=run.outcomes,
+                            error=None if failure is None else _describe(failure),
+                        )
+                        await writer.aclose()
         if failure is not None:
             raise RunFailed(run_id, _describe(failure)) from _unwrap(failure)
         return status

@@ -22,7 +22,8 @@ import rfc8785
 __all__ = ["CanonicalizationError", "canonical_hash", "canonical_json", "sha256_hex"]
 
 _MAX_SAFE_INT = 2**53 - 1
-_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+_PLAIN = frozenset({str, bool, type(None)})
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 class CanonicalizationError(ValueError):
@@ -57,21 +58,28 @@ def _normalise(value: Any) -> Any:
 
 
 def _normalise_dict(value: dict[Any, Any]) -> dict[str, Any]:
-    """The hot path for rows: plain values are checked inline, not by recursion."""
-    out: dict[str, Any] = {}
+    """The hot path for rows: checks run in C where they can, and the dict is copied only
+    when a value needs a different form."""
+    try:
+        ascii_keys = all(map(str.isascii, value))
+    except TypeError:
+        bad = next(key for key in value if not isinstance(key, str))
+        raise CanonicalizationError(f"object key {bad!r} is not a string") from None
+    if not ascii_keys:
+        raise _NeedsSlowPath
+    if _PLAIN.issuperset(map(type, value.values())):
+        return value
+    out: dict[str, Any] | None = None
     for key, item in value.items():
-        if type(key) is not str:
-            raise CanonicalizationError(f"object key {key!r} is not a string")
-        if not key.isascii():
-            raise _NeedsSlowPath
         kind = type(item)
-        if kind is str or kind is bool or item is None:
-            out[key] = item
-        elif kind is float:
-            out[key] = _normalise_float(item)
-        else:
-            out[key] = _normalise(item)
-    return out
+        if kind in _PLAIN:
+            continue
+        normal = _normalise_float(item) if kind is float else _normalise(item)
+        if normal is not item:
+            if out is None:
+                out = dict(value)
+            out[key] = normal
+    return value if out is None else out
 
 
 def _normalise_float(value: float) -> float | int:
@@ -125,7 +133,32 @@ def canonical_json(value: Any) -> str:
             return rfc8785.dumps(_plain(value)).decode("utf-8")
         except rfc8785.CanonicalizationError as exc:
             raise CanonicalizationError(str(exc)) from exc
-    return _ENCODE(normal)
+    text: str = _encode(normal)
+    if not text.isascii():
+        _ensure_encodable(text)
+    return text
+
+
+def _ensure_encodable(text: str) -> None:
+    """Refuse lone surrogates, which the C encoder passes through but UTF-8 cannot hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise CanonicalizationError("a string holds a lone surrogate (not valid Unicode)") from exc
+
+
+def _make_encode() -> Any:
+    """The C encoder built once (``JSONEncoder.encode`` rebuilds it on every call)."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return _ENCODER.encode
+    iterencode = make(
+        None, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",", True, False, True
+    )
+    return lambda value: "".join(iterencode(value, 0))
+
+
+_encode = _make_encode()
 
 
 def sha256_hex(text: str | bytes) -> str:

@@ -13,6 +13,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from . import _schema as t
+from ._committers import Committer, SqliteProcessCommitter
 from ._errors import LandscapeError, LandscapeUnavailable
 from ._lineage import Lineage, explain
 from ._recorder import Recorder
@@ -116,8 +117,19 @@ class Landscape:
     # -- recording ---------------------------------------------------------------------
 
     def open_writer(self, *, commit_interval: float = 0.05) -> GroupCommitWriter:
-        """A group-commit writer on this database; run its ``run()`` in a task group."""
-        return GroupCommitWriter(self.engine, commit_interval=commit_interval)
+        """A group-commit writer on this database.
+
+        Use it as ``async with landscape.open_writer() as writer:`` and run
+        ``writer.run`` in a task group inside that block.  On a SQLite file the commits
+        run in a child process (see :mod:`landscape._sqlite_worker`); elsewhere through
+        the engine.
+        """
+        database = make_url(self.url).database
+        committer: Committer | None = None
+        if self.engine.dialect.name == "sqlite" and database and database != ":memory:":
+            if not database.startswith("file:"):
+                committer = SqliteProcessCommitter(str(Path(database).expanduser().resolve()))
+        return GroupCommitWriter(self.engine, committer, commit_interval=commit_interval)
 
     def recorder(self, writer: GroupCommitWriter, run_id: str) -> Recorder:
         return Recorder(writer, run_id)

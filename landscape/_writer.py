@@ -11,13 +11,14 @@ the audit trail rely on.  The queue is bounded by its producers: they await
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 from sqlalchemy import and_, bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from ._committers import Committer, SqlAlchemyCommitter, Statements
 from ._errors import AuditIntegrityError, LandscapeUnavailable
 from ._schema import INSERT_ORDER, payloads
 
@@ -50,7 +51,7 @@ class _Batch:
     __slots__ = ("inserts", "payloads", "size", "updates")
 
     def __init__(self) -> None:
-        self.inserts: dict[Table, list[tuple[Any, ...]]] = {}
+        self.inserts: dict[Table, list[tuple[Any, ...]]] = {table: [] for table in INSERT_ORDER}
         self.payloads: dict[str, str] = {}
         self.updates: list[tuple[Table, dict[str, Any], dict[str, Any]]] = []
         self.size = 0
@@ -62,16 +63,19 @@ class GroupCommitWriter:
     def __init__(
         self,
         engine: AsyncEngine,
+        committer: Committer | None = None,
         *,
         commit_interval: float = 0.05,
         high_water: int = 100_000,
     ) -> None:
-        self._engine = engine
+        self._dialect = engine.dialect
+        self._committer: Committer = committer or SqlAlchemyCommitter(engine)
         self._commit_interval = commit_interval
         self._high_water = high_water
         self._batch = _Batch()
         self._seen_payloads: OrderedDict[str, None] = OrderedDict()
         self._has_work = anyio.Event()
+        self._work_signalled = False
         self._urgent = anyio.Event()
         self._committed = anyio.Event()
         self._submitted_seq = 0
@@ -89,6 +93,24 @@ class GroupCommitWriter:
             for table in INSERT_ORDER
         }
 
+    async def __aenter__(self) -> Self:
+        await self._committer.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Commit what is still queued (unless the writer failed), then release the committer."""
+        with anyio.CancelScope(shield=True):
+            try:
+                if self._failure is None:
+                    await self.aclose()
+            finally:
+                await self._committer.__aexit__(exc_type, exc, tb)
+
     # -- producers -------------------------------------------------------------------
 
     def insert(self, table: Table, values: Mapping[str, Any]) -> None:
@@ -97,13 +119,14 @@ class GroupCommitWriter:
 
     def insert_row(self, table: Table, row: tuple[Any, ...]) -> None:
         """Queue one row for ``table`` as a tuple in the table's column order (the fast path)."""
-        self._ensure_open()
-        rows = self._batch.inserts.get(table)
-        if rows is None:
-            self._batch.inserts[table] = [row]
-        else:
-            rows.append(row)
-        self._queued()
+        if self._closing:
+            self._ensure_open()
+        batch = self._batch
+        batch.inserts[table].append(row)
+        batch.size += 1
+        self._submitted_seq += 1
+        if not self._work_signalled:
+            self._signal_work()
 
     def payload(self, content_hash: str, content: str) -> None:
         """Queue a content-addressed payload; already-stored hashes are skipped."""
@@ -125,7 +148,7 @@ class GroupCommitWriter:
 
     async def wait_writable(self) -> None:
         """Return once the queue is below its high-water mark (at once when it is)."""
-        while self._batch.size >= self._high_water:
+        while self._failure is None and self._batch.size >= self._high_water:
             self._urgent.set()
             await self._committed.wait()
         if self._failure is not None:
@@ -153,10 +176,16 @@ class GroupCommitWriter:
     def _queued(self) -> None:
         self._batch.size += 1
         self._submitted_seq += 1
-        if not self._has_work.is_set():
-            self._has_work.set()
+        if not self._work_signalled:
+            self._signal_work()
+
+    def _signal_work(self) -> None:
+        self._work_signalled = True
+        self._has_work.set()
 
     def _ensure_open(self) -> None:
+        if self._failure is not None:
+            raise AuditIntegrityError("the Landscape writer has failed") from self._failure
         if self._closing:
             raise AuditIntegrityError("audit record submitted after the writer was closed")
 
@@ -177,6 +206,7 @@ class GroupCommitWriter:
                     with anyio.move_on_after(self._commit_interval):
                         await self._urgent.wait()
                 self._has_work = anyio.Event()
+                self._work_signalled = False
                 self._urgent = anyio.Event()
                 await self._commit_queued()
         except anyio.get_cancelled_exc_class():
@@ -204,24 +234,27 @@ class GroupCommitWriter:
             self._committed = anyio.Event()
 
     async def _commit(self, batch: _Batch) -> None:
-        try:
-            async with self._engine.begin() as conn:
-                if batch.payloads:
-                    rows = list(batch.payloads.items())
-                    await conn.exec_driver_sql(self._payload_insert, rows)
-                for table in INSERT_ORDER:
-                    table_rows = batch.inserts.get(table)
-                    if table_rows:
-                        await conn.exec_driver_sql(self._insert_sql[table], table_rows)
-                for table, key, values in batch.updates:
-                    clause = and_(*(table.c[name] == value for name, value in key.items()))
-                    await conn.execute(update(table).where(clause).values(**values))
-        except IntegrityError as exc:
-            raise AuditIntegrityError(f"audit write refused by the database: {exc.orig}") from exc
-        except SQLAlchemyError as exc:
-            raise LandscapeUnavailable(f"audit write failed: {exc}") from exc
+        statements: Statements = []
+        if batch.payloads:
+            statements.append((self._payload_insert, list(batch.payloads.items())))
+        for table in INSERT_ORDER:
+            rows = batch.inserts.get(table)
+            if rows:
+                statements.append((self._insert_sql[table], rows))
+        statements.extend(self._update_statement(*update) for update in batch.updates)
+        await self._committer.commit(statements)
         self._records_written += batch.size
         self._commits += 1
+
+    def _update_statement(
+        self, table: Table, key: dict[str, Any], values: dict[str, Any]
+    ) -> tuple[str, list[tuple[Any, ...]]]:
+        clause = and_(*(table.c[name] == bindparam(f"k_{name}") for name in key))
+        statement = update(table).where(clause).values({n: bindparam(f"v_{n}") for n in values})
+        compiled = statement.compile(dialect=self._dialect)
+        params = {**{f"k_{n}": v for n, v in key.items()}, **{f"v_{n}": v for n, v in values.items()}}
+        assert compiled.positiontup is not None
+        return str(compiled), [tuple(params[name] for name in compiled.positiontup)]
 
     def _positional_sql(self, statement: Any) -> str:
         """``statement`` compiled for this dialect with positional parameters in column order.
@@ -229,18 +262,18 @@ class GroupCommitWriter:
         Rows are queued as tuples and handed to the driver's ``executemany`` as they are:
         per-row parameter processing in SQLAlchemy would cost more than the insert.
         """
-        compiled = statement.compile(dialect=self._engine.dialect)
+        compiled = statement.compile(dialect=self._dialect)
         names = [column.name for column in statement.table.columns]
         if compiled.positiontup is None or list(compiled.positiontup) != names:
             raise LandscapeUnavailable(
-                f"{self._engine.dialect.name}: cannot insert positionally into {statement.table.name}"
+                f"{self._dialect.name}: cannot insert positionally into {statement.table.name}"
             )
         return str(compiled)
 
     def _payload_statement(self) -> str:
-        if self._engine.dialect.name == "postgresql":
+        if self._dialect.name == "postgresql":
             stmt: Any = postgresql.insert(payloads).on_conflict_do_nothing(index_elements=["hash"])
-        elif self._engine.dialect.name == "sqlite":
+        elif self._dialect.name == "sqlite":
             stmt = sqlite.insert(payloads).on_conflict_do_nothing(index_elements=["hash"])
         else:
             stmt = payloads.insert()

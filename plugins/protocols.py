@@ -12,7 +12,7 @@ mutates the row it was given.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -141,7 +141,7 @@ class Source(Plugin):
 
     determinism: ClassVar[Determinism] = Determinism.IO_READ
 
-    def read(self, *, start_index: int = 0) -> AsyncIterator[SourceRecord]:
+    def read(self, *, start_index: int = 0) -> AsyncGenerator[SourceRecord, None]:
         """Yield the records from ``start_index`` (0-based) on, in source order."""
         raise NotImplementedError
 

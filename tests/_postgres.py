@@ -62,7 +62,9 @@ class PostgresServer:
     def stop(self) -> None:
         """Stop the server at once and delete its directory."""
         try:
-            _run([self.pg_ctl, "-D", str(self.root / "data"), "stop", "-m", "immediate"], self.run_as)
+            _run(
+                [self.pg_ctl, "-D", str(self.root / "data"), "stop", "-m", "immediate"], self.run_as
+            )
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 

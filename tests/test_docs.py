@@ -23,6 +23,12 @@ def test_reference_is_up_to_date(name: str, render: object) -> None:
 
 def test_configuration_reference_covers_every_section_and_builtin_plugin() -> None:
     text = render_configuration_reference()
-    for needle in ("`transforms[]`", "`on_error`", "### transform `field_map`", "### sink `database`",
-                   "### source `csv`", "`max_buffer_size`"):
+    for needle in (
+        "`transforms[]`",
+        "`on_error`",
+        "### transform `field_map`",
+        "### sink `database`",
+        "### source `csv`",
+        "`max_buffer_size`",
+    ):
         assert needle in text

@@ -45,6 +45,8 @@ def test_no_function_level_imports_of_our_packages(package: str) -> None:
             if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue
             for node in ast.walk(func):
-                if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").split(".")[0] in FORBIDDEN):
+                if isinstance(node, ast.ImportFrom) and (
+                    node.level > 0 or (node.module or "").split(".")[0] in FORBIDDEN
+                ):
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, "function-level imports:\n" + "\n".join(offenders)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 from landscape import CanonicalizationError, NodeStateStatus, Outcome
@@ -42,13 +43,14 @@ class SourceNode(NodeTask):
         source: Source = self.spec.plugin  # type: ignore[assignment]
         stop = self.run_ctx.stop_requested
         index = 0
-        async for record in source.read(start_index=0):
-            await self.recorder.wait_writable()
-            await self.admit(index, record)
-            index += 1
-            self.run_ctx.rows_read = index
-            if stop.is_set():
-                break
+        async with aclosing(source.read(start_index=0)) as records:
+            async for record in records:
+                await self.recorder.wait_writable()
+                await self.admit(index, record)
+                index += 1
+                self.run_ctx.rows_read = index
+                if stop.is_set():
+                    break
 
     async def admit(self, index: int, record: SourceRecord) -> None:
         """Record one source record and send it on (or quarantine it)."""

@@ -67,11 +67,21 @@ def test_cycle_is_refused(tmp_path: Path) -> None:
 
 def test_cycle_reachable_from_the_source_is_named(tmp_path: Path) -> None:
     config = base(
-        gates=[{"name": "g", "input": "mid", "condition": "row['x'] > 1",
-                "routes": {"true": "raw2", "false": "out"}}]
+        gates=[
+            {
+                "name": "g",
+                "input": "mid",
+                "condition": "row['x'] > 1",
+                "routes": {"true": "raw2", "false": "out"},
+            }
+        ]
     )
-    config["transforms"][1] = {"name": "t2", "plugin": "passthrough", "input": "raw2",
-                               "on_success": "mid"}
+    config["transforms"][1] = {
+        "name": "t2",
+        "plugin": "passthrough",
+        "input": "raw2",
+        "on_success": "mid",
+    }
     found = issues(config, tmp_path)
     assert any("cycle" in i for i in found), found
 
@@ -94,8 +104,9 @@ def test_sink_nobody_feeds(tmp_path: Path) -> None:
 
 def test_forbidden_expression_construct(tmp_path: Path) -> None:
     config = base(
-        gates=[{"name": "g", "input": "out2", "condition": "row.__class__",
-                "routes": {"true": "out"}}]
+        gates=[
+            {"name": "g", "input": "out2", "condition": "row.__class__", "routes": {"true": "out"}}
+        ]
     )
     config["transforms"][1]["on_success"] = "out2"
     found = issues(config, tmp_path)
@@ -104,15 +115,25 @@ def test_forbidden_expression_construct(tmp_path: Path) -> None:
 
 def test_expression_that_does_not_parse_in_a_compute_option(tmp_path: Path) -> None:
     config = base()
-    config["transforms"][0] = {"name": "t1", "plugin": "compute", "input": "raw",
-                               "on_success": "mid", "options": {"fields": {"x": "row[["}}}
+    config["transforms"][0] = {
+        "name": "t1",
+        "plugin": "compute",
+        "input": "raw",
+        "on_success": "mid",
+        "options": {"fields": {"x": "row[["}},
+    }
     assert any(i.startswith("transforms[0].options") for i in issues(config, tmp_path))
 
 
 def test_wrong_option_type(tmp_path: Path) -> None:
     config = base()
-    config["transforms"][0] = {"name": "t1", "plugin": "field_map", "input": "raw",
-                               "on_success": "mid", "options": {"rename": ["not", "a", "map"]}}
+    config["transforms"][0] = {
+        "name": "t1",
+        "plugin": "field_map",
+        "input": "raw",
+        "on_success": "mid",
+        "options": {"rename": ["not", "a", "map"]},
+    }
     found = issues(config, tmp_path)
     assert any(i.startswith("transforms[0].options.rename") for i in found), found
 
@@ -129,7 +150,9 @@ def test_unknown_key_and_wrong_type_in_the_pipeline_itself(tmp_path: Path) -> No
 def test_duplicate_node_names(tmp_path: Path) -> None:
     config = base()
     config["transforms"][1]["name"] = "t1"
-    assert any(i.startswith("transforms[1].name:") and "duplicate" in i for i in issues(config, tmp_path))
+    assert any(
+        i.startswith("transforms[1].name:") and "duplicate" in i for i in issues(config, tmp_path)
+    )
 
 
 def test_two_nodes_cannot_read_one_connection(tmp_path: Path) -> None:

@@ -27,7 +27,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 async def count(url: str, table: Any, *where: Any) -> int:
     async with Landscape.connect(url) as landscape, landscape.engine.connect() as conn:
-        return int((await conn.execute(select(func.count()).select_from(table).where(*where))).scalar_one())
+        return int(
+            (await conn.execute(select(func.count()).select_from(table).where(*where))).scalar_one()
+        )
 
 
 async def test_linear_pipeline_writes_every_row_and_records_every_step(
@@ -35,18 +37,37 @@ async def test_linear_pipeline_writes_every_row_and_records_every_step(
 ) -> None:
     rows = [{"id": i, "amount": float(i * 10), "name": f"n{i}"} for i in range(50)]
     config = linear_config(
-        rows, tmp_path,
+        rows,
+        tmp_path,
         transforms=[
-            {"name": "shape", "plugin": "field_map", "input": "raw", "on_success": "shaped",
-             "options": {"rename": {"name": "label"}, "constants": {"v": 1}}},
-            {"name": "calc", "plugin": "compute", "input": "shaped", "on_success": "scored",
-             "options": {"fields": {"double": "row['amount'] * 2"}}},
+            {
+                "name": "shape",
+                "plugin": "field_map",
+                "input": "raw",
+                "on_success": "shaped",
+                "options": {"rename": {"name": "label"}, "constants": {"v": 1}},
+            },
+            {
+                "name": "calc",
+                "plugin": "compute",
+                "input": "shaped",
+                "on_success": "scored",
+                "options": {"fields": {"double": "row['amount'] * 2"}},
+            },
         ],
-        gates=[{"name": "size", "input": "scored", "condition": "row['amount'] >= 250",
-                "routes": {"true": "big", "false": "out"}}],
+        gates=[
+            {
+                "name": "size",
+                "input": "scored",
+                "condition": "row['amount'] >= 250",
+                "routes": {"true": "big", "false": "out"},
+            }
+        ],
     )
     config["source"]["on_success"] = "raw"
-    config["sinks"].append({"name": "big", "plugin": "jsonl", "options": {"path": str(tmp_path / "big.jsonl")}})
+    config["sinks"].append(
+        {"name": "big", "plugin": "jsonl", "options": {"path": str(tmp_path / "big.jsonl")}}
+    )
     result = await run_verified(config)
     assert result.status == "completed"
     assert result.rows_processed == 50
@@ -57,7 +78,9 @@ async def test_linear_pipeline_writes_every_row_and_records_every_step(
     assert big[0] == {"id": 25, "amount": 250.0, "label": "n25", "v": 1, "double": 500.0}
     # source + 2 transforms + gate + sink per row
     assert await count(sqlite_url, t.node_states, t.node_states.c.run_id == result.run_id) == 250
-    assert await count(sqlite_url, t.routing_events, t.routing_events.c.run_id == result.run_id) == 50
+    assert (
+        await count(sqlite_url, t.routing_events, t.routing_events.c.run_id == result.run_id) == 50
+    )
 
 
 async def test_a_failing_row_goes_to_its_error_sink_and_the_run_goes_on(
@@ -65,12 +88,22 @@ async def test_a_failing_row_goes_to_its_error_sink_and_the_run_goes_on(
 ) -> None:
     rows = [{"a": 10, "b": b} for b in (1, 0, 2, 0, 5)]
     config = linear_config(
-        rows, tmp_path,
-        transforms=[{"name": "div", "plugin": "tests.engine.sample_plugins:Divide", "input": "raw",
-                     "on_success": "out", "on_error": "errors"}],
+        rows,
+        tmp_path,
+        transforms=[
+            {
+                "name": "div",
+                "plugin": "tests.engine.sample_plugins:Divide",
+                "input": "raw",
+                "on_success": "out",
+                "on_error": "errors",
+            }
+        ],
     )
     config["source"]["on_success"] = "raw"
-    config["sinks"].append({"name": "errors", "plugin": "jsonl", "options": {"path": str(tmp_path / "errors.jsonl")}})
+    config["sinks"].append(
+        {"name": "errors", "plugin": "jsonl", "options": {"path": str(tmp_path / "errors.jsonl")}}
+    )
     result = await run_verified(config)
     assert result.outcomes == {"completed": 3, "quarantined": 2}
     errors = read_jsonl(tmp_path / "errors.jsonl")
@@ -79,11 +112,20 @@ async def test_a_failing_row_goes_to_its_error_sink_and_the_run_goes_on(
     assert [r["ratio"] for r in read_jsonl(tmp_path / "out.jsonl")] == [10.0, 5.0, 2.0]
 
 
-async def test_without_an_error_route_failing_rows_end_failed(run_verified: Run, tmp_path: Path) -> None:
+async def test_without_an_error_route_failing_rows_end_failed(
+    run_verified: Run, tmp_path: Path
+) -> None:
     config = linear_config(
-        [{"a": 1, "b": 0}, {"a": 1, "b": 1}], tmp_path,
-        transforms=[{"name": "div", "plugin": "tests.engine.sample_plugins:Divide", "input": "raw",
-                     "on_success": "out"}],
+        [{"a": 1, "b": 0}, {"a": 1, "b": 1}],
+        tmp_path,
+        transforms=[
+            {
+                "name": "div",
+                "plugin": "tests.engine.sample_plugins:Divide",
+                "input": "raw",
+                "on_success": "out",
+            }
+        ],
     )
     config["source"]["on_success"] = "raw"
     result = await run_verified(config)
@@ -94,40 +136,76 @@ async def test_filter_and_discard_route_end_rows_discarded_with_a_reason(
     run_verified: Run, tmp_path: Path, sqlite_url: str
 ) -> None:
     config = linear_config(
-        [{"x": i} for i in range(10)], tmp_path,
-        transforms=[{"name": "keep_even", "plugin": "filter", "input": "raw",
-                     "on_success": "kept", "options": {"keep": "row['x'] % 2 == 0"}}],
-        gates=[{"name": "small", "input": "kept", "condition": "row['x'] < 6",
-                "routes": {"true": "out", "false": "discard"}}],
+        [{"x": i} for i in range(10)],
+        tmp_path,
+        transforms=[
+            {
+                "name": "keep_even",
+                "plugin": "filter",
+                "input": "raw",
+                "on_success": "kept",
+                "options": {"keep": "row['x'] % 2 == 0"},
+            }
+        ],
+        gates=[
+            {
+                "name": "small",
+                "input": "kept",
+                "condition": "row['x'] < 6",
+                "routes": {"true": "out", "false": "discard"},
+            }
+        ],
     )
     config["source"]["on_success"] = "raw"
     result = await run_verified(config)
     assert result.outcomes == {"discarded": 7, "routed": 3}
     async with Landscape.connect(sqlite_url) as landscape, landscape.engine.connect() as conn:
-        contexts = (await conn.execute(
-            select(t.token_outcomes.c.context_json).where(t.token_outcomes.c.outcome == "discarded")
-        )).scalars().all()
+        contexts = (
+            (
+                await conn.execute(
+                    select(t.token_outcomes.c.context_json).where(
+                        t.token_outcomes.c.outcome == "discarded"
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
     assert sum("row['x'] % 2 == 0" in c for c in contexts) == 5
 
 
-async def test_a_condition_that_fails_for_a_row_is_that_rows_error(run_verified: Run, tmp_path: Path) -> None:
+async def test_a_condition_that_fails_for_a_row_is_that_rows_error(
+    run_verified: Run, tmp_path: Path
+) -> None:
     config = linear_config(
-        [{"score": 1}, {"other": 2}, {"score": 0}], tmp_path,
-        gates=[{"name": "g", "input": "raw", "condition": "row['score'] > 0",
-                "routes": {"true": "out", "false": "out"}}],
+        [{"score": 1}, {"other": 2}, {"score": 0}],
+        tmp_path,
+        gates=[
+            {
+                "name": "g",
+                "input": "raw",
+                "condition": "row['score'] > 0",
+                "routes": {"true": "out", "false": "out"},
+            }
+        ],
     )
     config["source"]["on_success"] = "raw"
     result = await run_verified(config)
     assert result.outcomes == {"routed": 2, "failed": 1}
 
 
-async def test_fork_sends_a_child_down_every_branch(run_verified: Run, tmp_path: Path, sqlite_url: str) -> None:
+async def test_fork_sends_a_child_down_every_branch(
+    run_verified: Run, tmp_path: Path, sqlite_url: str
+) -> None:
     config = linear_config(
-        [{"id": i} for i in range(4)], tmp_path,
+        [{"id": i} for i in range(4)],
+        tmp_path,
         gates=[{"name": "split", "input": "raw", "fork_to": {"left": "out", "right": "right"}}],
     )
     config["source"]["on_success"] = "raw"
-    config["sinks"].append({"name": "right", "plugin": "jsonl", "options": {"path": str(tmp_path / "r.jsonl")}})
+    config["sinks"].append(
+        {"name": "right", "plugin": "jsonl", "options": {"path": str(tmp_path / "r.jsonl")}}
+    )
     result = await run_verified(config)
     assert result.outcomes == {"forked": 4, "routed": 8}
     assert len(read_jsonl(tmp_path / "r.jsonl")) == 4
@@ -140,10 +218,20 @@ async def test_concurrent_transform_keeps_order_and_loses_nothing(
 ) -> None:
     rows = [{"id": i, "fail": i % 7 == 3} for i in range(60)]
     config = linear_config(
-        rows, tmp_path,
-        transforms=[{"name": "slow", "plugin": "tests.engine.sample_plugins:SlowTag", "input": "raw",
-                     "on_success": "out", "concurrency": 8, "max_pending": 12, "ordered": ordered,
-                     "options": {"max_delay": 0.01}}],
+        rows,
+        tmp_path,
+        transforms=[
+            {
+                "name": "slow",
+                "plugin": "tests.engine.sample_plugins:SlowTag",
+                "input": "raw",
+                "on_success": "out",
+                "concurrency": 8,
+                "max_pending": 12,
+                "ordered": ordered,
+                "options": {"max_delay": 0.01},
+            }
+        ],
     )
     config["source"]["on_success"] = "raw"
     result = await run_verified(config)
@@ -166,8 +254,15 @@ async def test_memory_source_takes_an_async_iterable_and_plugin_instances(
     sink = CollectingSink({}, PluginSetup(node_name="mem"))
     config = {
         "source": {"plugin": "memory", "options": {"rows": produce()}, "on_success": "tagged_in"},
-        "transforms": [{"name": "tag", "plugin": SlowTag, "input": "tagged_in", "on_success": "mem",
-                        "options": {"max_delay": 0}}],
+        "transforms": [
+            {
+                "name": "tag",
+                "plugin": SlowTag,
+                "input": "tagged_in",
+                "on_success": "mem",
+                "options": {"max_delay": 0},
+            }
+        ],
         "sinks": [{"name": "mem", "plugin": sink}],
     }
     result = await run_verified(config)
@@ -181,18 +276,34 @@ async def test_malformed_source_records_are_quarantined_and_the_run_goes_on(
     data = tmp_path / "in.csv"
     data.write_bytes(b"id,amount\n1,2.5\n2,abc\n3\n4,\xff\xfe\n5,7\n")
     config = {
-        "source": {"plugin": "csv", "options": {"path": str(data)}, "on_success": "out",
-                   "schema": {"mode": "strict", "fields": {"id": "int", "amount": "float"}},
-                   "on_validation_failure": "quarantine"},
-        "sinks": [{"name": "out", "plugin": "jsonl", "options": {"path": str(tmp_path / "out.jsonl")}},
-                  {"name": "quarantine", "plugin": "jsonl", "options": {"path": str(tmp_path / "q.jsonl")}}],
+        "source": {
+            "plugin": "csv",
+            "options": {"path": str(data)},
+            "on_success": "out",
+            "schema": {"mode": "strict", "fields": {"id": "int", "amount": "float"}},
+            "on_validation_failure": "quarantine",
+        },
+        "sinks": [
+            {"name": "out", "plugin": "jsonl", "options": {"path": str(tmp_path / "out.jsonl")}},
+            {
+                "name": "quarantine",
+                "plugin": "jsonl",
+                "options": {"path": str(tmp_path / "q.jsonl")},
+            },
+        ],
     }
     result = await run_verified(config)
     assert result.outcomes == {"completed": 2, "quarantined": 3}
-    assert read_jsonl(tmp_path / "out.jsonl") == [{"id": 1, "amount": 2.5}, {"id": 5, "amount": 7.0}]
+    assert read_jsonl(tmp_path / "out.jsonl") == [
+        {"id": 1, "amount": 2.5},
+        {"id": 5, "amount": 7.0},
+    ]
     quarantined = read_jsonl(tmp_path / "q.jsonl")
     assert [q["_row_index"] for q in quarantined] == [1, 2, 3]
-    assert await count(sqlite_url, t.validation_errors, t.validation_errors.c.run_id == result.run_id) == 3
+    assert (
+        await count(sqlite_url, t.validation_errors, t.validation_errors.c.run_id == result.run_id)
+        == 3
+    )
 
 
 async def test_stop_interrupts_the_run_at_a_row_boundary(tmp_path: Path, sqlite_url: str) -> None:
@@ -222,7 +333,9 @@ async def test_stop_interrupts_the_run_at_a_row_boundary(tmp_path: Path, sqlite_
         assert (await landscape.get_run(result.run_id)).status == "interrupted"  # type: ignore[union-attr]
 
 
-async def test_a_sink_that_cannot_write_fails_the_run_loudly(tmp_path: Path, sqlite_url: str) -> None:
+async def test_a_sink_that_cannot_write_fails_the_run_loudly(
+    tmp_path: Path, sqlite_url: str
+) -> None:
     config = linear_config([{"i": 1}], tmp_path)
     config["sinks"][0]["plugin"] = "tests.engine.sample_plugins:BrokenSink"
     pipeline = Pipeline.from_dict(config, landscape_url=sqlite_url)
@@ -233,24 +346,40 @@ async def test_a_sink_that_cannot_write_fails_the_run_loudly(tmp_path: Path, sql
     assert run is not None and run.status == "failed"
 
 
-async def test_secrets_in_options_never_reach_the_landscape(tmp_path: Path, sqlite_url: str) -> None:
+async def test_secrets_in_options_never_reach_the_landscape(
+    tmp_path: Path, sqlite_url: str
+) -> None:
     target = f"sqlite+aiosqlite:///{tmp_path / 'target.db'}"
     config = linear_config([{"i": 1}], tmp_path)
-    config["sinks"][0] = {"name": "out", "plugin": "database",
-                          "options": {"url": target, "table": "rows"}}
-    config["transforms"] = [{"name": "c", "plugin": "field_map", "input": "raw", "on_success": "out",
-                             "options": {"constants": {"api_key": "sk-SECRET-123"}}}]
+    config["sinks"][0] = {
+        "name": "out",
+        "plugin": "database",
+        "options": {"url": target, "table": "rows"},
+    }
+    config["transforms"] = [
+        {
+            "name": "c",
+            "plugin": "field_map",
+            "input": "raw",
+            "on_success": "out",
+            "options": {"constants": {"api_key": "sk-SECRET-123"}},
+        }
+    ]
     config["source"]["on_success"] = "raw"
     result = await Pipeline.from_dict(config, landscape_url=sqlite_url).run()
     assert result.status == "completed"
     async with Landscape.connect(sqlite_url) as landscape, landscape.engine.connect() as conn:
         settings = (await conn.execute(select(t.runs.c.settings_json))).scalar_one()
-        node_config = (await conn.execute(select(t.nodes.c.config_json).where(t.nodes.c.node_id == "c"))).scalar_one()
+        node_config = (
+            await conn.execute(select(t.nodes.c.config_json).where(t.nodes.c.node_id == "c"))
+        ).scalar_one()
     assert "sk-SECRET-123" not in settings and "sk-SECRET-123" not in node_config
     assert "***" in node_config
 
 
-async def test_the_same_pipeline_runs_twice_but_not_concurrently(tmp_path: Path, sqlite_url: str) -> None:
+async def test_the_same_pipeline_runs_twice_but_not_concurrently(
+    tmp_path: Path, sqlite_url: str
+) -> None:
     pipeline = Pipeline.from_dict(linear_config([{"i": 1}], tmp_path), landscape_url=sqlite_url)
     first = await pipeline.run()
     assert first.status == "completed"

@@ -124,4 +124,3 @@ def test_unordered_window_releases_in_completion_order() -> None:
         return [item async for item in _drain(window)]
 
     assert anyio.run(scenario) == [2, 0, 1]
-

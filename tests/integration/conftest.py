@@ -22,8 +22,13 @@ def cli(tmp_path: Path) -> Cli:
     def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "COLUMNS": "160", "NO_COLOR": "1"}
         return subprocess.run(
-            [sys.executable, "-m", "engine.cli", *args], cwd=tmp_path, env=env,
-            capture_output=True, text=True, timeout=timeout, check=False,
+            [sys.executable, "-m", "engine.cli", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
 
     return run

@@ -44,7 +44,9 @@ def test_validate_prints_the_graph(cli: Cli, quickstart: Path) -> None:
     assert "size --true (move)--> review" in result.stdout
 
 
-def test_broken_config_is_refused_with_its_key_path(cli: Cli, quickstart: Path, tmp_path: Path) -> None:
+def test_broken_config_is_refused_with_its_key_path(
+    cli: Cli, quickstart: Path, tmp_path: Path
+) -> None:
     text = quickstart.read_text(encoding="utf-8").replace("input: tidy_out", "input: tidy_outt")
     broken = tmp_path / "broken.yaml"
     broken.write_text(text, encoding="utf-8")
@@ -55,7 +57,9 @@ def test_broken_config_is_refused_with_its_key_path(cli: Cli, quickstart: Path, 
     assert not (tmp_path / "runs").exists()
 
 
-def test_explain_unknown_row_and_verify_unknown_run_fail_clearly(cli: Cli, quickstart: Path) -> None:
+def test_explain_unknown_row_and_verify_unknown_run_fail_clearly(
+    cli: Cli, quickstart: Path
+) -> None:
     run_id = run_id_of(cli("run", str(quickstart), "--no-progress").stdout)
     missing = cli("explain", run_id, "--row-index", "99999")
     assert missing.returncode == 1 and "99999" in missing.stderr

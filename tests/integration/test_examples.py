@@ -37,9 +37,20 @@ async def test_embedded_service_example(tmp_path: Path, events: int) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"
     script = ROOT / "examples" / "embedded_service" / "service.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--landscape", url, "--out", str(tmp_path / "out"),
-         "--events", str(events)],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            str(script),
+            "--landscape",
+            url,
+            "--out",
+            str(tmp_path / "out"),
+            "--events",
+            str(events),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     run_id = run_id_of(done.stdout)

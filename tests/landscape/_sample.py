@@ -63,6 +63,7 @@ class SampleRun:
     """Ids of what :func:`record_sample_run` recorded, by readable names."""
 
     run_id: str
+    rows: dict[int, str] = field(default_factory=dict)
     tokens: dict[str, str] = field(default_factory=dict)
     states: dict[str, str] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
@@ -80,6 +81,7 @@ class _Builder:
         self._clock = itertools.count()
         self._t0 = time.time()
         self._steps: dict[str, int] = {}
+        self.p = f"{sample.run_id}/"
 
     def now(self) -> float:
         return self._t0 + next(self._clock) * 0.001
@@ -87,8 +89,11 @@ class _Builder:
     def row(self, index: int, data: Any, *, valid: Any = None) -> str:
         """A source row and its token; ``valid`` is the validated row (None: malformed)."""
         raw = self.rec.store(data)
-        row_id, token = f"row-{index}", f"tok-{index}"
-        self.rec.source_row(row_id=row_id, row_index=index, source_node_id="src", data_hash=raw.hash)
+        row_id, token = f"{self.p}row-{index}", f"{self.p}tok-{index}"
+        self.sample.rows[index] = row_id
+        self.rec.source_row(
+            row_id=row_id, row_index=index, source_node_id="src", data_hash=raw.hash
+        )
         self.rec.token(token_id=token, row_id=row_id)
         self.sample.tokens[str(index)] = token
         self.sample.hashes[f"raw-{index}"] = raw.hash
@@ -96,14 +101,20 @@ class _Builder:
             self.rec.validation_error(
                 node_id="src", row_index=index, error="id: not an int", row_data_ref=raw.hash
             )
-            self.state(token, "src", raw.hash, None, status=NodeStateStatus.FAILED,
-                       error={"type": "ValidationError", "message": "id: not an int"})
+            self.state(
+                token,
+                "src",
+                raw.hash,
+                None,
+                status=NodeStateStatus.FAILED,
+                error={"type": "ValidationError", "message": "id: not an int"},
+            )
         else:
             self.state(token, "src", raw.hash, valid)
         return token
 
     def child(self, name: str, row_id: str, parents: list[str], branch: str | None = None) -> str:
-        token = f"tok-{name}"
+        token = f"{self.p}tok-{name}"
         self.rec.token(token_id=token, row_id=row_id, branch_name=branch, parents=parents)
         self.sample.tokens[name] = token
         self._steps[token] = max(self._steps.get(p, 0) for p in parents)
@@ -162,12 +173,12 @@ def _linear(b: _Builder) -> None:
     b.sample.hashes["request"], b.sample.hashes["response"] = request.hash, response.hash
     common = {"state_id": state, "call_index": 0, "call_type": "llm", "provider": "openai"}
     b.rec.call({
-        **common, "call_id": "call-0-1", "model": "m", "status": "error", "attempt": 1,
+        **common, "call_id": f"{b.p}call-0-1", "model": "m", "status": "error", "attempt": 1,
         "http_status": 503, "request_hash": request.hash, "request_ref": request.hash,
         "error_json": '{"message": "overloaded"}', "latency_ms": 12.5,
     })  # fmt: skip
     b.rec.call({
-        **common, "call_id": "call-0-2", "model": "m", "status": "success", "attempt": 2,
+        **common, "call_id": f"{b.p}call-0-2", "model": "m", "status": "success", "attempt": 2,
         "http_status": 200, "request_hash": request.hash, "request_ref": request.hash,
         "response_hash": response.hash, "response_ref": response.hash, "latency_ms": 80.0,
         "prompt_tokens": 20, "completion_tokens": 3,
@@ -192,7 +203,7 @@ def _fork(b: _Builder, index: int, *, topics_fails: bool = False) -> None:
     state = b.state(tok, "split", src_out, {"id": index})
     b.route(state, "e-split-sentiment", "sentiment")
     b.route(state, "e-split-topics", "topics")
-    row_id = f"row-{index}"
+    row_id = b.sample.rows[index]
     sent = b.child(f"{index}s", row_id, [tok], branch="sentiment")
     topics = b.child(f"{index}t", row_id, [tok], branch="topics")
     b.rec.outcome(token_id=tok, outcome=Outcome.FORKED)
@@ -214,12 +225,16 @@ def _fork(b: _Builder, index: int, *, topics_fails: bool = False) -> None:
 def _failed_join(b: _Builder, index: int, sent: str, topics: str, src_out: str) -> None:
     error = {"type": "ValueError", "message": "boom"}
     b.state(topics, "topics", src_out, None, status=NodeStateStatus.FAILED, error=error)
-    b.rec.outcome(token_id=topics, outcome=Outcome.FAILED, context={"error": error, "node": "topics"})
+    b.rec.outcome(
+        token_id=topics, outcome=Outcome.FAILED, context={"error": error, "node": "topics"}
+    )
     context = {"coalesce": "join", "policy": "require_all", "missing_branches": ["topics"]}
     b.state(sent, "join", b.sample.hashes[f"{sent}@sentiment"], None,
             status=NodeStateStatus.FAILED, context=context)  # fmt: skip
     b.rec.outcome(
-        token_id=sent, outcome=Outcome.FAILED, context={**context, "node": "join", "error": "quorum"}
+        token_id=sent,
+        outcome=Outcome.FAILED,
+        context={**context, "node": "join", "error": "quorum"},
     )
 
 
@@ -227,7 +242,9 @@ def _failed(b: _Builder) -> None:
     tok = b.row(3, {"id": "3"}, valid={"id": 3})
     b.state(tok, "clean", b.sample.hashes[f"{tok}@src"], None,
             status=NodeStateStatus.FAILED, error=CLEAN_ERROR)  # fmt: skip
-    b.rec.outcome(token_id=tok, outcome=Outcome.FAILED, context={"error": CLEAN_ERROR, "node": "clean"})
+    b.rec.outcome(
+        token_id=tok, outcome=Outcome.FAILED, context={"error": CLEAN_ERROR, "node": "clean"}
+    )
 
 
 def _quarantined(b: _Builder) -> None:
@@ -239,19 +256,20 @@ def _aggregated(b: _Builder) -> None:
     members = [b.row(i, {"id": str(i)}, valid={"id": i}) for i in (5, 6)]
     for token in members:
         b.state(token, "daily", b.sample.hashes[f"{token}@src"], None)
-    output = b.child("agg", "row-5", members)
+    output = b.child("agg", b.sample.rows[5], members)
+    batch_id = f"{b.p}batch-1"
     flush = b.state(output, "daily", None, {"count": 2})
     b.rec._writer.insert(t.batches, {
-        "batch_id": "batch-1", "run_id": b.rec.run_id, "aggregation_node_id": "daily",
+        "batch_id": batch_id, "run_id": b.rec.run_id, "aggregation_node_id": "daily",
         "attempt": 1, "status": "completed", "trigger_reason": "count",
         "aggregation_state_id": flush, "external_job_id": None, "group_key": None,
         "created_at": b.now(), "completed_at": b.now(),
     })  # fmt: skip
     for ordinal, token in enumerate(members):
         b.rec._writer.insert(t.batch_members, {
-            "batch_id": "batch-1", "token_id": token, "ordinal": ordinal, "run_id": b.rec.run_id,
+            "batch_id": batch_id, "token_id": token, "ordinal": ordinal, "run_id": b.rec.run_id,
         })  # fmt: skip
-        b.rec.outcome(token_id=token, outcome=Outcome.CONSUMED_IN_BATCH, batch_id="batch-1")
+        b.rec.outcome(token_id=token, outcome=Outcome.CONSUMED_IN_BATCH, batch_id=batch_id)
     b.sink(output, "out", b.sample.hashes[f"{output}@daily"], Outcome.COMPLETED)
 
 
@@ -266,7 +284,7 @@ def _artifacts(rec: Recorder) -> None:
 async def record(landscape: Landscape, run_id: str, build: Any) -> None:
     """Run a writer, let ``build(recorder)`` record, then flush and close the writer."""
     writer = landscape.open_writer(commit_interval=0.01)
-    async with anyio.create_task_group() as tg:
+    async with writer, anyio.create_task_group() as tg:
         await tg.start(writer.run)
         build(landscape.recorder(writer, run_id))
         await writer.flush()

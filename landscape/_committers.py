@@ -1,0 +1,119 @@
+"""Where a group commit is executed: in-process through SQLAlchemy, or in a SQLite process.
+
+A committer takes a list of ``(sql, rows)`` statements — positional SQL compiled for
+its dialect, rows as tuples — and executes them in one transaction.  Both translate
+driver errors into :class:`AuditIntegrityError` (a constraint refused the write) or
+:class:`LandscapeUnavailable` (anything else).
+"""
+
+from __future__ import annotations
+
+import marshal
+import struct
+import sys
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, Self
+
+import anyio
+from anyio.streams.buffered import BufferedByteReceiveStream
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from ._errors import AuditIntegrityError, LandscapeUnavailable
+
+if TYPE_CHECKING:
+    from anyio.abc import Process
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = ["Committer", "SqlAlchemyCommitter", "SqliteProcessCommitter", "Statements"]
+
+Statements = list[tuple[str, list[tuple[Any, ...]]]]
+_HEADER = struct.Struct(">Q")
+
+
+class Committer(Protocol):
+    """Executes one batch of statements atomically."""
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def commit(self, statements: Statements) -> None: ...
+
+
+class SqlAlchemyCommitter:
+    """Commits through the Landscape's own async engine (PostgreSQL, in-memory SQLite)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    async def commit(self, statements: Statements) -> None:
+        try:
+            async with self._engine.begin() as conn:
+                for sql, rows in statements:
+                    await conn.exec_driver_sql(sql, rows)
+        except IntegrityError as exc:
+            raise AuditIntegrityError(f"audit write refused by the database: {exc.orig}") from exc
+        except SQLAlchemyError as exc:
+            raise LandscapeUnavailable(f"audit write failed: {exc}") from exc
+
+
+class SqliteProcessCommitter:
+    """Commits in a child process running :mod:`landscape._sqlite_worker` on the file."""
+
+    def __init__(self, database: str) -> None:
+        self._database = database
+        self._process: Process | None = None
+        self._replies: BufferedByteReceiveStream | None = None
+
+    async def __aenter__(self) -> Self:
+        command = [sys.executable, "-m", "landscape._sqlite_worker", self._database]
+        try:
+            self._process = await anyio.open_process(command)
+        except OSError as exc:
+            raise LandscapeUnavailable(f"cannot start the SQLite writer: {exc}") from exc
+        assert self._process.stdout is not None
+        self._replies = BufferedByteReceiveStream(self._process.stdout)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        with anyio.CancelScope(shield=True):
+            assert process.stdin is not None
+            await process.stdin.aclose()
+            with anyio.move_on_after(30):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await process.aclose()
+
+    async def commit(self, statements: Statements) -> None:
+        if self._process is None or self._replies is None:
+            raise LandscapeUnavailable("the SQLite writer process is not running")
+        assert self._process.stdin is not None
+        frame = marshal.dumps(statements)
+        try:
+            await self._process.stdin.send(_HEADER.pack(len(frame)) + frame)
+            code = await self._replies.receive_exactly(1)
+            if code == b"K":
+                return
+            (length,) = _HEADER.unpack(await self._replies.receive_exactly(_HEADER.size))
+            message = (await self._replies.receive_exactly(length)).decode("utf-8", "replace")
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.IncompleteRead) as exc:
+            raise LandscapeUnavailable(f"the SQLite writer process died: {exc!r}") from exc
+        if code == b"I":
+            raise AuditIntegrityError(f"audit write refused by the database: {message}")
+        raise LandscapeUnavailable(f"audit write failed: {message}")

@@ -1,0 +1,124 @@
+"""canonical_json is byte-for-byte RFC 8785 (the reference encoder, rfc8785.dumps)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+import pytest
+import rfc8785
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from landscape._canonical import CanonicalizationError, canonical_hash, canonical_json, sha256_hex
+
+_SAFE = 2**53 - 1
+
+# Every plane, astral ones included; surrogates cannot be encoded and are tested apart.
+_chars = st.characters(exclude_categories=("Cs",))
+_astral = st.characters(min_codepoint=0x10000, max_codepoint=0x10FFFF, exclude_categories=("Cs",))
+_text = st.text(_chars) | st.text(_astral | _chars, min_size=1)
+_floats = st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from(
+    [
+        0.0,
+        -0.0,
+        5e-324,
+        1e-7,
+        1e-6,
+        1e-5,
+        1e-4,
+        0.1,
+        1e15 + 0.5,
+        2.0**53,
+        1e16,
+        1e21,
+        1e22,
+        1.7976931348623157e308,
+    ]
+)
+_scalars = st.none() | st.booleans() | st.integers(-_SAFE, _SAFE) | _floats | _text
+_json = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(_text, inner, max_size=5),
+    max_leaves=30,
+)
+
+
+@given(_json)
+@example({"\U0001f600": 1, "\ufb33": 2, "a": 3})  # UTF-16 order differs from code point order
+@example({"é": [1e-7, 1e21, -0.0, "\u2028\x7f\x1f"]})
+def test_matches_reference_encoder(value: Any) -> None:
+    assert canonical_json(value).encode("utf-8") == rfc8785.dumps(value)
+
+
+@given(st.dictionaries(st.text(_astral, min_size=1), _scalars, min_size=2, max_size=6))
+def test_astral_keys_sort_by_utf16(value: dict[str, Any]) -> None:
+    assert canonical_json(value).encode("utf-8") == rfc8785.dumps(value)
+
+
+@given(_floats)
+def test_floats_of_every_magnitude(value: float) -> None:
+    assert canonical_json(value) == rfc8785.dumps(value).decode()
+    assert canonical_json([value, {"k": value}]) == rfc8785.dumps([value, {"k": value}]).decode()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda v: v,
+        lambda v: [1, v],
+        lambda v: {"a": {"b": v}},
+        lambda v: {"é": v},  # a non-ASCII key takes the reference encoder's path
+    ],
+)
+def test_nan_and_infinity_are_refused(bad: float, wrap: Any) -> None:
+    with pytest.raises(CanonicalizationError):
+        canonical_json(wrap(bad))
+
+
+@pytest.mark.parametrize("bad", [2**53, -(2**53), 10**30])
+def test_integers_beyond_double_precision_are_refused(bad: int) -> None:
+    with pytest.raises(CanonicalizationError):
+        canonical_json({"n": bad})
+
+
+def test_lone_surrogate_is_refused() -> None:
+    with pytest.raises(CanonicalizationError):
+        canonical_json({"text": "\ud800"})
+
+
+@pytest.mark.parametrize("value", [{1: "a"}, {None: 1}, object(), {1, 2}, b"bytes"])
+def test_non_json_values_are_refused(value: Any) -> None:
+    with pytest.raises(CanonicalizationError):
+        canonical_json(value)
+
+
+class Colour(StrEnum):
+    RED = "red"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ({"d": dt.date(2024, 1, 2)}, '{"d":"2024-01-02"}'),
+        ({"t": dt.datetime(2024, 1, 2, 3, 4, 5)}, '{"t":"2024-01-02T03:04:05"}'),
+        ({"x": Decimal("1.5")}, '{"x":1.5}'),
+        ({"tuple": (1, 2)}, '{"tuple":[1,2]}'),
+        ({Colour.RED: Colour.RED}, '{"red":"red"}'),
+        ({"b": True, "a": None}, '{"a":null,"b":true}'),
+    ],
+)
+def test_python_values_are_normalised(value: Any, expected: str) -> None:
+    assert canonical_json(value) == expected
+
+
+def test_hash_is_sha256_of_canonical_text() -> None:
+    value = {"b": 1, "a": [1.0, "x"]}
+    assert canonical_json(value) == '{"a":[1,"x"],"b":1}'
+    assert canonical_hash(value) == sha256_hex('{"a":[1,"x"],"b":1}')
+    assert sha256_hex(b"abc") == sha256_hex("abc")
+    assert sha256_hex("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
