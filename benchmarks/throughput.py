@@ -60,8 +60,11 @@ class TimedJsonlSink(JsonlSink):
 
 
 TRANSFORMS = [
-    ("enrich", "compute", {"fields": {"amount_eur": "round(row['amount'] * 0.92, 2)",
-                                      "big": "row['amount'] > 1000"}}),
+    (
+        "enrich",
+        "compute",
+        {"fields": {"amount_eur": "round(row['amount'] * 0.92, 2)", "big": "row['amount'] > 1000"}},
+    ),
     ("shape", "field_map", {"rename": {"text": "body"}, "drop": ["customer"]}),
     ("label", "compute", {"fields": {"label": "'high' if row['score'] > 0.8 else 'normal'"}}),
 ]
@@ -74,15 +77,34 @@ def pipeline_config(n: int, out: Path, landscape: Path) -> dict[str, Any]:
         "landscape": {"url": f"sqlite+aiosqlite:///{landscape}"},
         "source": {"plugin": "memory", "options": {"rows": synthetic_rows(n)}, "on_success": "raw"},
         "transforms": [
-            {"name": name, "plugin": plugin, "input": chain[i], "on_success": chain[i + 1],
-             "options": options}
+            {
+                "name": name,
+                "plugin": plugin,
+                "input": chain[i],
+                "on_success": chain[i + 1],
+                "options": options,
+            }
             for i, (name, plugin, options) in enumerate(TRANSFORMS)
         ],
-        "gates": [{"name": "risk", "input": "scored", "condition": CONDITION,
-                   "routes": {"true": "high", "false": "normal"}}],
+        "gates": [
+            {
+                "name": "risk",
+                "input": "scored",
+                "condition": CONDITION,
+                "routes": {"true": "high", "false": "normal"},
+            }
+        ],
         "sinks": [
-            {"name": "high", "plugin": TimedJsonlSink, "options": {"path": str(out / "high.jsonl")}},
-            {"name": "normal", "plugin": TimedJsonlSink, "options": {"path": str(out / "normal.jsonl")}},
+            {
+                "name": "high",
+                "plugin": TimedJsonlSink,
+                "options": {"path": str(out / "high.jsonl")},
+            },
+            {
+                "name": "normal",
+                "plugin": TimedJsonlSink,
+                "options": {"path": str(out / "normal.jsonl")},
+            },
         ],
     }
 
@@ -97,8 +119,12 @@ async def run_ledgerflow(n: int, workdir: Path) -> dict[str, float]:
     assert result.status == "completed" and result.rows_processed == n, result
     first = (TimedJsonlSink.first_write_at or start) - start
     size = sum(p.stat().st_size for p in workdir.glob("audit.db*"))
-    return {"rows_per_s": n / elapsed, "seconds": elapsed, "first_write_s": first,
-            "bytes_per_row": size / n}
+    return {
+        "rows_per_s": n / elapsed,
+        "seconds": elapsed,
+        "first_write_s": first,
+        "bytes_per_row": size / n,
+    }
 
 
 async def run_baseline(n: int, workdir: Path) -> dict[str, float]:
@@ -107,8 +133,10 @@ async def run_baseline(n: int, workdir: Path) -> dict[str, float]:
     classes = {"compute": ComputeTransform, "field_map": FieldMapTransform}
     transforms = [classes[p].from_options(o, setup) for _, p, o in TRANSFORMS]
     condition = compile_expression(CONDITION)
-    sinks = {label: JsonlSink.from_options({"path": str(workdir / f"b_{label}.jsonl")}, setup)
-             for label in ("high", "normal")}
+    sinks = {
+        label: JsonlSink.from_options({"path": str(workdir / f"b_{label}.jsonl")}, setup)
+        for label in ("high", "normal")
+    }
     queues: list[asyncio.Queue[Any]] = [asyncio.Queue(64) for _ in range(6)]
     done = object()
 
@@ -163,7 +191,9 @@ def compare(n: int, repeat: int) -> None:
     print(f"ratio ledgerflow/base  : {med['rows_per_s'] / base:>10.2f}")
     print(f"time to first sink write: {med['first_write_s']:.3f} s of {med['seconds']:.2f} s")
     print(f"Landscape size per row : {med['bytes_per_row']:,.0f} bytes")
-    print(f"peak RSS (this process): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
+    print(
+        f"peak RSS (this process): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB"
+    )
 
 
 def child_peak_rss(n: int) -> tuple[float, float]:
@@ -177,8 +207,13 @@ def child_peak_rss(n: int) -> tuple[float, float]:
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, r['rows_per_s'])"
     )
     here = str(Path(__file__).resolve().parent)
-    out = subprocess.run([sys.executable, "-c", code, str(n), here], check=True,
-                         capture_output=True, text=True, env={**os.environ})
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(n), here],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+    )
     rss, rate = out.stdout.split()
     return float(rss), float(rate)
 

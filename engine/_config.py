@@ -8,13 +8,15 @@ from these models (``python -m engine._docs``).
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ._errors import ConfigError, ConfigIssue
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = [
     "GateSettings",
@@ -65,7 +67,8 @@ class SchemaSettings(_Model):
         description="strict: exactly the listed fields; dynamic: any fields, listed ones coerced."
     )
     fields: dict[str, FieldType] = Field(
-        default_factory=dict, description="Field name -> int | float | str | bool | date | datetime."
+        default_factory=dict,
+        description="Field name -> int | float | str | bool | date | datetime.",
     )
 
 

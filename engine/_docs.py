@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
-from pydantic.fields import FieldInfo
 
 from plugins import known_plugins, resolve_plugin
 
 from . import _config as config
 from .cli import build_parser
+
+if TYPE_CHECKING:
+    from pydantic.fields import FieldInfo
 
 __all__ = ["render_cli_reference", "render_configuration_reference", "write_docs"]
 
@@ -147,5 +148,3 @@ def write_docs(root: Path) -> list[Path]:
 if __name__ == "__main__":
     for path in write_docs(Path(sys.argv[1]) if len(sys.argv) > 1 else Path.cwd()):
         print(f"wrote {path}")
-
-

@@ -14,7 +14,10 @@ outcome (``failed`` or its ``on_error`` route), recorded with the error.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = [
     "AuditError",

@@ -12,8 +12,7 @@ import inspect
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -39,7 +38,19 @@ from ._config import (
 from ._errors import ConfigError, ConfigIssue
 from ._redact import redact
 
-__all__ = ["DISCARD", "Arrival", "EdgeMode", "Graph", "NodeKind", "NodeSpec", "Route", "compile_graph"]
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = [
+    "DISCARD",
+    "Arrival",
+    "EdgeMode",
+    "Graph",
+    "NodeKind",
+    "NodeSpec",
+    "Route",
+    "compile_graph",
+]
 
 DISCARD = "discard"
 
@@ -178,11 +189,15 @@ class _Builder:
 
     # -- plugins -----------------------------------------------------------------------
 
-    def plugin(self, kind: str, base: type[Plugin], ref: Any, node: str, path: str) -> Plugin | None:
+    def plugin(
+        self, kind: str, base: type[Plugin], ref: Any, node: str, path: str
+    ) -> Plugin | None:
         if isinstance(ref, base):
             return ref
         try:
-            cls = ref if inspect.isclass(ref) and issubclass(ref, base) else resolve_plugin(kind, ref)
+            cls = (
+                ref if inspect.isclass(ref) and issubclass(ref, base) else resolve_plugin(kind, ref)
+            )
         except PluginNotFound as exc:
             self.fail(f"{path}.plugin", str(exc))
             return None
@@ -206,13 +221,23 @@ class _Builder:
         if connection in self.sinks:
             self.fail(path, f"'{connection}' is a sink; a node cannot read it")
         elif connection in self.consumers:
-            self.fail(path, f"connection '{connection}' is already read by '{self.consumers[connection]}'")
+            self.fail(
+                path, f"connection '{connection}' is already read by '{self.consumers[connection]}'"
+            )
         else:
             self.consumers[connection] = node
 
     def route(
-        self, source: str, label: str, name: str, path: str, mode: EdgeMode, arrival: Arrival,
-        *, sinks_only: bool = False, may_discard: bool = False,
+        self,
+        source: str,
+        label: str,
+        name: str,
+        path: str,
+        mode: EdgeMode,
+        arrival: Arrival,
+        *,
+        sinks_only: bool = False,
+        may_discard: bool = False,
     ) -> Route | None:
         if name == DISCARD and may_discard:
             return Route(label, None, None, mode, arrival)
@@ -221,7 +246,9 @@ class _Builder:
             return None
         target = name if name in self.sinks else self.consumers.get(name)
         if target is None:
-            self.fail(path, f"nothing reads '{name}': no node has it as input and no sink has that name")
+            self.fail(
+                path, f"nothing reads '{name}': no node has it as input and no sink has that name"
+            )
             return None
         self.fed.add(target)
         return Route(label, target, f"{source}:{label}->{target}", mode, arrival)
@@ -241,8 +268,8 @@ def compile_graph(settings: PipelineSettings, base_dir: Path) -> Graph:
     specs += [_gate_spec(builder, g, i) for i, g in enumerate(settings.gates)]
     specs += [_sink_spec(builder, s, i) for i, s in enumerate(settings.sinks)]
     nodes = {spec.node_id: spec for spec in specs if spec is not None}
+    _check_feeding(builder, names)
     if not builder.issues:
-        _check_feeding(builder, names)
         order = _topological_order(builder, nodes, names)
         nodes = {node_id: nodes[node_id] for node_id in order}
     if builder.issues:
@@ -272,15 +299,22 @@ def _source_spec(b: _Builder) -> NodeSpec | None:
     src = b.settings.source
     plugin = b.plugin("source", Source, src.plugin, src.name, "source")
     routes = {}
-    ok = b.route(src.name, "success", src.on_success, "source.on_success", EdgeMode.MOVE, Arrival.NORMAL)
+    ok = b.route(
+        src.name, "success", src.on_success, "source.on_success", EdgeMode.MOVE, Arrival.NORMAL
+    )
     if ok:
         routes["success"] = ok
     bad = None
     if src.on_validation_failure is not None:
         bad = b.route(
-            src.name, "validation_failure", src.on_validation_failure,
-            "source.on_validation_failure", EdgeMode.DIVERT, Arrival.DIVERTED,
-            sinks_only=True, may_discard=True,
+            src.name,
+            "validation_failure",
+            src.on_validation_failure,
+            "source.on_validation_failure",
+            EdgeMode.DIVERT,
+            Arrival.DIVERTED,
+            sinks_only=True,
+            may_discard=True,
         )
     if plugin is None:
         return None
@@ -297,7 +331,9 @@ def _transform_spec(b: _Builder, t: TransformSettings, i: int) -> NodeSpec | Non
     path = f"transforms[{i}]"
     plugin = b.plugin("transform", Transform, t.plugin, t.name, path)
     error_route = _error_route(b, t.name, t.on_error, f"{path}.on_error")
-    ok = b.route(t.name, "success", t.on_success, f"{path}.on_success", EdgeMode.MOVE, Arrival.NORMAL)
+    ok = b.route(
+        t.name, "success", t.on_success, f"{path}.on_success", EdgeMode.MOVE, Arrival.NORMAL
+    )
     if plugin is None or ok is None:
         return None
     return NodeSpec(
@@ -312,7 +348,9 @@ def _gate_spec(b: _Builder, g: GateSettings, i: int) -> NodeSpec | None:
     condition = None
     if g.fork_to is not None:
         for branch, name in g.fork_to.items():
-            r = b.route(g.name, branch, name, f"{path}.fork_to.{branch}", EdgeMode.COPY, Arrival.ROUTED)
+            r = b.route(
+                g.name, branch, name, f"{path}.fork_to.{branch}", EdgeMode.COPY, Arrival.ROUTED
+            )
             if r:
                 routes[branch] = r
     else:
@@ -323,7 +361,12 @@ def _gate_spec(b: _Builder, g: GateSettings, i: int) -> NodeSpec | None:
             b.fail(f"{path}.condition", str(exc))
         for label, name in g.routes.items():
             r = b.route(
-                g.name, label, name, f"{path}.routes.{label}", EdgeMode.MOVE, Arrival.ROUTED,
+                g.name,
+                label,
+                name,
+                f"{path}.routes.{label}",
+                EdgeMode.MOVE,
+                Arrival.ROUTED,
                 may_discard=True,
             )
             if r:
@@ -348,7 +391,9 @@ def _check_feeding(b: _Builder, names: Mapping[str, str]) -> None:
             b.fail(f"sinks[{i}].name", f"no node writes to sink '{sink.name}'")
 
 
-def _topological_order(b: _Builder, nodes: Mapping[str, NodeSpec], names: Mapping[str, str]) -> list[str]:
+def _topological_order(
+    b: _Builder, nodes: Mapping[str, NodeSpec], names: Mapping[str, str]
+) -> list[str]:
     """Nodes reachable from the source, parents first; cycles and unreachable nodes are issues."""
     order: list[str] = []
     state: dict[str, str] = {}
@@ -357,7 +402,7 @@ def _topological_order(b: _Builder, nodes: Mapping[str, NodeSpec], names: Mappin
         if state.get(node_id) == "done":
             return
         if state.get(node_id) == "active":
-            cycle = trail[trail.index(node_id):] + [node_id]
+            cycle = [*trail[trail.index(node_id):], node_id]
             b.fail(names[node_id], "cycle: " + " -> ".join(cycle))
             return
         state[node_id] = "active"

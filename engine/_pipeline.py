@@ -83,7 +83,11 @@ class Pipeline:
     """
 
     def __init__(
-        self, settings: PipelineSettings, *, base_dir: Path | str = ".", landscape_url: str | None = None
+        self,
+        settings: PipelineSettings,
+        *,
+        base_dir: Path | str = ".",
+        landscape_url: str | None = None,
     ) -> None:
         self.settings = settings
         self.graph: Graph = compile_graph(settings, Path(base_dir).resolve())
@@ -102,7 +106,11 @@ class Pipeline:
 
     @classmethod
     def from_dict(
-        cls, config: Mapping[str, Any], *, base_dir: Path | str = ".", landscape_url: str | None = None
+        cls,
+        config: Mapping[str, Any],
+        *,
+        base_dir: Path | str = ".",
+        landscape_url: str | None = None,
     ) -> Self:
         """Build from a mapping shaped like the YAML; ``plugin`` may be a class or an instance."""
         return cls(load_settings(dict(config)), base_dir=base_dir, landscape_url=landscape_url)
@@ -192,7 +200,9 @@ class Pipeline:
                 finally:
                     with anyio.CancelScope(shield=True):
                         recorder.finish_run(
-                            status, rows_processed=run.rows_read, outcomes=run.outcomes,
+                            status,
+                            rows_processed=run.rows_read,
+                            outcomes=run.outcomes,
                             error=None if failure is None else _describe(failure),
                         )
                         await writer.aclose()
@@ -204,22 +214,32 @@ class Pipeline:
         graph = self.graph
         recorder.begin_run(
             config_hash=graph.config_hash,
-            settings={"name": self.settings.name, "nodes": {n: s.config() for n, s in graph.nodes.items()}},
+            settings={
+                "name": self.settings.name,
+                "nodes": {n: s.config() for n, s in graph.nodes.items()},
+            },
             engine_version=ENGINE_VERSION,
             pipeline_name=self.settings.name,
         )
         for node_id, spec in graph.nodes.items():
             plugin = spec.plugin
             recorder.node(
-                node_id=node_id, node_type=spec.kind.value, plugin_name=spec.plugin_name,
+                node_id=node_id,
+                node_type=spec.kind.value,
+                plugin_name=spec.plugin_name,
                 plugin_version=None if plugin is None else plugin.version,
                 determinism=None if plugin is None else plugin.determinism.value,
                 config=spec.config(),
             )
         for spec, route in graph.routes():
             if route.target is not None and route.edge_id is not None:
-                recorder.edge(edge_id=route.edge_id, from_node=spec.node_id, to_node=route.target,
-                              label=route.label, mode=route.mode.value)
+                recorder.edge(
+                    edge_id=route.edge_id,
+                    from_node=spec.node_id,
+                    to_node=route.target,
+                    label=route.label,
+                    mode=route.mode.value,
+                )
 
     async def _run_nodes(
         self, run: RunContext, on_progress: ProgressCallback | None, progress_interval: float

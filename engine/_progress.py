@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 from rich.console import Console, Group
@@ -11,6 +10,8 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from ._pipeline import RunStatistics
 
 __all__ = ["LiveProgress", "render_statistics"]
@@ -19,18 +20,25 @@ __all__ = ["LiveProgress", "render_statistics"]
 def render_statistics(stats: RunStatistics) -> Group:
     """Rows read and rate, then one line per node: received, in flight, queue, outcomes."""
     header = Text.assemble(
-        ("run ", "dim"), (stats.run_id, "bold"),
+        ("run ", "dim"),
+        (stats.run_id, "bold"),
         f"   rows read {stats.rows_read:,}   {stats.rows_per_second:,.0f} rows/s   "
         f"{stats.elapsed_s:,.1f} s   audit backlog {stats.audit_backlog:,}",
     )
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("node", "kind", "received", "in flight", "queue", "outcomes"):
-        table.add_column(column, justify="left" if column in ("node", "kind", "outcomes") else "right")
+        table.add_column(
+            column, justify="left" if column in ("node", "kind", "outcomes") else "right"
+        )
     for node in stats.nodes:
         outcomes = "  ".join(f"{name} {count:,}" for name, count in sorted(node.outcomes.items()))
         table.add_row(
-            node.node_id, node.kind.value, f"{node.received:,}", str(node.in_flight),
-            str(node.queue_depth), outcomes,
+            node.node_id,
+            node.kind.value,
+            f"{node.received:,}",
+            str(node.in_flight),
+            str(node.queue_depth),
+            outcomes,
         )
     return Group(header, table)
 

@@ -171,7 +171,7 @@ def _add_state(parent: Tree, state: NodeStateRecord) -> None:
     for route in state.routes:
         node.add(_route_text(route))
     for call in state.calls:
-        node.add(_call_text(call))
+        _add_call(node, call)
 
 
 def _gate_text(context: Any) -> str | None:
@@ -190,19 +190,19 @@ def _route_text(route: RouteRecord) -> str:
     return f"route [bold]{escape(route.route_label)}[/] ({edge}{mode}){reason}"
 
 
-def _call_text(call: CallRecord) -> str:
-    what = " ".join(escape(p) for p in (call.call_type, call.provider, call.model) if p)
-    parts = [f"call {call.call_index} {what}", f"attempt {call.attempt}", escape(call.status)]
+def _add_call(parent: Tree, call: CallRecord) -> None:
+    what = "/".join(escape(p) for p in (call.provider, call.model) if p)
+    parts = [f"call {call.call_index} {escape(call.call_type)} {what}".rstrip()]
+    parts += [f"attempt {call.attempt}", escape(call.status)]
     if call.http_status is not None:
         parts.append(f"HTTP {call.http_status}")
     parts.append(_duration(call.latency_ms))
     if call.prompt_tokens is not None or call.completion_tokens is not None:
         parts.append(f"tokens {call.prompt_tokens or 0}+{call.completion_tokens or 0}")
-    parts.append(f"req {short_hash(call.request_hash)} → resp {short_hash(call.response_hash)}")
-    text = " · ".join(parts)
+    node = parent.add(" · ".join(parts))
+    node.add(f"request {short_hash(call.request_hash)} → response {short_hash(call.response_hash)}")
     if call.error is not None:
-        text += f" · [red]error:[/] {_error_text(call.error)}"
-    return text
+        node.add(f"[red]error:[/] {_error_text(call.error)}")
 
 
 def _batch_text(batch: BatchMembership) -> str:

@@ -88,7 +88,9 @@ class ReleaseWindow(Generic[T]):
 
     def statistics(self) -> WindowStatistics:
         pending = self._max_pending - self._slots.value
-        return WindowStatistics(self._max_pending, pending, len(self._by_seq) + len(self._completed))
+        return WindowStatistics(
+            self._max_pending, pending, len(self._by_seq) + len(self._completed)
+        )
 
     def _take(self) -> T | None:
         if self._ordered:

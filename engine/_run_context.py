@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from landscape import Outcome, Recorder
 
     from ._graph import Graph, NodeKind
@@ -58,7 +59,9 @@ class RunContext:
         self.outcomes: Counter[str] = Counter()
         self.rows_read = 0
         self.stop_requested = anyio.Event()
-        self.stats = {node_id: NodeStats(node_id, spec.kind) for node_id, spec in graph.nodes.items()}
+        self.stats = {
+            node_id: NodeStats(node_id, spec.kind) for node_id, spec in graph.nodes.items()
+        }
 
     def record_outcome(
         self,
@@ -70,7 +73,9 @@ class RunContext:
         context: Mapping[str, Any] | None = None,
     ) -> None:
         """Record ``token_id``'s outcome and count it for the run and for ``node_id``."""
-        self.recorder.outcome(token_id=token_id, outcome=outcome, sink_name=sink_name, context=context)
+        self.recorder.outcome(
+            token_id=token_id, outcome=outcome, sink_name=sink_name, context=context
+        )
         self.outcomes[outcome.value] += 1
         self.stats[node_id].outcomes[outcome.value] += 1
 

@@ -10,12 +10,13 @@ every buffer stays bounded.  End of input is the stream closing (anyio's
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from anyio import EndOfStream, WouldBlock
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
     from ._tokens import Token

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-from plugins import Row
+from typing import TYPE_CHECKING, Any
 
 from ._graph import Arrival
+
+if TYPE_CHECKING:
+    from plugins import Row
 
 __all__ = ["Token"]
 

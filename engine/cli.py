@@ -6,10 +6,9 @@ import argparse
 import json
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import anyio
-
 from rich.console import Console
 
 from landscape import DEFAULT_URL, Landscape, LandscapeError
@@ -20,6 +19,9 @@ from ._errors import ConfigError, LedgerflowError, RunFailed
 from ._pipeline import Pipeline, RunResult
 from ._progress import LiveProgress
 from ._render import render_lineage, render_runs, render_verify
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_INTERRUPTED", "build_parser", "main"]
 
@@ -35,21 +37,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run a pipeline", description=(
-        "Run a pipeline with a live progress display; prints the run id and outcome counts. "
-        "Exit code 0 when the run completed, 3 when it was interrupted, 1 when it failed, "
-        "2 for an invalid pipeline file."))
+    run = commands.add_parser(
+        "run",
+        help="run a pipeline",
+        description=(
+            "Run a pipeline with a live progress display; prints the run id and outcome counts. "
+            "Exit code 0 when the run completed, 3 when it was interrupted, 1 when it failed, "
+            "2 for an invalid pipeline file."
+        ),
+    )
     run.add_argument("pipeline", metavar="PIPELINE.yaml", help="the pipeline file")
     _landscape_option(run, "default: the pipeline's landscape.url, else " + DEFAULT_URL)
     run.add_argument("--no-progress", action="store_true", help="no live progress display")
 
-    validate = commands.add_parser("validate", help="check a pipeline file and print its graph",
-                                   description="Check the configuration and DAG; print the graph.")
+    validate = commands.add_parser(
+        "validate",
+        help="check a pipeline file and print its graph",
+        description="Check the configuration and DAG; print the graph.",
+    )
     validate.add_argument("pipeline", metavar="PIPELINE.yaml", help="the pipeline file")
 
-    explain = commands.add_parser("explain", help="show the lineage of one row", description=(
-        "Lineage tree of one row: the source row, every node state, routing decisions with "
-        "their condition, calls, forks, the final outcome and sink."))
+    explain = commands.add_parser(
+        "explain",
+        help="show the lineage of one row",
+        description=(
+            "Lineage tree of one row: the source row, every node state, routing decisions with "
+            "their condition, calls, forks, the final outcome and sink."
+        ),
+    )
     explain.add_argument("run_id", metavar="RUN_ID")
     which = explain.add_mutually_exclusive_group(required=True)
     which.add_argument("--row-index", type=int, metavar="N", help="source row index (0-based)")
@@ -58,18 +73,27 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true", help="print JSON instead of a tree")
     _landscape_option(explain)
 
-    runs = commands.add_parser("runs", help="list runs", description="List runs with status and counts.")
+    runs = commands.add_parser(
+        "runs", help="list runs", description="List runs with status and counts."
+    )
     _landscape_option(runs)
 
-    verify = commands.add_parser("verify", help="check a run's audit invariants", description=(
-        "Check the audit invariants of a run; exit code 1 and each violation printed if any."))
+    verify = commands.add_parser(
+        "verify",
+        help="check a run's audit invariants",
+        description=(
+            "Check the audit invariants of a run; exit code 1 and each violation printed if any."
+        ),
+    )
     verify.add_argument("run_id", metavar="RUN_ID")
     _landscape_option(verify)
     return parser
 
 
 def _landscape_option(parser: argparse.ArgumentParser, default_help: str = DEFAULT_URL) -> None:
-    parser.add_argument("--landscape", metavar="URL", help=f"Landscape database URL ({default_help})")
+    parser.add_argument(
+        "--landscape", metavar="URL", help=f"Landscape database URL ({default_help})"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -215,6 +215,7 @@ class GroupCommitWriter:
             raise
         except BaseException as exc:
             self._failure = exc
+            self._closing = True  # producers now get the failure from _ensure_open
             self._committed.set()
             raise
 

@@ -18,7 +18,14 @@ import csv
 import json
 import re
 from collections import Counter, deque
-from collections.abc import AsyncIterable, AsyncIterator, Generator, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from itertools import islice
 from pathlib import Path  # noqa: TC003 (pydantic resolves the annotation at runtime)
 from typing import Any, ClassVar
@@ -109,7 +116,7 @@ class MemorySourceOptions(BaseModel):
 # -- shared machinery ---------------------------------------------------------------------
 
 
-async def _stream(records: Records, start_index: int) -> AsyncIterator[SourceRecord]:
+async def _stream(records: Records, start_index: int) -> AsyncGenerator[SourceRecord, None]:
     """Yield ``records`` from ``start_index`` on, pulling them in chunks in a worker thread.
 
     The generator (and with it the file) is closed when this iterator finishes, fails or
@@ -287,7 +294,7 @@ class CsvSource(Source):
     Options: ClassVar[type[BaseModel] | None] = CsvSourceOptions
     options: CsvSourceOptions
 
-    def read(self, *, start_index: int = 0) -> AsyncIterator[SourceRecord]:
+    def read(self, *, start_index: int = 0) -> AsyncGenerator[SourceRecord, None]:
         path = self.setup.resolve(self.options.path)
         return _stream(_csv_records(path, self.options), _check_start(start_index))
 
@@ -336,7 +343,7 @@ class JsonlSource(Source):
     Options: ClassVar[type[BaseModel] | None] = JsonlSourceOptions
     options: JsonlSourceOptions
 
-    def read(self, *, start_index: int = 0) -> AsyncIterator[SourceRecord]:
+    def read(self, *, start_index: int = 0) -> AsyncGenerator[SourceRecord, None]:
         path = self.setup.resolve(self.options.path)
         return _stream(_jsonl_records(path), _check_start(start_index))
 
@@ -392,7 +399,7 @@ class JsonSource(Source):
     Options: ClassVar[type[BaseModel] | None] = JsonSourceOptions
     options: JsonSourceOptions
 
-    def read(self, *, start_index: int = 0) -> AsyncIterator[SourceRecord]:
+    def read(self, *, start_index: int = 0) -> AsyncGenerator[SourceRecord, None]:
         path = self.setup.resolve(self.options.path)
         records = _json_records(path, self.options.data_key)
         return _stream(records, _check_start(start_index))
@@ -412,7 +419,7 @@ def _memory_record(item: Any, index: int) -> SourceRecord:
     return _bad(repr(item), f"item {index}: expected a dict, got {type(item).__name__}")
 
 
-async def _memory_sync(rows: Iterable[Any], start_index: int) -> AsyncIterator[SourceRecord]:
+async def _memory_sync(rows: Iterable[Any], start_index: int) -> AsyncGenerator[SourceRecord, None]:
     for index, item in enumerate(rows):
         if index % CHUNK_SIZE == 0:
             await anyio.lowlevel.checkpoint()
@@ -420,7 +427,9 @@ async def _memory_sync(rows: Iterable[Any], start_index: int) -> AsyncIterator[S
             yield _memory_record(item, index)
 
 
-async def _memory_async(rows: AsyncIterable[Any], start_index: int) -> AsyncIterator[SourceRecord]:
+async def _memory_async(
+    rows: AsyncIterable[Any], start_index: int
+) -> AsyncGenerator[SourceRecord, None]:
     index = 0
     async for item in rows:
         if index >= start_index:
@@ -440,7 +449,7 @@ class MemorySource(Source):
     Options: ClassVar[type[BaseModel] | None] = MemorySourceOptions
     options: MemorySourceOptions
 
-    def read(self, *, start_index: int = 0) -> AsyncIterator[SourceRecord]:
+    def read(self, *, start_index: int = 0) -> AsyncGenerator[SourceRecord, None]:
         rows = self.options.rows
         start = _check_start(start_index)
         if isinstance(rows, AsyncIterable):

@@ -33,7 +33,9 @@ class NodeTask:
     propagates untouched.
     """
 
-    def __init__(self, spec: NodeSpec, run: RunContext, inbox: Inbox | None, outbox: Outbox) -> None:
+    def __init__(
+        self, spec: NodeSpec, run: RunContext, inbox: Inbox | None, outbox: Outbox
+    ) -> None:
         self.spec = spec
         self.run_ctx = run
         self.recorder = run.recorder
@@ -64,7 +66,9 @@ class NodeTask:
         """Send ``token`` along ``route`` (a discarding route ends it ``discarded``)."""
         if route.target is None:
             self.run_ctx.record_outcome(
-                token.token_id, Outcome.DISCARDED, self.node_id,
+                token.token_id,
+                Outcome.DISCARDED,
+                self.node_id,
                 context={"node": self.node_id, "route": route.label},
             )
             return
@@ -76,12 +80,16 @@ class NodeTask:
         route = self.spec.error_route
         if route is None or route.target is None:
             self.run_ctx.record_outcome(
-                token.token_id, Outcome.FAILED, self.node_id,
+                token.token_id,
+                Outcome.FAILED,
+                self.node_id,
                 context={"node": self.node_id, "error": error},
             )
             return
         self.recorder.routing_event(
-            state_id=state_id, edge_id=route.edge_id or "", route_label=route.label,
+            state_id=state_id,
+            edge_id=route.edge_id or "",
+            route_label=route.label,
             reason={"error": error},
         )
         token.error = error

@@ -49,7 +49,11 @@ class GateNode(NodeTask):
         try:
             value = self.spec.condition.evaluate({"row": token.row})
         except ExpressionEvaluationError as exc:
-            error = {"type": "ExpressionEvaluationError", "message": str(exc), "condition": condition}
+            error = {
+                "type": "ExpressionEvaluationError",
+                "message": str(exc),
+                "condition": condition,
+            }
             self.record_state(token, state_id, started, time.time(), output_hash=None, error=error)
             await self.fail_row(token, error, state_id)
             return
@@ -61,7 +65,9 @@ class GateNode(NodeTask):
             self.record_state(token, state_id, started, time.time(), output_hash=None, error=error)
             await self.fail_row(token, error, state_id)
             return
-        self.record_state(token, state_id, started, time.time(), output_hash=token.row_hash, context=decision)
+        self.record_state(
+            token, state_id, started, time.time(), output_hash=token.row_hash, context=decision
+        )
         self._record_route(state_id, route, decision)
         await self.deliver(token, route)
 
@@ -70,12 +76,20 @@ class GateNode(NodeTask):
         started = time.time()
         branches = list(self.spec.routes.values())
         children = [self._child(parent, route.label) for route in branches]
-        self.record_state(parent, state_id, started, time.time(), output_hash=parent.row_hash,
-                          context={"fork_to": [route.label for route in branches]})
+        self.record_state(
+            parent,
+            state_id,
+            started,
+            time.time(),
+            output_hash=parent.row_hash,
+            context={"fork_to": [route.label for route in branches]},
+        )
         for route in branches:
             self._record_route(state_id, route, {"fork": route.label})
         self.run_ctx.record_outcome(
-            parent.token_id, Outcome.FORKED, self.node_id,
+            parent.token_id,
+            Outcome.FORKED,
+            self.node_id,
             context={"node": self.node_id, "children": [child.token_id for child in children]},
         )
         for child, route in zip(children, branches, strict=True):
@@ -83,15 +97,26 @@ class GateNode(NodeTask):
 
     def _child(self, parent: Token, branch: str) -> Token:
         child = Token(
-            self.recorder.new_id("t"), parent.row_id, parent.row_index, parent.row,
-            parent.row_hash, branch=branch, step=parent.step,
+            self.recorder.new_id("t"),
+            parent.row_id,
+            parent.row_index,
+            parent.row,
+            parent.row_hash,
+            branch=branch,
+            step=parent.step,
         )
-        self.recorder.token(token_id=child.token_id, row_id=child.row_id, branch_name=branch,
-                            parents=(parent.token_id,))
+        self.recorder.token(
+            token_id=child.token_id,
+            row_id=child.row_id,
+            branch_name=branch,
+            parents=(parent.token_id,),
+        )
         return child
 
     def _record_route(self, state_id: str, route: Route, reason: dict[str, Any]) -> None:
-        self.recorder.routing_event(
-            state_id=state_id, edge_id=route.edge_id or f"{self.node_id}:{route.label}->discard",
-            route_label=route.label, reason=reason,
-        )
+        # A discarding route has no edge: the decision stays in the node state's context
+        # and the token's `discarded` outcome names the route.
+        if route.edge_id is not None:
+            self.recorder.routing_event(
+                state_id=state_id, edge_id=route.edge_id, route_label=route.label, reason=reason
+            )

@@ -44,8 +44,11 @@ class SinkNode(NodeTask):
         artifact = sink.artifact()
         if artifact is not None:
             self.recorder.artifact(
-                sink_node_id=self.node_id, uri=artifact.uri, content_hash=artifact.content_hash,
-                size_bytes=artifact.size_bytes, rows_written=artifact.rows_written,
+                sink_node_id=self.node_id,
+                uri=artifact.uri,
+                content_hash=artifact.content_hash,
+                size_bytes=artifact.size_bytes,
+                rows_written=artifact.rows_written,
             )
 
     async def _collect(self, batch_size: int, interval: float) -> list[Token]:
@@ -85,25 +88,42 @@ class SinkNode(NodeTask):
 
     def _written(self, token: Token, started: float, completed: float) -> None:
         self.recorder.node_state(
-            state_id=self.recorder.new_id("s"), token_id=token.token_id, node_id=self.node_id,
-            status=NodeStateStatus.COMPLETED, input_hash=token.row_hash,
-            output_hash=token.row_hash, started_at=started, completed_at=completed,
+            state_id=self.recorder.new_id("s"),
+            token_id=token.token_id,
+            node_id=self.node_id,
+            status=NodeStateStatus.COMPLETED,
+            input_hash=token.row_hash,
+            output_hash=token.row_hash,
+            started_at=started,
+            completed_at=completed,
             step_index=token.step,
         )
         context = None if token.error is None else {"error": token.error}
         self.run_ctx.record_outcome(
-            token.token_id, Outcome(token.arrival.value), self.node_id,
-            sink_name=self.node_id, context=context,
+            token.token_id,
+            Outcome(token.arrival.value),
+            self.node_id,
+            sink_name=self.node_id,
+            context=context,
         )
 
     def _rejected(self, token: Token, error: str, started: float, completed: float) -> None:
         failure = {"type": "SinkRejection", "message": error}
         self.recorder.node_state(
-            state_id=self.recorder.new_id("s"), token_id=token.token_id, node_id=self.node_id,
-            status=NodeStateStatus.FAILED, input_hash=token.row_hash, output_hash=None,
-            started_at=started, completed_at=completed, step_index=token.step, error=failure,
+            state_id=self.recorder.new_id("s"),
+            token_id=token.token_id,
+            node_id=self.node_id,
+            status=NodeStateStatus.FAILED,
+            input_hash=token.row_hash,
+            output_hash=None,
+            started_at=started,
+            completed_at=completed,
+            step_index=token.step,
+            error=failure,
         )
         self.run_ctx.record_outcome(
-            token.token_id, Outcome.FAILED, self.node_id,
+            token.token_id,
+            Outcome.FAILED,
+            self.node_id,
             context={"node": self.node_id, "error": failure},
         )

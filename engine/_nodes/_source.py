@@ -57,7 +57,9 @@ class SourceNode(NodeTask):
         started = time.time()
         self.stats.received += 1
         raw_hash, error = self._store_raw(record)
-        token = Token(self.recorder.new_id("t"), f"{self.row_prefix}{index}", index, {}, raw_hash, step=0)
+        token = Token(
+            self.recorder.new_id("t"), f"{self.row_prefix}{index}", index, {}, raw_hash, step=0
+        )
         self.recorder.source_row(
             row_id=token.row_id, row_index=index, source_node_id=self.node_id, data_hash=raw_hash
         )
@@ -89,44 +91,67 @@ class SourceNode(NodeTask):
         except RowValidationError as exc:
             return str(exc)
 
-    def _accept(self, token: Token, record: SourceRecord, row: dict[str, Any], started: float) -> None:
+    def _accept(
+        self, token: Token, record: SourceRecord, row: dict[str, Any], started: float
+    ) -> None:
         if row is not record.raw:
             token.row_hash = self.recorder.store(row).hash
         token.row = row
         self.recorder.node_state(
-            state_id=self.recorder.new_id("s"), token_id=token.token_id, node_id=self.node_id,
-            status=NodeStateStatus.COMPLETED, input_hash=None, output_hash=token.row_hash,
-            started_at=started, completed_at=time.time(), step_index=0,
+            state_id=self.recorder.new_id("s"),
+            token_id=token.token_id,
+            node_id=self.node_id,
+            status=NodeStateStatus.COMPLETED,
+            input_hash=None,
+            output_hash=token.row_hash,
+            started_at=started,
+            completed_at=time.time(),
+            step_index=0,
         )
         token.step = 1
 
     async def _reject(self, token: Token, record: SourceRecord, error: str, started: float) -> None:
         self.recorder.validation_error(
-            node_id=self.node_id, row_index=token.row_index, error=error, row_data_ref=token.row_hash
+            node_id=self.node_id,
+            row_index=token.row_index,
+            error=error,
+            row_data_ref=token.row_hash,
         )
         state_id = self.recorder.new_id("s")
         self.recorder.node_state(
-            state_id=state_id, token_id=token.token_id, node_id=self.node_id,
-            status=NodeStateStatus.FAILED, input_hash=None, output_hash=None,
-            started_at=started, completed_at=time.time(), step_index=0,
+            state_id=state_id,
+            token_id=token.token_id,
+            node_id=self.node_id,
+            status=NodeStateStatus.FAILED,
+            input_hash=None,
+            output_hash=None,
+            started_at=started,
+            completed_at=time.time(),
+            step_index=0,
             error={"type": "ValidationError", "message": error},
         )
         token.step = 1
         route = self.spec.error_route
         if route is None:
             self.run_ctx.record_outcome(
-                token.token_id, Outcome.QUARANTINED, self.node_id,
+                token.token_id,
+                Outcome.QUARANTINED,
+                self.node_id,
                 context={"node": self.node_id, "error": error},
             )
             return
         if route.target is None:
             self.run_ctx.record_outcome(
-                token.token_id, Outcome.DISCARDED, self.node_id,
+                token.token_id,
+                Outcome.DISCARDED,
+                self.node_id,
                 context={"node": self.node_id, "reason": f"validation failed: {error}"},
             )
             return
         self.recorder.routing_event(
-            state_id=state_id, edge_id=route.edge_id or "", route_label=route.label,
+            state_id=state_id,
+            edge_id=route.edge_id or "",
+            route_label=route.label,
             reason={"error": error},
         )
         token.error = {"type": "ValidationError", "message": error}

@@ -96,21 +96,34 @@ class TransformNode(NodeTask):
         state_id = self.recorder.new_id("s")
         started = time.time()
         plugin: Transform = self.spec.plugin  # type: ignore[assignment]
-        ctx = RowContext(self.run_ctx.run_id, self.node_id, token.token_id, token.row_index, state_id)
+        ctx = RowContext(
+            self.run_ctx.run_id, self.node_id, token.token_id, token.row_index, state_id
+        )
         try:
             result = await plugin.process(token.row, ctx)
         except Exception as exc:
             return self._failed(token, state_id, started, error_info(exc))
         if isinstance(result, Discard):
-            self.record_state(token, state_id, started, time.time(), output_hash=None,
-                              context={"discarded": result.reason})
+            self.record_state(
+                token,
+                state_id,
+                started,
+                time.time(),
+                output_hash=None,
+                context={"discarded": result.reason},
+            )
             return _Processed(token, state_id, discard_reason=result.reason)
         if not isinstance(result, dict):
-            error = {"type": "TypeError", "message": f"transform returned {type(result).__name__}, not a row"}
+            error = {
+                "type": "TypeError",
+                "message": f"transform returned {type(result).__name__}, not a row",
+            }
             return self._failed(token, state_id, started, error)
         return self._succeeded(token, state_id, started, result)
 
-    def _succeeded(self, token: Token, state_id: str, started: float, row: dict[str, Any]) -> _Processed:
+    def _succeeded(
+        self, token: Token, state_id: str, started: float, row: dict[str, Any]
+    ) -> _Processed:
         if row is token.row:
             output_hash: str | None = token.row_hash
         else:
@@ -122,7 +135,9 @@ class TransformNode(NodeTask):
         token.row_hash = output_hash or token.row_hash
         return _Processed(token, state_id)
 
-    def _failed(self, token: Token, state_id: str, started: float, error: dict[str, Any]) -> _Processed:
+    def _failed(
+        self, token: Token, state_id: str, started: float, error: dict[str, Any]
+    ) -> _Processed:
         self.record_state(token, state_id, started, time.time(), output_hash=None, error=error)
         return _Processed(token, state_id, error=error)
 
@@ -133,7 +148,9 @@ class TransformNode(NodeTask):
             await self.fail_row(token, processed.error, processed.state_id)
         elif processed.discard_reason is not None:
             self.run_ctx.record_outcome(
-                token.token_id, Outcome.DISCARDED, self.node_id,
+                token.token_id,
+                Outcome.DISCARDED,
+                self.node_id,
                 context={"node": self.node_id, "reason": processed.discard_reason},
             )
         else:

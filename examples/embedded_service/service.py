@@ -15,11 +15,15 @@ import argparse
 import asyncio
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
-from anyio.streams.memory import MemoryObjectSendStream
+import anyio.lowlevel
 
 from engine import Pipeline, RunResult
+
+if TYPE_CHECKING:
+    from anyio.streams.memory import MemoryObjectSendStream
 
 HERE = Path(__file__).resolve().parent
 
@@ -29,9 +33,14 @@ async def handle_requests(inbox: MemoryObjectSendStream[dict[str, object]], coun
     rng = random.Random(42)
     async with inbox:
         for i in range(count):
-            await inbox.send({"event_id": i, "user": f"user-{rng.randint(1, 20)}",
-                              "latency_ms": rng.randint(5, 900)})
-            await anyio.sleep(0)
+            await inbox.send(
+                {
+                    "event_id": i,
+                    "user": f"user-{rng.randint(1, 20)}",
+                    "latency_ms": rng.randint(5, 900),
+                }
+            )
+            await anyio.lowlevel.checkpoint()
 
 
 def build_pipeline(rows: object, out: Path, landscape_url: str) -> Pipeline:
@@ -39,14 +48,34 @@ def build_pipeline(rows: object, out: Path, landscape_url: str) -> Pipeline:
         {
             "name": "embedded-service",
             "source": {"plugin": "memory", "options": {"rows": rows}, "on_success": "events"},
-            "transforms": [{"name": "classify", "plugin": "compute", "input": "events",
-                            "on_success": "classified",
-                            "options": {"fields": {"slow": "row['latency_ms'] > 500"}}}],
-            "gates": [{"name": "slow_requests", "input": "classified", "condition": "row['slow']",
-                       "routes": {"true": "alerts", "false": "metrics"}}],
+            "transforms": [
+                {
+                    "name": "classify",
+                    "plugin": "compute",
+                    "input": "events",
+                    "on_success": "classified",
+                    "options": {"fields": {"slow": "row['latency_ms'] > 500"}},
+                }
+            ],
+            "gates": [
+                {
+                    "name": "slow_requests",
+                    "input": "classified",
+                    "condition": "row['slow']",
+                    "routes": {"true": "alerts", "false": "metrics"},
+                }
+            ],
             "sinks": [
-                {"name": "alerts", "plugin": "jsonl", "options": {"path": str(out / "alerts.jsonl")}},
-                {"name": "metrics", "plugin": "jsonl", "options": {"path": str(out / "metrics.jsonl")}},
+                {
+                    "name": "alerts",
+                    "plugin": "jsonl",
+                    "options": {"path": str(out / "alerts.jsonl")},
+                },
+                {
+                    "name": "metrics",
+                    "plugin": "jsonl",
+                    "options": {"path": str(out / "metrics.jsonl")},
+                },
             ],
         },
         base_dir=HERE,

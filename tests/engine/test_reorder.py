@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -59,7 +61,8 @@ def test_every_item_is_released_once_in_order_and_pending_stays_bounded(
     latencies: list[int], concurrency: int, extra: int, ordered: bool
 ) -> None:
     max_pending = concurrency + extra
-    released, peak = anyio.run(_pump, latencies, concurrency, max_pending, ordered=ordered)
+    pump = functools.partial(_pump, ordered=ordered)
+    released, peak = anyio.run(pump, latencies, concurrency, max_pending)
     assert sorted(released) == list(range(len(latencies)))
     if ordered:
         assert released == list(range(len(latencies)))

@@ -1,0 +1,181 @@
+"""The group-commit writer: ordering, flush, back-pressure, integrity failures, payload dedup."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import anyio
+import anyio.lowlevel
+import pytest
+from sqlalchemy import func, select
+
+from landscape import _schema as t
+from landscape._errors import AuditIntegrityError
+from landscape._outcomes import Outcome
+from landscape._recorder import Recorder
+from landscape._store import Landscape
+from landscape._writer import GroupCommitWriter
+
+
+@asynccontextmanager
+async def running(writer: GroupCommitWriter) -> AsyncIterator[anyio.abc.TaskGroup]:
+    """``writer`` entered and its task running; closed (committing the rest) on exit."""
+    async with writer, anyio.create_task_group() as tg:
+        await tg.start(writer.run)
+        yield tg
+        writer.close()
+
+
+async def _count(landscape: Landscape, table: t.Table) -> int:
+    async with landscape.engine.connect() as conn:
+        return int((await conn.execute(select(func.count()).select_from(table))).scalar_one())
+
+
+async def _token_ids(landscape: Landscape) -> list[str]:
+    async with landscape.engine.connect() as conn:
+        return sorted((await conn.execute(select(t.tokens.c.token_id))).scalars())
+
+
+def _tokens(rec: Recorder, ids: range) -> None:
+    for i in ids:
+        rec.token(token_id=f"tok-{i:05d}", row_id=f"row-{i}")
+
+
+async def test_commits_keep_submission_order(landscape: Landscape) -> None:
+    writer = landscape.open_writer(commit_interval=0)
+
+    async def observe(done: anyio.Event) -> None:
+        while not done.is_set():
+            ids = await _token_ids(landscape)
+            assert ids == [f"tok-{i:05d}" for i in range(len(ids))], "a commit skipped ahead"
+            await anyio.lowlevel.checkpoint()
+
+    async with running(writer) as tg:
+        done = anyio.Event()
+        tg.start_soon(observe, done)
+        rec = Recorder(writer, "run-1")
+        for start in range(0, 2000, 50):
+            _tokens(rec, range(start, start + 50))
+            await anyio.sleep(0.002)
+        await writer.flush()
+        done.set()
+    assert await _token_ids(landscape) == [f"tok-{i:05d}" for i in range(2000)]
+    assert writer.statistics().commits >= 2
+    assert writer.statistics().records_written == 2000
+
+
+async def test_flush_returns_once_committed(landscape: Landscape) -> None:
+    writer = landscape.open_writer(commit_interval=600)
+    async with running(writer):
+        _tokens(Recorder(writer, "run-1"), range(3))
+        await anyio.wait_all_tasks_blocked()
+        assert await _count(landscape, t.tokens) == 0
+        with anyio.fail_after(10):
+            await writer.flush()
+        assert await _count(landscape, t.tokens) == 3
+        assert writer.statistics().pending_records == 0
+
+
+async def test_flush_without_records_returns_at_once(landscape: Landscape) -> None:
+    writer = landscape.open_writer(commit_interval=600)
+    async with running(writer):
+        with anyio.fail_after(1):
+            await writer.flush()
+
+
+async def test_wait_writable_blocks_at_high_water_and_resumes(landscape: Landscape) -> None:
+    writer = GroupCommitWriter(landscape.engine, commit_interval=600, high_water=10)
+    async with writer, anyio.create_task_group() as tg:
+        rec = Recorder(writer, "run-1")
+        _tokens(rec, range(9))
+        with anyio.fail_after(1):
+            await writer.wait_writable()  # below the mark: returns without a writer task
+        _tokens(rec, range(9, 10))
+        resumed = anyio.Event()
+
+        async def producer() -> None:
+            await writer.wait_writable()
+            resumed.set()
+
+        tg.start_soon(producer)
+        await anyio.wait_all_tasks_blocked()
+        assert not resumed.is_set()
+        await tg.start(writer.run)
+        with anyio.fail_after(10):
+            await resumed.wait()
+        assert await _count(landscape, t.tokens) == 10
+        writer.close()
+
+
+def _outcomes(rec: Recorder, *outcomes: Outcome) -> None:
+    for outcome in outcomes:
+        rec.outcome(token_id="tok-1", outcome=outcome, sink_name="out")
+
+
+async def _expect_integrity_failure(
+    writer: GroupCommitWriter, record: Callable[[Recorder], None]
+) -> None:
+    """Run ``writer`` while ``record`` queues records; the database must refuse them."""
+    caught: list[BaseException] = []
+    try:
+        async with running(writer):
+            record(Recorder(writer, "run-1"))
+            await writer.flush()
+    except* AuditIntegrityError as group:
+        caught.extend(group.exceptions)
+    assert any("refused by the database" in str(exc) for exc in caught), caught
+
+
+async def test_second_terminal_outcome_fails_the_writer(landscape: Landscape) -> None:
+    writer = landscape.open_writer()
+    await _expect_integrity_failure(
+        writer, lambda rec: _outcomes(rec, Outcome.COMPLETED, Outcome.FAILED)
+    )
+    assert await _count(landscape, t.token_outcomes) == 0
+
+
+async def test_second_terminal_outcome_in_a_later_commit_fails(landscape: Landscape) -> None:
+    first = landscape.open_writer()
+    async with running(first):
+        _outcomes(Recorder(first, "run-1"), Outcome.BUFFERED, Outcome.COMPLETED)
+    await _expect_integrity_failure(
+        landscape.open_writer(), lambda rec: _outcomes(rec, Outcome.BUFFERED, Outcome.ROUTED)
+    )
+    assert await _count(landscape, t.token_outcomes) == 2
+
+
+async def test_failed_writer_refuses_more_work(landscape: Landscape) -> None:
+    writer = GroupCommitWriter(landscape.engine, high_water=2)
+    await _expect_integrity_failure(
+        writer, lambda rec: _outcomes(rec, Outcome.COMPLETED, Outcome.COMPLETED)
+    )
+    with anyio.fail_after(5), pytest.raises(AuditIntegrityError, match="has failed"):
+        await writer.wait_writable()
+    with pytest.raises(AuditIntegrityError, match="has failed"):
+        Recorder(writer, "run-1").token(token_id="tok-2", row_id="row-2")
+
+
+async def test_records_after_close_are_refused(landscape: Landscape) -> None:
+    writer = landscape.open_writer()
+    async with running(writer):
+        pass
+    with pytest.raises(AuditIntegrityError, match="after the writer was closed"):
+        Recorder(writer, "run-1").token(token_id="tok-1", row_id="row-1")
+
+
+async def test_payloads_are_stored_once(landscape: Landscape) -> None:
+    writer = landscape.open_writer()
+    async with running(writer):
+        rec = Recorder(writer, "run-1")
+        first = rec.store({"a": 1, "b": [1, 2]})
+        again = rec.store({"b": [1, 2], "a": 1})
+        assert (again.hash, again.content) == (first.hash, '{"a":1,"b":[1,2]}')
+        await writer.flush()
+        rec.store({"a": 1, "b": [1, 2]})
+    assert writer.statistics().records_written == 1
+    other = landscape.open_writer()
+    async with running(other):
+        Recorder(other, "run-2").store({"a": 1, "b": [1, 2]})  # a new writer: the database dedups
+    assert await _count(landscape, t.payloads) == 1
+    assert await landscape.load_payload(first.hash) == {"a": 1, "b": [1, 2]}
