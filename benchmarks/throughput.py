@@ -109,6 +109,11 @@ def pipeline_config(n: int, out: Path, landscape: Path) -> dict[str, Any]:
     }
 
 
+def landscape_size(workdir: Path) -> int:
+    """Bytes of the SQLite Landscape (database and WAL)."""
+    return sum(p.stat().st_size for p in workdir.glob("audit.db*"))
+
+
 async def run_ledgerflow(n: int, workdir: Path) -> dict[str, float]:
     landscape = workdir / "audit.db"
     TimedJsonlSink.first_write_at = None
@@ -116,9 +121,10 @@ async def run_ledgerflow(n: int, workdir: Path) -> dict[str, float]:
     start = time.perf_counter()
     result = await pipeline.run()
     elapsed = time.perf_counter() - start
-    assert result.status == "completed" and result.rows_processed == n, result
+    assert result.status == "completed", result
+    assert result.rows_processed == n, result
     first = (TimedJsonlSink.first_write_at or start) - start
-    size = sum(p.stat().st_size for p in workdir.glob("audit.db*"))
+    size = landscape_size(workdir)
     return {
         "rows_per_s": n / elapsed,
         "seconds": elapsed,
@@ -191,9 +197,8 @@ def compare(n: int, repeat: int) -> None:
     print(f"ratio ledgerflow/base  : {med['rows_per_s'] / base:>10.2f}")
     print(f"time to first sink write: {med['first_write_s']:.3f} s of {med['seconds']:.2f} s")
     print(f"Landscape size per row : {med['bytes_per_row']:,.0f} bytes")
-    print(
-        f"peak RSS (this process): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB"
-    )
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS (this process): {peak_mib:,.0f} MiB")
 
 
 def child_peak_rss(n: int) -> tuple[float, float]:

@@ -354,7 +354,8 @@ def _gate_spec(b: _Builder, g: GateSettings, i: int) -> NodeSpec | None:
             if r:
                 routes[branch] = r
     else:
-        assert g.condition is not None and g.routes is not None
+        assert g.condition is not None
+        assert g.routes is not None
         try:
             condition = compile_expression(g.condition)
         except ExpressionSyntaxError as exc:
@@ -402,7 +403,7 @@ def _topological_order(
         if state.get(node_id) == "done":
             return
         if state.get(node_id) == "active":
-            cycle = [*trail[trail.index(node_id):], node_id]
+            cycle = [*trail[trail.index(node_id) :], node_id]
             b.fail(names[node_id], "cycle: " + " -> ".join(cycle))
             return
         state[node_id] = "active"

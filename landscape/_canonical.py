@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -23,6 +24,9 @@ __all__ = ["CanonicalizationError", "canonical_hash", "canonical_json", "sha256_
 
 _MAX_SAFE_INT = 2**53 - 1
 _PLAIN = frozenset({str, bool, type(None)})
+_SCALARS = _PLAIN | {int, float}
+_is_int = int.__instancecheck__
+_is_float = float.__instancecheck__
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -67,7 +71,8 @@ def _normalise_dict(value: dict[Any, Any]) -> dict[str, Any]:
         raise CanonicalizationError(f"object key {bad!r} is not a string") from None
     if not ascii_keys:
         raise _NeedsSlowPath
-    if _PLAIN.issuperset(map(type, value.values())):
+    kinds = set(map(type, value.values()))
+    if kinds <= _PLAIN or (kinds <= _SCALARS and _scalars_print_canonically(value, kinds)):
         return value
     out: dict[str, Any] | None = None
     for key, item in value.items():
@@ -80,6 +85,24 @@ def _normalise_dict(value: dict[Any, Any]) -> dict[str, Any]:
                 out = dict(value)
             out[key] = normal
     return value if out is None else out
+
+
+def _scalars_print_canonically(value: dict[str, Any], kinds: set[type]) -> bool:
+    """Whether the C encoder prints every int and float of ``value`` as RFC 8785 does.
+
+    Runs in C (``map``/``filter`` over built-in methods), not per item in Python.
+    """
+    if int in kinds:
+        ints = list(filter(_is_int, value.values()))
+        if max(ints) > _MAX_SAFE_INT or min(ints) < -_MAX_SAFE_INT:
+            return False
+    if float in kinds:
+        floats = list(filter(_is_float, value.values()))
+        if not all(map(math.isfinite, floats)) or any(map(float.is_integer, floats)):
+            return False
+        magnitudes = list(map(abs, floats))
+        return bool(min(magnitudes) >= 1e-4 and max(magnitudes) < 1e16)
+    return True
 
 
 def _normalise_float(value: float) -> float | int:

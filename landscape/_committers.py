@@ -11,7 +11,7 @@ from __future__ import annotations
 import marshal
 import struct
 import sys
-from types import TracebackType
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import anyio
@@ -21,6 +21,8 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from ._errors import AuditIntegrityError, LandscapeUnavailable
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from anyio.abc import Process
     from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -28,6 +30,7 @@ __all__ = ["Committer", "SqlAlchemyCommitter", "SqliteProcessCommitter", "Statem
 
 Statements = list[tuple[str, list[tuple[Any, ...]]]]
 _HEADER = struct.Struct(">Q")
+_WORKER = Path(__file__).with_name("_sqlite_worker.py")
 
 
 class Committer(Protocol):
@@ -77,7 +80,9 @@ class SqliteProcessCommitter:
         self._replies: BufferedByteReceiveStream | None = None
 
     async def __aenter__(self) -> Self:
-        command = [sys.executable, "-m", "landscape._sqlite_worker", self._database]
+        # Run the worker file itself rather than ``-m landscape._sqlite_worker``: importing
+        # the package would load SQLAlchemy in a process that needs only sqlite3.
+        command = [sys.executable, str(_WORKER), self._database]
         try:
             self._process = await anyio.open_process(command)
         except OSError as exc:

@@ -1,8 +1,8 @@
 """Exceptions raised by the Landscape.
 
-    LandscapeError
-    ├── AuditIntegrityError   the trail would be (or is) inconsistent: fail the run loudly
-    └── LandscapeUnavailable  the database cannot be reached or opened
+LandscapeError
+├── AuditIntegrityError   the trail would be (or is) inconsistent: fail the run loudly
+└── LandscapeUnavailable  the database cannot be reached or opened
 """
 
 from __future__ import annotations

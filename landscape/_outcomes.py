@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["NodeStateStatus", "Outcome", "RunStatus", "TERMINAL_OUTCOMES"]
+__all__ = ["TERMINAL_OUTCOMES", "NodeStateStatus", "Outcome", "RunStatus"]
 
 
 class Outcome(StrEnum):

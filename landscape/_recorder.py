@@ -29,16 +29,44 @@ __all__ = ["Recorder", "StoredPayload"]
 #: The column order the fast-path tuples below are built in; checked against the schema
 #: at import so that a schema change cannot silently shift values into wrong columns.
 _TUPLE_LAYOUTS = {
-    t.rows: ("row_id", "run_id", "source_node_id", "row_index", "source_data_hash",
-             "source_data_ref"),
+    t.rows: (
+        "row_id",
+        "run_id",
+        "source_node_id",
+        "row_index",
+        "source_data_hash",
+        "source_data_ref",
+    ),
     t.tokens: ("token_id", "run_id", "row_id", "branch_name", "created_at"),
     t.token_parents: ("token_id", "parent_token_id", "ordinal", "run_id"),
-    t.node_states: ("state_id", "run_id", "token_id", "node_id", "attempt", "status",
-                    "input_hash", "output_hash", "started_at", "completed_at", "duration_ms",
-                    "error_json", "context_json", "step_index"),
+    t.node_states: (
+        "state_id",
+        "run_id",
+        "token_id",
+        "node_id",
+        "attempt",
+        "status",
+        "input_hash",
+        "output_hash",
+        "started_at",
+        "completed_at",
+        "duration_ms",
+        "error_json",
+        "context_json",
+        "step_index",
+    ),
     t.routing_events: ("event_id", "run_id", "state_id", "edge_id", "route_label", "reason_json"),
-    t.token_outcomes: ("outcome_id", "run_id", "token_id", "outcome", "is_terminal", "sink_name",
-                       "batch_id", "context_json", "recorded_at"),
+    t.token_outcomes: (
+        "outcome_id",
+        "run_id",
+        "token_id",
+        "outcome",
+        "is_terminal",
+        "sink_name",
+        "batch_id",
+        "context_json",
+        "recorded_at",
+    ),
 }
 for _table, _layout in _TUPLE_LAYOUTS.items():
     if tuple(column.name for column in _table.columns) != _layout:
@@ -234,8 +262,17 @@ class Recorder:
         self._writer.insert_row(
             t.node_states,
             (
-                state_id, self.run_id, token_id, node_id, attempt, status.value, input_hash,
-                output_hash, started_at, completed_at, duration_ms,
+                state_id,
+                self.run_id,
+                token_id,
+                node_id,
+                attempt,
+                status.value,
+                input_hash,
+                output_hash,
+                started_at,
+                completed_at,
+                duration_ms,
                 None if error is None else _json(error),
                 None if context is None else _json(context),
                 step_index,
@@ -271,8 +308,15 @@ class Recorder:
         self._writer.insert_row(
             t.token_outcomes,
             (
-                self.new_id("o"), self.run_id, token_id, outcome.value, outcome.is_terminal,
-                sink_name, batch_id, None if context is None else _json(context), time.time(),
+                self.new_id("o"),
+                self.run_id,
+                token_id,
+                outcome.value,
+                outcome.is_terminal,
+                sink_name,
+                batch_id,
+                None if context is None else _json(context),
+                time.time(),
             ),
         )
 

@@ -182,6 +182,7 @@ batch_members = Table(
     Column("token_id", _ID, primary_key=True),
     Column("ordinal", Integer, nullable=False),
     Column("run_id", _ID, nullable=False),
+    Index("ix_batch_members_token", "token_id"),
 )
 
 token_outcomes = Table(

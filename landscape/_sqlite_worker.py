@@ -1,11 +1,12 @@
 """The SQLite commit process: runs group commits on its own core.
 
 Started by :class:`~landscape._committers.SqliteProcessCommitter` as
-``python -m landscape._sqlite_worker DATABASE``.  It reads frames from stdin — an 8-byte
-big-endian length, then a marshalled list of ``(sql, rows)`` statements — executes each
-frame in one transaction, and answers ``K`` (committed) or ``E`` plus a length-prefixed
-message (``I`` for an integrity error).  EOF on stdin ends it.  ``marshal`` carries the
-frames: the rows are tuples of plain values, and it is several times faster than pickle.
+``python .../landscape/_sqlite_worker.py DATABASE``; it imports only the standard library.
+It reads frames from stdin — an 8-byte big-endian length, then a marshalled list of
+``(sql, rows)`` statements — executes each frame in one transaction, and answers ``K``
+(committed) or ``E`` plus a length-prefixed message (``I`` for an integrity error).
+EOF on stdin ends it.  ``marshal`` carries the frames: the rows are tuples of plain
+values, and it is several times faster than pickle.
 
 Executing SQLite in a separate process keeps the engine's event loop from competing
 for the GIL with parameter binding: on two cores the audit writes then run beside the

@@ -80,6 +80,7 @@ class Landscape:
             backend = make_url(self.url).get_backend_name()
         except ArgumentError as exc:
             raise LandscapeUnavailable(f"not a database URL: {self.url!r}") from exc
+        engine: AsyncEngine | None = None
         try:
             if backend == "sqlite":
                 _prepare_sqlite_path(self.url)
@@ -89,6 +90,8 @@ class Landscape:
             async with engine.begin() as conn:
                 await conn.run_sync(t.metadata.create_all)
         except (SQLAlchemyError, OSError, ImportError) as exc:
+            if engine is not None:
+                await engine.dispose()
             raise LandscapeUnavailable(
                 f"cannot open the Landscape at {_redact(self.url)}: {exc}"
             ) from exc
@@ -124,11 +127,11 @@ class Landscape:
         run in a child process (see :mod:`landscape._sqlite_worker`); elsewhere through
         the engine.
         """
-        database = make_url(self.url).database
+        database = make_url(self.url).database or ""
         committer: Committer | None = None
-        if self.engine.dialect.name == "sqlite" and database and database != ":memory:":
-            if not database.startswith("file:"):
-                committer = SqliteProcessCommitter(str(Path(database).expanduser().resolve()))
+        on_file = database not in ("", ":memory:") and not database.startswith("file:")
+        if self.engine.dialect.name == "sqlite" and on_file:
+            committer = SqliteProcessCommitter(str(Path(database).expanduser().resolve()))
         return GroupCommitWriter(self.engine, committer, commit_interval=commit_interval)
 
     def recorder(self, writer: GroupCommitWriter, run_id: str) -> Recorder:
@@ -158,7 +161,7 @@ class Landscape:
         )
         async with self.engine.connect() as conn:
             result = await conn.execute(query)
-            return {outcome: count for outcome, count in result}
+            return dict(result)
 
     async def load_payload(self, content_hash: str) -> Any:
         """The value stored under ``content_hash`` (``None`` if absent)."""

@@ -11,7 +11,6 @@ the audit trail rely on.  The queue is bounded by its producers: they await
 from __future__ import annotations
 
 from collections import OrderedDict
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
@@ -24,6 +23,7 @@ from ._schema import INSERT_ORDER, payloads
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+    from types import TracebackType
 
     from anyio.abc import TaskStatus
     from sqlalchemy import Table
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GroupCommitWriter", "WriterStatistics"]
 
-_SEEN_PAYLOADS = 200_000
+_SEEN_PAYLOADS = 65_536
 
 
 class WriterStatistics:
@@ -66,7 +66,7 @@ class GroupCommitWriter:
         committer: Committer | None = None,
         *,
         commit_interval: float = 0.05,
-        high_water: int = 100_000,
+        high_water: int = 50_000,
     ) -> None:
         self._dialect = engine.dialect
         self._committer: Committer = committer or SqlAlchemyCommitter(engine)
@@ -253,7 +253,10 @@ class GroupCommitWriter:
         clause = and_(*(table.c[name] == bindparam(f"k_{name}") for name in key))
         statement = update(table).where(clause).values({n: bindparam(f"v_{n}") for n in values})
         compiled = statement.compile(dialect=self._dialect)
-        params = {**{f"k_{n}": v for n, v in key.items()}, **{f"v_{n}": v for n, v in values.items()}}
+        params = {
+            **{f"k_{n}": v for n, v in key.items()},
+            **{f"v_{n}": v for n, v in values.items()},
+        }
         assert compiled.positiontup is not None
         return str(compiled), [tuple(params[name] for name in compiled.positiontup)]
 
@@ -278,4 +281,6 @@ class GroupCommitWriter:
             stmt = sqlite.insert(payloads).on_conflict_do_nothing(index_elements=["hash"])
         else:
             stmt = payloads.insert()
-        return self._positional_sql(stmt.values({c.name: bindparam(c.name) for c in payloads.columns}))
+        return self._positional_sql(
+            stmt.values({c.name: bindparam(c.name) for c in payloads.columns})
+        )

@@ -307,30 +307,38 @@ async def test_malformed_source_records_are_quarantined_and_the_run_goes_on(
 
 
 async def test_stop_interrupts_the_run_at_a_row_boundary(tmp_path: Path, sqlite_url: str) -> None:
-    def endless() -> Any:
+    enough = anyio.Event()
+
+    async def endless() -> AsyncIterator[dict[str, Any]]:
         i = 0
         while True:
+            if i == 200:
+                enough.set()
             yield {"i": i}
             i += 1
 
     pipeline = Pipeline.from_dict(linear_config(endless(), tmp_path), landscape_url=sqlite_url)
     with pytest.raises(PipelineStateError):
         pipeline.stop()
+    results = []
+
+    async def run() -> None:
+        results.append(await pipeline.run())
+
     async with anyio.create_task_group() as tg:
-        results = []
-
-        async def run() -> None:
-            results.append(await pipeline.run())
-
         tg.start_soon(run)
-        while (stats := pipeline.statistics()) is None or stats.rows_read < 200:
-            await anyio.sleep(0.01)
+        await enough.wait()
         pipeline.stop()
     (result,) = results
     assert result.status == "interrupted"
+    assert result.rows_processed >= 200
     assert len(read_jsonl(tmp_path / "out.jsonl")) == result.rows_processed
     async with Landscape.connect(sqlite_url) as landscape:
-        assert (await landscape.get_run(result.run_id)).status == "interrupted"  # type: ignore[union-attr]
+        run_summary = await landscape.get_run(result.run_id)
+        report = await landscape.verify(result.run_id)
+    assert run_summary is not None
+    assert run_summary.status == "interrupted"
+    assert report.ok, report.violations
 
 
 async def test_a_sink_that_cannot_write_fails_the_run_loudly(
@@ -343,7 +351,8 @@ async def test_a_sink_that_cannot_write_fails_the_run_loudly(
         await pipeline.run()
     async with Landscape.connect(sqlite_url) as landscape:
         run = await landscape.get_run(info.value.run_id)
-    assert run is not None and run.status == "failed"
+    assert run is not None
+    assert run.status == "failed"
 
 
 async def test_secrets_in_options_never_reach_the_landscape(
@@ -373,7 +382,8 @@ async def test_secrets_in_options_never_reach_the_landscape(
         node_config = (
             await conn.execute(select(t.nodes.c.config_json).where(t.nodes.c.node_id == "c"))
         ).scalar_one()
-    assert "sk-SECRET-123" not in settings and "sk-SECRET-123" not in node_config
+    assert "sk-SECRET-123" not in settings
+    assert "sk-SECRET-123" not in node_config
     assert "***" in node_config
 
 

@@ -32,10 +32,13 @@ def test_run_then_verify_explain_and_list(cli: Cli, quickstart: Path, tmp_path: 
     assert cli("explain", run_id, "--row-id", row_id).returncode == 0
 
     quarantined = cli("explain", run_id, "--row-index", "36")
-    assert "twelve" in quarantined.stdout and "quarantined" in quarantined.stdout
+    assert "twelve" in quarantined.stdout
+    assert "quarantined" in quarantined.stdout
 
     listed = cli("runs")
-    assert listed.returncode == 0 and run_id in listed.stdout and "completed" in listed.stdout
+    assert listed.returncode == 0
+    assert run_id in listed.stdout
+    assert "completed" in listed.stdout
 
 
 def test_validate_prints_the_graph(cli: Cli, quickstart: Path) -> None:
@@ -62,6 +65,8 @@ def test_explain_unknown_row_and_verify_unknown_run_fail_clearly(
 ) -> None:
     run_id = run_id_of(cli("run", str(quickstart), "--no-progress").stdout)
     missing = cli("explain", run_id, "--row-index", "99999")
-    assert missing.returncode == 1 and "99999" in missing.stderr
+    assert missing.returncode == 1
+    assert "99999" in missing.stderr
     unknown = cli("verify", "no-such-run")
-    assert unknown.returncode == 1 and "no-such-run" in unknown.stderr
+    assert unknown.returncode == 1
+    assert "no-such-run" in unknown.stderr

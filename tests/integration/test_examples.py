@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
 
 from engine import Pipeline
@@ -36,7 +36,7 @@ async def test_quickstart_through_the_python_api(quickstart: Path, tmp_path: Pat
 async def test_embedded_service_example(tmp_path: Path, events: int) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"
     script = ROOT / "examples" / "embedded_service" / "service.py"
-    done = subprocess.run(
+    done = await anyio.run_process(
         [
             sys.executable,
             str(script),
@@ -47,13 +47,10 @@ async def test_embedded_service_example(tmp_path: Path, events: int) -> None:
             "--events",
             str(events),
         ],
-        capture_output=True,
-        text=True,
-        timeout=120,
         check=False,
     )
-    assert done.returncode == 0, done.stderr
-    run_id = run_id_of(done.stdout)
+    assert done.returncode == 0, done.stderr.decode()
+    run_id = run_id_of(done.stdout.decode())
     alerts = (tmp_path / "out" / "alerts.jsonl").read_text(encoding="utf-8").splitlines()
     metrics = (tmp_path / "out" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(alerts) + len(metrics) == events

@@ -27,6 +27,7 @@ from landscape import _schema as t
 from landscape._outcomes import NodeStateStatus, Outcome, RunStatus
 from landscape._recorder import Recorder
 from landscape._store import Landscape
+from landscape._writer import GroupCommitWriter
 
 NODES = {
     "src": "source",
@@ -75,8 +76,9 @@ class SampleRun:
 class _Builder:
     """Records rows, tokens and node states with readable ids and increasing times."""
 
-    def __init__(self, rec: Recorder, sample: SampleRun) -> None:
+    def __init__(self, rec: Recorder, writer: GroupCommitWriter, sample: SampleRun) -> None:
         self.rec = rec
+        self.writer = writer
         self.sample = sample
         self._clock = itertools.count()
         self._t0 = time.time()
@@ -259,14 +261,14 @@ def _aggregated(b: _Builder) -> None:
     output = b.child("agg", b.sample.rows[5], members)
     batch_id = f"{b.p}batch-1"
     flush = b.state(output, "daily", None, {"count": 2})
-    b.rec._writer.insert(t.batches, {
+    b.writer.insert(t.batches, {
         "batch_id": batch_id, "run_id": b.rec.run_id, "aggregation_node_id": "daily",
         "attempt": 1, "status": "completed", "trigger_reason": "count",
         "aggregation_state_id": flush, "external_job_id": None, "group_key": None,
         "created_at": b.now(), "completed_at": b.now(),
     })  # fmt: skip
     for ordinal, token in enumerate(members):
-        b.rec._writer.insert(t.batch_members, {
+        b.writer.insert(t.batch_members, {
             "batch_id": batch_id, "token_id": token, "ordinal": ordinal, "run_id": b.rec.run_id,
         })  # fmt: skip
         b.rec.outcome(token_id=token, outcome=Outcome.CONSUMED_IN_BATCH, batch_id=batch_id)
@@ -282,11 +284,11 @@ def _artifacts(rec: Recorder) -> None:
 
 
 async def record(landscape: Landscape, run_id: str, build: Any) -> None:
-    """Run a writer, let ``build(recorder)`` record, then flush and close the writer."""
+    """Run a writer, let ``build(recorder, writer)`` record, then flush and close the writer."""
     writer = landscape.open_writer(commit_interval=0.01)
     async with writer, anyio.create_task_group() as tg:
         await tg.start(writer.run)
-        build(landscape.recorder(writer, run_id))
+        build(landscape.recorder(writer, run_id), writer)
         await writer.flush()
         writer.close()
 
@@ -301,11 +303,11 @@ async def record_sample_run(
     """Record the sample run; optionally end it ``status`` with a checkpoint at ``watermark``."""
     sample = SampleRun(run_id)
 
-    def build(rec: Recorder) -> None:
+    def build(rec: Recorder, writer: GroupCommitWriter) -> None:
         rec.begin_run(config_hash="c" * 64, settings={"api_key": "***"}, engine_version="0.1.0",
                       pipeline_name="sample")  # fmt: skip
         _graph(rec)
-        b = _Builder(rec, sample)
+        b = _Builder(rec, writer, sample)
         _linear(b)
         _gate(b)
         _fork(b, 2)

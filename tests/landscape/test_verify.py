@@ -161,7 +161,7 @@ DAMAGE: dict[str, tuple[Damage, Invariant, str, str | None]] = {
     ),
     "consumed outside any batch": (
         lambda s: [delete(t.batch_members).where(t.batch_members.c.token_id == s.tokens["5"])],
-        Invariant.TOKEN_PARENTS, "consumed_in_batch but member of no batch", "5",
+        Invariant.TOKEN_PARENTS, "consumed_in_batch but not a member of batch", "5",
     ),
     "coalesce failure without context": (
         lambda s: [update(TO).where(_outcome_of(s, "7s")).values(context_json='{"node": "join"}')],
