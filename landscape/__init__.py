@@ -12,7 +12,7 @@ from __future__ import annotations
 from ._canonical import CanonicalizationError, canonical_hash, canonical_json, sha256_hex
 from ._errors import AuditIntegrityError, LandscapeError, LandscapeUnavailable
 from ._outcomes import TERMINAL_OUTCOMES, NodeStateStatus, Outcome, RunStatus
-from ._recorder import Recorder, StoredPayload
+from ._recorder import Recorder
 from ._store import DEFAULT_URL, Landscape, RunSummary
 from ._writer import GroupCommitWriter
 
@@ -30,7 +30,6 @@ __all__ = [
     "Recorder",
     "RunStatus",
     "RunSummary",
-    "StoredPayload",
     "canonical_hash",
     "canonical_json",
     "sha256_hex",

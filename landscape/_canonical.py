@@ -1,7 +1,7 @@
 """Canonical JSON (RFC 8785) and the SHA-256 hashes the Landscape keys payloads by.
 
 `canonical_json` gives exactly the bytes of :func:`rfc8785.dumps` for the same value, but
-takes the C ``json`` encoder whenever its output is provably identical (keys that sort
+takes orjson whenever its output is provably identical (keys that sort
 the same in UTF-16 and code-point order, floats Python prints the way ECMAScript does),
 which is the common case for rows and several times faster.  Values JSON cannot hold
 directly are normalised first: ``date``/``datetime``/``time`` become ISO 8601 strings,
@@ -12,22 +12,32 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import math
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import rfc8785
 
-__all__ = ["CanonicalizationError", "canonical_hash", "canonical_json", "sha256_hex"]
+__all__ = [
+    "CanonicalizationError",
+    "canonical_bytes",
+    "canonical_hash",
+    "canonical_json",
+    "sha256_hex",
+]
 
 _MAX_SAFE_INT = 2**53 - 1
 _PLAIN = frozenset({str, bool, type(None)})
 _SCALARS = _PLAIN | {int, float}
+_STR_ONLY = frozenset({str})
 _is_int = int.__instancecheck__
 _is_float = float.__instancecheck__
-_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+# Once _normalise has vetted a value (ASCII keys, safe ints, finite non-integral floats),
+# orjson prints it exactly as RFC 8785 does; tests/landscape/test_canonical.py checks this
+# against the reference encoder on generated values.
+_ORJSON_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_STRICT_INTEGER
 
 
 class CanonicalizationError(ValueError):
@@ -69,6 +79,8 @@ def _normalise_dict(value: dict[Any, Any]) -> dict[str, Any]:
     except TypeError:
         bad = next(key for key in value if not isinstance(key, str))
         raise CanonicalizationError(f"object key {bad!r} is not a string") from None
+    if not _STR_ONLY.issuperset(map(type, value)):
+        value = {str.__str__(key): item for key, item in value.items()}
     if not ascii_keys:
         raise _NeedsSlowPath
     kinds = set(map(type, value.values()))
@@ -144,8 +156,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def canonical_json(value: Any) -> str:
-    """Return the RFC 8785 canonical JSON text of ``value``.
+def canonical_bytes(value: Any) -> bytes:
+    """The RFC 8785 canonical JSON of ``value``, UTF-8 encoded.
 
     Raises :class:`CanonicalizationError` for values JSON cannot represent exactly.
     """
@@ -153,35 +165,18 @@ def canonical_json(value: Any) -> str:
         normal = _normalise(value)
     except _NeedsSlowPath:
         try:
-            return rfc8785.dumps(_plain(value)).decode("utf-8")
+            return bytes(rfc8785.dumps(_plain(value)))
         except rfc8785.CanonicalizationError as exc:
             raise CanonicalizationError(str(exc)) from exc
-    text: str = _encode(normal)
-    if not text.isascii():
-        _ensure_encodable(text)
-    return text
-
-
-def _ensure_encodable(text: str) -> None:
-    """Refuse lone surrogates, which the C encoder passes through but UTF-8 cannot hold."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise CanonicalizationError("a string holds a lone surrogate (not valid Unicode)") from exc
+        return orjson.dumps(normal, option=_ORJSON_OPTIONS)
+    except orjson.JSONEncodeError as exc:
+        raise CanonicalizationError(str(exc)) from exc
 
 
-def _make_encode() -> Any:
-    """The C encoder built once (``JSONEncoder.encode`` rebuilds it on every call)."""
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
-        return _ENCODER.encode
-    iterencode = make(
-        None, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",", True, False, True
-    )
-    return lambda value: "".join(iterencode(value, 0))
-
-
-_encode = _make_encode()
+def canonical_json(value: Any) -> str:
+    """The RFC 8785 canonical JSON text of ``value`` (see :func:`canonical_bytes`)."""
+    return canonical_bytes(value).decode("utf-8")
 
 
 def sha256_hex(text: str | bytes) -> str:

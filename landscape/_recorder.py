@@ -8,6 +8,7 @@ that record are synchronous and never block: the engine bounds the queue by awai
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import secrets
@@ -15,7 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import _schema as t
-from ._canonical import canonical_json, sha256_hex
+from ._canonical import canonical_bytes, canonical_json, sha256_hex
 from ._outcomes import NodeStateStatus, Outcome, RunStatus
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
     from ._writer import GroupCommitWriter, WriterStatistics
 
-__all__ = ["Recorder", "StoredPayload"]
+__all__ = ["Recorder"]
 
 
 #: The column order the fast-path tuples below are built in; checked against the schema
@@ -77,16 +78,6 @@ def _json(value: Any) -> str | None:
     if value is None:
         return None
     return json.dumps(value, sort_keys=True, default=str, ensure_ascii=False)
-
-
-class StoredPayload:
-    """A value as stored in the payload table: its canonical text and hash."""
-
-    __slots__ = ("content", "hash")
-
-    def __init__(self, content: str, content_hash: str) -> None:
-        self.content = content
-        self.hash = content_hash
 
 
 class Recorder:
@@ -192,12 +183,15 @@ class Recorder:
 
     # -- payloads, rows and tokens ---------------------------------------------------
 
-    def store(self, value: Any) -> StoredPayload:
-        """Store ``value`` content-addressed and return its canonical text and hash."""
-        content = canonical_json(value)
-        stored = StoredPayload(content, sha256_hex(content))
-        self._writer.payload(stored.hash, content)
-        return stored
+    def store(self, value: Any) -> str:
+        """Store ``value`` content-addressed; return its hash (SHA-256 of canonical JSON).
+
+        Raises :class:`CanonicalizationError` when ``value`` has no canonical JSON form.
+        """
+        content = canonical_bytes(value)
+        content_hash = hashlib.sha256(content).hexdigest()
+        self._writer.payload(content_hash, content.decode("utf-8"))
+        return content_hash
 
     def store_text(self, content: str) -> str:
         """Store an already-canonical text; return its hash."""

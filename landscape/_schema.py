@@ -2,9 +2,11 @@
 
 Table and column names listed in DESIGN.md are contract; the extra columns here carry
 ``run_id`` wherever a lookup needs it.  Timestamps are UNIX epoch seconds (float, UTC):
-cheap to bind on every dialect and exact to the microsecond.  Foreign keys are not
-declared: rows arrive in group-committed batches in dependency order, and
-:func:`landscape.verify` checks referential integrity explicitly.
+cheap to bind on every dialect and exact to the microsecond.  Append-only event tables
+(``routing_events``, ``token_outcomes``, ``validation_errors``) carry their generated id
+as a plain column: no lookup goes by it, and every index costs each audited row an extra
+B-tree insert.  Foreign keys are not declared: rows arrive in group-committed batches in
+dependency order, and :func:`landscape.verify` checks referential integrity explicitly.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ node_states = Table(
 routing_events = Table(
     "routing_events",
     metadata,
-    Column("event_id", _ID, primary_key=True),
+    Column("event_id", _ID, nullable=False),
     Column("run_id", _ID, nullable=False),
     Column("state_id", _ID, nullable=False),
     Column("edge_id", _ID, nullable=False),
@@ -188,7 +190,7 @@ batch_members = Table(
 token_outcomes = Table(
     "token_outcomes",
     metadata,
-    Column("outcome_id", _ID, primary_key=True),
+    Column("outcome_id", _ID, nullable=False),
     Column("run_id", _ID, nullable=False),
     Column("token_id", _ID, nullable=False),
     Column("outcome", String(24), nullable=False),
@@ -235,7 +237,7 @@ checkpoints = Table(
 validation_errors = Table(
     "validation_errors",
     metadata,
-    Column("error_id", _ID, primary_key=True),
+    Column("error_id", _ID, nullable=False),
     Column("run_id", _ID, nullable=False),
     Column("node_id", _ID, nullable=False),
     Column("row_index", Integer, nullable=False),

@@ -52,7 +52,8 @@ class _Batch:
 
     def __init__(self) -> None:
         self.inserts: dict[Table, list[tuple[Any, ...]]] = {table: [] for table in INSERT_ORDER}
-        self.payloads: dict[str, str] = {}
+        #: ``(hash, content)`` rows; duplicates are filtered by the writer's seen-set.
+        self.payloads: list[tuple[str, str]] = []
         self.updates: list[tuple[Table, dict[str, Any], dict[str, Any]]] = []
         self.size = 0
 
@@ -73,6 +74,8 @@ class GroupCommitWriter:
         self._commit_interval = commit_interval
         self._high_water = high_water
         self._batch = _Batch()
+        # An OrderedDict, not a dict: evicting a plain dict's oldest key gets slower with
+        # every eviction (iteration skips the deleted slots at its front).
         self._seen_payloads: OrderedDict[str, None] = OrderedDict()
         self._has_work = anyio.Event()
         self._work_signalled = False
@@ -129,15 +132,20 @@ class GroupCommitWriter:
             self._signal_work()
 
     def payload(self, content_hash: str, content: str) -> None:
-        """Queue a content-addressed payload; already-stored hashes are skipped."""
-        if content_hash in self._seen_payloads:
-            self._seen_payloads.move_to_end(content_hash)
+        """Queue a content-addressed payload; recently stored hashes are skipped.
+
+        The database ignores a hash it already holds; remembering the most recent ones
+        (first in, first out, bounded) saves sending them again.
+        """
+        seen = self._seen_payloads
+        if content_hash in seen:
             return
-        self._ensure_open()
-        self._seen_payloads[content_hash] = None
-        if len(self._seen_payloads) > _SEEN_PAYLOADS:
-            self._seen_payloads.popitem(last=False)
-        self._batch.payloads[content_hash] = content
+        if self._closing:
+            self._ensure_open()
+        seen[content_hash] = None
+        if len(seen) > _SEEN_PAYLOADS:
+            seen.popitem(last=False)
+        self._batch.payloads.append((content_hash, content))
         self._queued()
 
     def update(self, table: Table, key: Mapping[str, Any], values: Mapping[str, Any]) -> None:
@@ -237,7 +245,7 @@ class GroupCommitWriter:
     async def _commit(self, batch: _Batch) -> None:
         statements: Statements = []
         if batch.payloads:
-            statements.append((self._payload_insert, list(batch.payloads.items())))
+            statements.append((self._payload_insert, batch.payloads))
         for table in INSERT_ORDER:
             rows = batch.inserts.get(table)
             if rows:

@@ -99,13 +99,13 @@ class NodeTask:
     def set_row(self, token: Token, row: Row) -> None:
         """Give ``token`` a new row, storing it unless it is the row it already has."""
         if row is not token.row:
-            token.row_hash = self.recorder.store(row).hash
+            token.row_hash = self.recorder.store(row)
             token.row = row
 
     def store_row(self, row: Row) -> tuple[str | None, dict[str, Any] | None]:
         """Store ``row``; returns ``(hash, None)`` or ``(None, error)`` if it has no JSON form."""
         try:
-            return self.recorder.store(row).hash, None
+            return self.recorder.store(row), None
         except CanonicalizationError as exc:
             return None, error_info(exc)
 

@@ -75,9 +75,9 @@ class SourceNode(NodeTask):
 
     def _store_raw(self, record: SourceRecord) -> tuple[str, str | None]:
         try:
-            return self.recorder.store(record.raw).hash, record.error
+            return self.recorder.store(record.raw), record.error
         except CanonicalizationError as exc:
-            fallback = self.recorder.store(repr(record.raw)).hash
+            fallback = self.recorder.store(repr(record.raw))
             return fallback, record.error or f"record has no JSON form: {exc}"
 
     def _validated(self, record: SourceRecord) -> dict[str, Any] | str | None:
@@ -95,7 +95,7 @@ class SourceNode(NodeTask):
         self, token: Token, record: SourceRecord, row: dict[str, Any], started: float
     ) -> None:
         if row is not record.raw:
-            token.row_hash = self.recorder.store(row).hash
+            token.row_hash = self.recorder.store(row)
         token.row = row
         self.recorder.node_state(
             state_id=self.recorder.new_id("s"),

@@ -94,25 +94,25 @@ class _Builder:
         row_id, token = f"{self.p}row-{index}", f"{self.p}tok-{index}"
         self.sample.rows[index] = row_id
         self.rec.source_row(
-            row_id=row_id, row_index=index, source_node_id="src", data_hash=raw.hash
+            row_id=row_id, row_index=index, source_node_id="src", data_hash=raw
         )
         self.rec.token(token_id=token, row_id=row_id)
         self.sample.tokens[str(index)] = token
-        self.sample.hashes[f"raw-{index}"] = raw.hash
+        self.sample.hashes[f"raw-{index}"] = raw
         if valid is None:
             self.rec.validation_error(
-                node_id="src", row_index=index, error="id: not an int", row_data_ref=raw.hash
+                node_id="src", row_index=index, error="id: not an int", row_data_ref=raw
             )
             self.state(
                 token,
                 "src",
-                raw.hash,
+                raw,
                 None,
                 status=NodeStateStatus.FAILED,
                 error={"type": "ValidationError", "message": "id: not an int"},
             )
         else:
-            self.state(token, "src", raw.hash, valid)
+            self.state(token, "src", raw, valid)
         return token
 
     def child(self, name: str, row_id: str, parents: list[str], branch: str | None = None) -> str:
@@ -134,7 +134,7 @@ class _Builder:
         context: dict[str, Any] | None = None,
     ) -> str:
         state_id = f"st-{token}-{node}"
-        out_hash = None if output is None else self.rec.store(output).hash
+        out_hash = None if output is None else self.rec.store(output)
         step = self._steps.get(token, -1) + 1
         self._steps[token] = step
         started = self.now()
@@ -172,17 +172,17 @@ def _linear(b: _Builder) -> None:
     state = b.state(tok, "clean", src_out, {"id": 0, "text": "hello", "label": "greeting"})
     request = b.rec.store({"model": "m", "messages": [{"role": "user", "content": "hello"}]})
     response = b.rec.store({"choices": [{"message": {"content": "greeting"}}]})
-    b.sample.hashes["request"], b.sample.hashes["response"] = request.hash, response.hash
+    b.sample.hashes["request"], b.sample.hashes["response"] = request, response
     common = {"state_id": state, "call_index": 0, "call_type": "llm", "provider": "openai"}
     b.rec.call({
         **common, "call_id": f"{b.p}call-0-1", "model": "m", "status": "error", "attempt": 1,
-        "http_status": 503, "request_hash": request.hash, "request_ref": request.hash,
+        "http_status": 503, "request_hash": request, "request_ref": request,
         "error_json": '{"message": "overloaded"}', "latency_ms": 12.5,
     })  # fmt: skip
     b.rec.call({
         **common, "call_id": f"{b.p}call-0-2", "model": "m", "status": "success", "attempt": 2,
-        "http_status": 200, "request_hash": request.hash, "request_ref": request.hash,
-        "response_hash": response.hash, "response_ref": response.hash, "latency_ms": 80.0,
+        "http_status": 200, "request_hash": request, "request_ref": request,
+        "response_hash": response, "response_ref": response, "latency_ms": 80.0,
         "prompt_tokens": 20, "completion_tokens": 3,
     })  # fmt: skip
     b.sink(tok, "out", b.sample.hashes[f"{tok}@clean"], Outcome.COMPLETED)
