@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from landscape import NodeStateStatus, Outcome
+from landscape import Outcome
 from plugins import SinkItem
 
 from .._errors import PluginError
@@ -87,17 +87,8 @@ class SinkNode(NodeTask):
                 self._rejected(token, error, started, completed)
 
     def _written(self, token: Token, started: float, completed: float) -> None:
-        self.recorder.node_state(
-            state_id=self.recorder.new_id("s"),
-            token_id=token.token_id,
-            node_id=self.node_id,
-            status=NodeStateStatus.COMPLETED,
-            input_hash=token.row_hash,
-            output_hash=token.row_hash,
-            started_at=started,
-            completed_at=completed,
-            step_index=token.step,
-        )
+        state_id = self.recorder.new_id("s")
+        self.record_state(token, state_id, started, completed, output_hash=token.row_hash)
         context = None if token.error is None else {"error": token.error}
         self.run_ctx.record_outcome(
             token.token_id,
@@ -109,18 +100,8 @@ class SinkNode(NodeTask):
 
     def _rejected(self, token: Token, error: str, started: float, completed: float) -> None:
         failure = {"type": "SinkRejection", "message": error}
-        self.recorder.node_state(
-            state_id=self.recorder.new_id("s"),
-            token_id=token.token_id,
-            node_id=self.node_id,
-            status=NodeStateStatus.FAILED,
-            input_hash=token.row_hash,
-            output_hash=None,
-            started_at=started,
-            completed_at=completed,
-            step_index=token.step,
-            error=failure,
-        )
+        state_id = self.recorder.new_id("s")
+        self.record_state(token, state_id, started, completed, output_hash=None, error=failure)
         self.run_ctx.record_outcome(
             token.token_id,
             Outcome.FAILED,

@@ -97,16 +97,28 @@ class SourceNode(NodeTask):
         if row is not record.raw:
             token.row_hash = self.recorder.store(row)
         token.row = row
+        self._record_source_state(token, self.recorder.new_id("s"), started, token.row_hash)
+
+    def _record_source_state(
+        self,
+        token: Token,
+        state_id: str,
+        started: float,
+        output_hash: str | None,
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        """The source's node state: no input, the validated row (or the error) as output."""
         self.recorder.node_state(
-            state_id=self.recorder.new_id("s"),
+            state_id=state_id,
             token_id=token.token_id,
             node_id=self.node_id,
-            status=NodeStateStatus.COMPLETED,
+            status=NodeStateStatus.FAILED if error else NodeStateStatus.COMPLETED,
             input_hash=None,
-            output_hash=token.row_hash,
+            output_hash=output_hash,
             started_at=started,
             completed_at=time.time(),
             step_index=0,
+            error=error,
         )
         token.step = 1
 
@@ -118,19 +130,8 @@ class SourceNode(NodeTask):
             row_data_ref=token.row_hash,
         )
         state_id = self.recorder.new_id("s")
-        self.recorder.node_state(
-            state_id=state_id,
-            token_id=token.token_id,
-            node_id=self.node_id,
-            status=NodeStateStatus.FAILED,
-            input_hash=None,
-            output_hash=None,
-            started_at=started,
-            completed_at=time.time(),
-            step_index=0,
-            error={"type": "ValidationError", "message": error},
-        )
-        token.step = 1
+        failure = {"type": "ValidationError", "message": error}
+        self._record_source_state(token, state_id, started, None, failure)
         route = self.spec.error_route
         if route is None:
             self.run_ctx.record_outcome(
@@ -154,6 +155,6 @@ class SourceNode(NodeTask):
             route_label=route.label,
             reason={"error": error},
         )
-        token.error = {"type": "ValidationError", "message": error}
+        token.error = failure
         self.set_row(token, {"_row_index": token.row_index, "_raw": record.raw, "_error": error})
         await self.deliver(token, route)
