@@ -1,7 +1,10 @@
 """Where a group commit is executed: in-process through SQLAlchemy, or in a SQLite process.
 
 A committer takes a list of ``(sql, rows)`` statements — positional SQL compiled for
-its dialect, rows as tuples — and executes them in one transaction.  Both translate
+its dialect, rows as tuples — and executes them in one transaction.  :meth:`submit`
+may return before the transaction is durable (the SQLite process commits one batch
+while the engine prepares the next); :meth:`wait_durable` returns once everything
+submitted is committed, and raises the error of a batch that failed.  Both translate
 driver errors into :class:`AuditIntegrityError` (a constraint refused the write) or
 :class:`LandscapeUnavailable` (anything else).
 """
@@ -61,7 +64,9 @@ class Committer(Protocol):
         tb: TracebackType | None,
     ) -> None: ...
 
-    async def commit(self, statements: Statements) -> None: ...
+    async def submit(self, statements: Statements) -> None: ...
+
+    async def wait_durable(self) -> None: ...
 
 
 class SqlAlchemyCommitter:
@@ -76,7 +81,10 @@ class SqlAlchemyCommitter:
     async def __aexit__(self, *exc_info: object) -> None:
         return None
 
-    async def commit(self, statements: Statements) -> None:
+    async def wait_durable(self) -> None:
+        """Nothing to wait for: :meth:`submit` returns once its transaction committed."""
+
+    async def submit(self, statements: Statements) -> None:
         try:
             async with self._engine.begin() as conn:
                 for sql, rows in statements:
@@ -94,6 +102,7 @@ class SqliteProcessCommitter:
         self._database = database
         self._process: Process | None = None
         self._replies: BufferedByteReceiveStream | None = None
+        self._awaiting_answer = False
 
     async def __aenter__(self) -> Self:
         # Run the worker file itself rather than ``-m landscape._sqlite_worker``: importing
@@ -122,14 +131,27 @@ class SqliteProcessCommitter:
                 await process.wait()
             await process.aclose()
 
-    async def commit(self, statements: Statements) -> None:
-        if self._process is None or self._replies is None:
+    async def submit(self, statements: Statements) -> None:
+        """Send one batch; the previous batch's answer is awaited first (one in flight)."""
+        await self.wait_durable()
+        if self._process is None:
             raise LandscapeUnavailable("the SQLite writer process is not running")
         assert self._process.stdin is not None
         frame = marshal.dumps(statements)
         try:
             await self._process.stdin.send(_HEADER.pack(len(frame)))
             await self._process.stdin.send(frame)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            raise LandscapeUnavailable(f"the SQLite writer process died: {exc!r}") from exc
+        self._awaiting_answer = True
+
+    async def wait_durable(self) -> None:
+        """Read the answer to the batch in flight, if any; raise if it failed."""
+        if not self._awaiting_answer:
+            return
+        assert self._replies is not None
+        self._awaiting_answer = False
+        try:
             code = await self._replies.receive_exactly(1)
             if code == b"K":
                 return

@@ -81,8 +81,12 @@ class GroupCommitWriter:
         self._work_signalled = False
         self._urgent = anyio.Event()
         self._committed = anyio.Event()
+        #: Set each time the queue is handed to the committer (room for producers).
+        self._drained = anyio.Event()
         self._submitted_seq = 0
         self._committed_seq = 0
+        self._in_flight_seq = 0
+        self._flushes_waiting = 0
         self._records_written = 0
         self._commits = 0
         self._closing = False
@@ -158,19 +162,23 @@ class GroupCommitWriter:
         """Return once the queue is below its high-water mark (at once when it is)."""
         while self._failure is None and self._batch.size >= self._high_water:
             self._urgent.set()
-            await self._committed.wait()
+            await self._drained.wait()
         if self._failure is not None:
             raise AuditIntegrityError("the Landscape writer has failed") from self._failure
 
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""
         target = self._submitted_seq
-        while self._committed_seq < target:
-            self._urgent.set()
-            self._has_work.set()
-            if self._failure is not None:
-                raise AuditIntegrityError("the Landscape writer has failed") from self._failure
-            await self._committed.wait()
+        self._flushes_waiting += 1
+        try:
+            while self._committed_seq < target:
+                self._urgent.set()
+                self._has_work.set()
+                if self._failure is not None:
+                    raise AuditIntegrityError("the Landscape writer has failed") from self._failure
+                await self._committed.wait()
+        finally:
+            self._flushes_waiting -= 1
 
     def close(self) -> None:
         """Ask the writer to commit what is queued and stop."""
@@ -209,6 +217,8 @@ class GroupCommitWriter:
         task_status.started()
         try:
             while not (self._closing and not self._batch.size):
+                if not self._work_signalled and self._in_flight_seq > self._committed_seq:
+                    await self._commit_queued()  # idle: confirm the batch in flight now
                 await self._has_work.wait()
                 if not self._closing:
                     with anyio.move_on_after(self._commit_interval):
@@ -216,7 +226,7 @@ class GroupCommitWriter:
                 self._has_work = anyio.Event()
                 self._work_signalled = False
                 self._urgent = anyio.Event()
-                await self._commit_queued()
+                await self._commit_queued(durable=self._closing or self._flushes_waiting > 0)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await self._commit_queued()
@@ -225,6 +235,7 @@ class GroupCommitWriter:
             self._failure = exc
             self._closing = True  # producers now get the failure from _ensure_open
             self._committed.set()
+            self._drained.set()
             raise
 
     async def aclose(self) -> None:
@@ -232,12 +243,27 @@ class GroupCommitWriter:
         self.close()
         await self._commit_queued()
 
-    async def _commit_queued(self) -> None:
+    async def _commit_queued(self, *, durable: bool = True) -> None:
+        """Submit what is queued; with ``durable``, also wait until it is committed.
+
+        Without ``durable`` the batch may still be in flight on return (the committer
+        keeps at most one): it counts as committed once the committer confirms it.
+        """
         async with self._lock:
             batch, seq = self._batch, self._submitted_seq
             self._batch = _Batch()
+            self._drained.set()
+            self._drained = anyio.Event()
             if batch.size:
                 await self._commit(batch)
+                self._mark_committed(self._in_flight_seq)
+                self._in_flight_seq = seq
+            if durable:
+                await self._committer.wait_durable()
+                self._mark_committed(seq)
+
+    def _mark_committed(self, seq: int) -> None:
+        if seq > self._committed_seq:
             self._committed_seq = seq
             self._committed.set()
             self._committed = anyio.Event()
@@ -251,7 +277,7 @@ class GroupCommitWriter:
             if rows:
                 statements.append((self._insert_sql[table], rows))
         statements.extend(self._update_statement(*update) for update in batch.updates)
-        await self._committer.commit(statements)
+        await self._committer.submit(statements)
         self._records_written += batch.size
         self._commits += 1
 
