@@ -122,3 +122,26 @@ def test_hash_is_sha256_of_canonical_text() -> None:
     assert canonical_hash(value) == sha256_hex('{"a":[1,"x"],"b":1}')
     assert sha256_hex(b"abc") == sha256_hex("abc")
     assert sha256_hex("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        8.0378274697208e-06,
+        1e-5,
+        9.99e-6,
+        1e-6,
+        1e-7,
+        1.5e-7,
+        123456789.123,
+        4503599627370495.5,
+        1e-320,
+        2.5e-5,
+        -3.3e-6,
+        0.1,
+        1e15 + 0.5,
+    ],
+)
+def test_floats_at_the_formatting_boundaries_match_the_reference(number: float) -> None:
+    for value in (number, {"x": number}, {"x": number, "s": "t"}, [number]):
+        assert canonical_json(value) == rfc8785.dumps(value).decode()
