@@ -76,8 +76,9 @@ class RunContext:
         self.recorder.outcome(
             token_id=token_id, outcome=outcome, sink_name=sink_name, context=context
         )
-        self.outcomes[outcome.value] += 1
-        self.stats[node_id].outcomes[outcome.value] += 1
+        name = outcome._value_
+        self.outcomes[name] += 1
+        self.stats[node_id].outcomes[name] += 1
 
     def statistics(self) -> list[NodeStatistics]:
         return [stats.snapshot() for stats in self.stats.values()]

@@ -112,7 +112,7 @@ def _scalars_print_canonically(value: dict[str, Any], kinds: set[type]) -> bool:
     floats = list(filter(_is_float, value.values()))
     if not all(map(math.isfinite, floats)) or any(map(float.is_integer, floats)):
         return False
-    return min(map(abs, floats)) >= _SMALLEST_FAST_FLOAT
+    return bool(min(map(abs, floats)) >= _SMALLEST_FAST_FLOAT)
 
 
 def _normalise_float(value: float) -> float | int:

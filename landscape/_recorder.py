@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from . import _schema as t
 from ._canonical import canonical_bytes, canonical_json, sha256_hex
@@ -74,10 +75,18 @@ for _table, _layout in _TUPLE_LAYOUTS.items():
         raise RuntimeError(f"recorder tuple layout of {_table.name} is out of date")
 
 
+_JSON_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+
+
 def _json(value: Any) -> str | None:
+    """Contexts and errors as JSON text (values JSON cannot hold are written as ``str``)."""
     if value is None:
         return None
-    return json.dumps(value, sort_keys=True, default=str, ensure_ascii=False)
+    try:
+        return orjson.dumps(value, default=str, option=_JSON_OPTIONS).decode("utf-8")
+    except orjson.JSONEncodeError:
+        # e.g. an error message quoting a lone surrogate: escaped JSON still records it
+        return json.dumps(value, sort_keys=True, default=str)
 
 
 class Recorder:
@@ -261,7 +270,7 @@ class Recorder:
                 token_id,
                 node_id,
                 attempt,
-                status.value,
+                status._value_,  # the plain str: marshal refuses str subclasses
                 input_hash,
                 output_hash,
                 started_at,
@@ -305,8 +314,8 @@ class Recorder:
                 self.new_id("o"),
                 self.run_id,
                 token_id,
-                outcome.value,
-                outcome.is_terminal,
+                outcome._value_,
+                outcome is not Outcome.BUFFERED,
                 sink_name,
                 batch_id,
                 None if context is None else _json(context),

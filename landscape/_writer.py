@@ -67,7 +67,7 @@ class GroupCommitWriter:
         committer: Committer | None = None,
         *,
         commit_interval: float = 0.05,
-        high_water: int = 50_000,
+        high_water: int = 200_000,
     ) -> None:
         self._dialect = engine.dialect
         self._committer: Committer = committer or SqlAlchemyCommitter(engine)

@@ -11,6 +11,7 @@ from landscape import Outcome
 from plugins import SinkItem
 
 from .._errors import PluginError
+from .._graph import Arrival
 from ._base import NodeTask
 
 if TYPE_CHECKING:
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from .._tokens import Token
 
 __all__ = ["SinkNode"]
+
+_ARRIVAL_OUTCOMES = {arrival: Outcome(arrival.value) for arrival in Arrival}
 
 
 class SinkNode(NodeTask):
@@ -92,7 +95,7 @@ class SinkNode(NodeTask):
         context = None if token.error is None else {"error": token.error}
         self.run_ctx.record_outcome(
             token.token_id,
-            Outcome(token.arrival.value),
+            _ARRIVAL_OUTCOMES[token.arrival],
             self.node_id,
             sink_name=self.node_id,
             context=context,
