@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
@@ -86,7 +87,7 @@ def _json(value: Any) -> str | None:
         return orjson.dumps(value, default=str, option=_JSON_OPTIONS).decode("utf-8")
     except orjson.JSONEncodeError:
         # e.g. an error message quoting a lone surrogate: escaped JSON still records it
-        return json.dumps(value, sort_keys=True, default=str)
+        return json.dumps(value, default=str)
 
 
 class Recorder:
