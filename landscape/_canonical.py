@@ -31,7 +31,6 @@ __all__ = [
 _MAX_SAFE_INT = 2**53 - 1
 _PLAIN = frozenset({str, bool, type(None)})
 _SCALARS = _PLAIN | {int, float}
-_STR_ONLY = frozenset({str})
 _SMALLEST_FAST_FLOAT = 1e-5
 _is_float = float.__instancecheck__
 # Once _normalise has vetted a value (ASCII keys, safe ints, finite non-integral floats),
@@ -75,12 +74,10 @@ def _normalise_dict(value: dict[Any, Any]) -> dict[str, Any]:
     """The hot path for rows: checks run in C where they can, and the dict is copied only
     when a value needs a different form."""
     try:
-        ascii_keys = all(map(str.isascii, value))
+        ascii_keys = "".join(value).isascii()
     except TypeError:
         bad = next(key for key in value if not isinstance(key, str))
         raise CanonicalizationError(f"object key {bad!r} is not a string") from None
-    if not _STR_ONLY.issuperset(map(type, value)):
-        value = {str.__str__(key): item for key, item in value.items()}
     if not ascii_keys:
         raise _NeedsSlowPath
     kinds = set(map(type, value.values()))
@@ -110,7 +107,9 @@ def _scalars_print_canonically(value: dict[str, Any], kinds: set[type]) -> bool:
     if float not in kinds:
         return True
     floats = list(filter(_is_float, value.values()))
-    if not all(map(math.isfinite, floats)) or any(map(float.is_integer, floats)):
+    # A sum is finite exactly when no addend is NaN or infinite (an overflow to
+    # infinity only sends a finite row down the slow path).
+    if not math.isfinite(sum(floats)) or any(map(float.is_integer, floats)):
         return False
     return bool(min(map(abs, floats)) >= _SMALLEST_FAST_FLOAT)
 
@@ -160,15 +159,16 @@ def canonical_bytes(value: Any) -> bytes:
     Raises :class:`CanonicalizationError` for values JSON cannot represent exactly.
     """
     try:
-        normal = _normalise(value)
+        return orjson.dumps(_normalise(value), option=_ORJSON_OPTIONS)
     except _NeedsSlowPath:
-        try:
-            return bytes(rfc8785.dumps(_plain(value)))
-        except rfc8785.CanonicalizationError as exc:
+        pass
+    except orjson.JSONEncodeError as exc:
+        # A key of a str subclass (an enum member) is the one refusal the slow path mends.
+        if "Dict key must be str" not in str(exc):
             raise CanonicalizationError(str(exc)) from exc
     try:
-        return orjson.dumps(normal, option=_ORJSON_OPTIONS)
-    except orjson.JSONEncodeError as exc:
+        return bytes(rfc8785.dumps(_plain(value)))
+    except rfc8785.CanonicalizationError as exc:
         raise CanonicalizationError(str(exc)) from exc
 
 
