@@ -96,14 +96,14 @@ class Recorder:
     def __init__(self, writer: GroupCommitWriter, run_id: str) -> None:
         self._writer = writer
         self.run_id = run_id
-        self._session = secrets.token_hex(5)
+        self._session = f"-{secrets.token_hex(5)}-"
         self._counter = itertools.count()
 
     # -- identities ------------------------------------------------------------------
 
     def new_id(self, kind: str) -> str:
         """A new identifier, unique across runs and sessions (``kind`` is a short prefix)."""
-        return f"{kind}-{self._session}-{next(self._counter):x}"
+        return f"{kind}{self._session}{next(self._counter):x}"
 
     # -- run and graph ---------------------------------------------------------------
 

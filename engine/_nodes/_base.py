@@ -5,7 +5,7 @@ from __future__ import annotations
 import traceback
 from typing import TYPE_CHECKING, Any
 
-from landscape import CanonicalizationError, NodeStateStatus, Outcome
+from landscape import NodeStateStatus, Outcome
 
 if TYPE_CHECKING:
     from plugins import Row
@@ -101,13 +101,6 @@ class NodeTask:
         if row is not token.row:
             token.row_hash = self.recorder.store(row)
             token.row = row
-
-    def store_row(self, row: Row) -> tuple[str | None, dict[str, Any] | None]:
-        """Store ``row``; returns ``(hash, None)`` or ``(None, error)`` if it has no JSON form."""
-        try:
-            return self.recorder.store(row), None
-        except CanonicalizationError as exc:
-            return None, error_info(exc)
 
     def record_state(
         self,

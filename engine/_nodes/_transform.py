@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from landscape import Outcome
+from landscape import CanonicalizationError, Outcome
 from plugins import Discard, RowContext, Transform
 
 from .._reorder import ReleaseWindow
@@ -125,14 +125,15 @@ class TransformNode(NodeTask):
         self, token: Token, state_id: str, started: float, row: dict[str, Any]
     ) -> _Processed:
         if row is token.row:
-            output_hash: str | None = token.row_hash
+            output_hash = token.row_hash
         else:
-            output_hash, error = self.store_row(row)
-            if error is not None:
-                return self._failed(token, state_id, started, error)
+            try:
+                output_hash = self.recorder.store(row)
+            except CanonicalizationError as exc:
+                return self._failed(token, state_id, started, error_info(exc))
         self.record_state(token, state_id, started, time.time(), output_hash=output_hash)
         token.row = row
-        token.row_hash = output_hash or token.row_hash
+        token.row_hash = output_hash
         return _Processed(token, state_id)
 
     def _failed(
