@@ -6,7 +6,7 @@ import argparse
 import json
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import anyio
 from rich.console import Console
@@ -36,7 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ledgerflow", description="Streaming, fully audited data pipelines."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (_add_run, _add_validate, _add_explain, _add_runs, _add_verify):
+        add_command(commands)
+    return parser
 
+
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _add_run(commands: Commands) -> None:
     run = commands.add_parser(
         "run",
         help="run a pipeline",
@@ -50,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     _landscape_option(run, "default: the pipeline's landscape.url, else " + DEFAULT_URL)
     run.add_argument("--no-progress", action="store_true", help="no live progress display")
 
+
+def _add_validate(commands: Commands) -> None:
     validate = commands.add_parser(
         "validate",
         help="check a pipeline file and print its graph",
@@ -57,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("pipeline", metavar="PIPELINE.yaml", help="the pipeline file")
 
+
+def _add_explain(commands: Commands) -> None:
     explain = commands.add_parser(
         "explain",
         help="show the lineage of one row",
@@ -73,11 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true", help="print JSON instead of a tree")
     _landscape_option(explain)
 
+
+def _add_runs(commands: Commands) -> None:
     runs = commands.add_parser(
         "runs", help="list runs", description="List runs with status and counts."
     )
     _landscape_option(runs)
 
+
+def _add_verify(commands: Commands) -> None:
     verify = commands.add_parser(
         "verify",
         help="check a run's audit invariants",
@@ -87,7 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("run_id", metavar="RUN_ID")
     _landscape_option(verify)
-    return parser
 
 
 def _landscape_option(parser: argparse.ArgumentParser, default_help: str = DEFAULT_URL) -> None:
