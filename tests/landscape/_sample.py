@@ -93,9 +93,7 @@ class _Builder:
         raw = self.rec.store(data)
         row_id, token = f"{self.p}row-{index}", f"{self.p}tok-{index}"
         self.sample.rows[index] = row_id
-        self.rec.source_row(
-            row_id=row_id, row_index=index, source_node_id="src", data_hash=raw
-        )
+        self.rec.source_row(row_id=row_id, row_index=index, source_node_id="src", data_hash=raw)
         self.rec.token(token_id=token, row_id=row_id)
         self.sample.tokens[str(index)] = token
         self.sample.hashes[f"raw-{index}"] = raw

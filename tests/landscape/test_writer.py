@@ -11,11 +11,11 @@ import pytest
 from sqlalchemy import func, select
 
 from landscape import _schema as t
+from landscape._canonical import canonical_hash
 from landscape._errors import AuditIntegrityError
 from landscape._outcomes import Outcome
 from landscape._recorder import Recorder
 from landscape._store import Landscape
-from landscape._canonical import canonical_hash
 from landscape._writer import GroupCommitWriter
 
 
