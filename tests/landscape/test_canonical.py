@@ -145,3 +145,24 @@ def test_hash_is_sha256_of_canonical_text() -> None:
 def test_floats_at_the_formatting_boundaries_match_the_reference(number: float) -> None:
     for value in (number, {"x": number}, {"x": number, "s": "t"}, [number]):
         assert canonical_json(value) == rfc8785.dumps(value).decode()
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"a": 2.0, "b": "x"},
+        {"a": 0.5, "note": "version 2.0, build 3e"},
+        {"a": 8.0378274697208e-06},
+        {"a": 1e16, "b": 1.25},
+        {"a": -0.0, "b": True, "c": None},
+        {"a": 0.1, "b": 7, "c": "plain"},
+    ],
+)
+def test_flat_rows_match_the_reference_whichever_path_they_take(row: dict[str, Any]) -> None:
+    assert canonical_json(row) == rfc8785.dumps(row).decode()
+
+
+@pytest.mark.parametrize("row", [{"a": math.nan}, {"a": math.inf, "b": 1.5}, {"a": 2**60}])
+def test_flat_rows_without_a_canonical_form_are_refused(row: dict[str, Any]) -> None:
+    with pytest.raises(CanonicalizationError):
+        canonical_json(row)
