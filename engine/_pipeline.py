@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectSendStream
 
     from landscape import Recorder
+    from plugins import Plugin
 
     from ._tokens import Token
 
@@ -138,6 +139,11 @@ class Pipeline:
                 status = await self._run_recorded(landscape, run_id, on_progress, progress_interval)
         except LandscapeError as exc:
             raise AuditError(str(exc)) from exc
+        except BaseExceptionGroup as group:
+            audit_failures = group.subgroup(LandscapeError)
+            if audit_failures is None:
+                raise
+            raise AuditError(f"run {run_id}: {_describe(audit_failures)}") from group
         finally:
             run, self._run = self._run, None
             self._running = False
@@ -195,6 +201,9 @@ class Pipeline:
                     await self._run_nodes(run, on_progress, progress_interval)
                     stopped = run.stop_requested.is_set()
                     status = RunStatus.INTERRUPTED if stopped else RunStatus.COMPLETED
+                except anyio.get_cancelled_exc_class():
+                    status = RunStatus.INTERRUPTED
+                    raise
                 except Exception as exc:
                     failure = exc
                 finally:
@@ -248,9 +257,10 @@ class Pipeline:
             for spec in self.graph.nodes.values():
                 if spec.plugin is not None:
                     try:
-                        await plugins.enter_async_context(spec.plugin)
+                        await spec.plugin.open()
                     except Exception as exc:
                         raise PluginError(f"node '{spec.node_id}' failed to open: {exc}") from exc
+                    plugins.push_async_callback(_close_shielded, spec.plugin)
             tasks = self._wire(run)
             async with anyio.create_task_group() as outer:
                 if on_progress is not None:
@@ -289,6 +299,12 @@ class Pipeline:
             snapshot = self.statistics()
             if snapshot is not None:
                 on_progress(snapshot)
+
+
+async def _close_shielded(plugin: Plugin) -> None:
+    """Release a plugin's resources even while the run is being cancelled."""
+    with anyio.CancelScope(shield=True):
+        await plugin.aclose()
 
 
 def _unwrap(exc: BaseException) -> BaseException:

@@ -406,3 +406,42 @@ async def test_the_same_pipeline_runs_twice_but_not_concurrently(
         with pytest.raises(PipelineStateError, match="already running"):
             await pipeline2.run()
         blocker.set()
+
+
+async def test_an_audit_anomaly_fails_the_run_loudly(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine import AuditError
+    from engine._run_context import RunContext
+
+    record = RunContext.record_outcome
+
+    def twice(self: RunContext, *args: Any, **kwargs: Any) -> None:
+        record(self, *args, **kwargs)
+        record(self, *args, **kwargs)  # a second terminal outcome for the same token
+
+    monkeypatch.setattr(RunContext, "record_outcome", twice)
+    pipeline = Pipeline.from_dict(linear_config([{"i": 1}], tmp_path), landscape_url=sqlite_url)
+    with pytest.raises(AuditError, match="refused by the database"):
+        await pipeline.run()
+
+
+async def test_cancelling_the_caller_marks_the_run_interrupted(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    started = anyio.Event()
+
+    async def rows() -> AsyncIterator[dict[str, Any]]:
+        yield {"i": 0}
+        started.set()
+        await anyio.sleep_forever()
+        yield {"i": 1}
+
+    pipeline = Pipeline.from_dict(linear_config(rows(), tmp_path), landscape_url=sqlite_url)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pipeline.run)
+        await started.wait()
+        tg.cancel_scope.cancel()
+    async with Landscape.connect(sqlite_url) as landscape:
+        (run,) = await landscape.list_runs()
+    assert run.status == "interrupted"
