@@ -7,6 +7,8 @@ reverse, and they report to the audit trail only through what they return.
 from __future__ import annotations
 
 from ._registry import PluginNotFound, known_plugins, register_plugin, resolve_plugin
+from ._sinks import SinkError
+from ._sources import SourceError
 from .protocols import (
     Artifact,
     Determinism,
@@ -34,9 +36,11 @@ __all__ = [
     "Row",
     "RowContext",
     "Sink",
+    "SinkError",
     "SinkItem",
     "SinkRejection",
     "Source",
+    "SourceError",
     "SourceRecord",
     "Transform",
     "TransformResult",
