@@ -14,10 +14,13 @@ from landscape import Landscape
 Config = dict[str, Any]
 
 
-def linear_config(rows: Iterable[dict[str, Any]], out: Path, **extra: Any) -> Config:
-    """A memory source straight into a JSONL sink named ``out``; ``extra`` overrides sections."""
+def linear_config(
+    rows: Iterable[dict[str, Any]], out: Path, *, source_to: str = "out", **extra: Any
+) -> Config:
+    """A memory source feeding ``source_to`` (default: a JSONL sink named ``out``, written
+    under ``out``); ``extra`` adds or replaces sections (transforms, gates, ...)."""
     config: Config = {
-        "source": {"plugin": "memory", "options": {"rows": rows}, "on_success": "out"},
+        "source": {"plugin": "memory", "options": {"rows": rows}, "on_success": source_to},
         "sinks": [{"name": "out", "plugin": "jsonl", "options": {"path": str(out / "out.jsonl")}}],
     }
     config.update(extra)

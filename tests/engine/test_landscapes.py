@@ -22,6 +22,7 @@ async def test_a_pipeline_records_the_same_trail_on_either_landscape(
     config = linear_config(
         rows,
         tmp_path,
+        source_to="raw",
         transforms=[
             {
                 "name": "calc",
@@ -41,7 +42,6 @@ async def test_a_pipeline_records_the_same_trail_on_either_landscape(
             }
         ],
     )
-    config["source"]["on_success"] = "raw"
     config["sinks"].append(
         {"name": "errors", "plugin": "jsonl", "options": {"path": str(tmp_path / "e.jsonl")}}
     )

@@ -39,6 +39,7 @@ async def test_linear_pipeline_writes_every_row_and_records_every_step(
     config = linear_config(
         rows,
         tmp_path,
+        source_to="raw",
         transforms=[
             {
                 "name": "shape",
@@ -64,7 +65,6 @@ async def test_linear_pipeline_writes_every_row_and_records_every_step(
             }
         ],
     )
-    config["source"]["on_success"] = "raw"
     config["sinks"].append(
         {"name": "big", "plugin": "jsonl", "options": {"path": str(tmp_path / "big.jsonl")}}
     )
@@ -90,6 +90,7 @@ async def test_a_failing_row_goes_to_its_error_sink_and_the_run_goes_on(
     config = linear_config(
         rows,
         tmp_path,
+        source_to="raw",
         transforms=[
             {
                 "name": "div",
@@ -100,7 +101,6 @@ async def test_a_failing_row_goes_to_its_error_sink_and_the_run_goes_on(
             }
         ],
     )
-    config["source"]["on_success"] = "raw"
     config["sinks"].append(
         {"name": "errors", "plugin": "jsonl", "options": {"path": str(tmp_path / "errors.jsonl")}}
     )
@@ -118,6 +118,7 @@ async def test_without_an_error_route_failing_rows_end_failed(
     config = linear_config(
         [{"a": 1, "b": 0}, {"a": 1, "b": 1}],
         tmp_path,
+        source_to="raw",
         transforms=[
             {
                 "name": "div",
@@ -127,7 +128,6 @@ async def test_without_an_error_route_failing_rows_end_failed(
             }
         ],
     )
-    config["source"]["on_success"] = "raw"
     result = await run_verified(config)
     assert result.outcomes == {"failed": 1, "completed": 1}
 
@@ -138,6 +138,7 @@ async def test_filter_and_discard_route_end_rows_discarded_with_a_reason(
     config = linear_config(
         [{"x": i} for i in range(10)],
         tmp_path,
+        source_to="raw",
         transforms=[
             {
                 "name": "keep_even",
@@ -156,7 +157,6 @@ async def test_filter_and_discard_route_end_rows_discarded_with_a_reason(
             }
         ],
     )
-    config["source"]["on_success"] = "raw"
     result = await run_verified(config)
     assert result.outcomes == {"discarded": 7, "routed": 3}
     async with Landscape.connect(sqlite_url) as landscape, landscape.engine.connect() as conn:
@@ -180,6 +180,7 @@ async def test_a_condition_that_fails_for_a_row_is_that_rows_error(
     config = linear_config(
         [{"score": 1}, {"other": 2}, {"score": 0}],
         tmp_path,
+        source_to="raw",
         gates=[
             {
                 "name": "g",
@@ -189,7 +190,6 @@ async def test_a_condition_that_fails_for_a_row_is_that_rows_error(
             }
         ],
     )
-    config["source"]["on_success"] = "raw"
     result = await run_verified(config)
     assert result.outcomes == {"routed": 2, "failed": 1}
 
@@ -200,9 +200,9 @@ async def test_fork_sends_a_child_down_every_branch(
     config = linear_config(
         [{"id": i} for i in range(4)],
         tmp_path,
+        source_to="raw",
         gates=[{"name": "split", "input": "raw", "fork_to": {"left": "out", "right": "right"}}],
     )
-    config["source"]["on_success"] = "raw"
     config["sinks"].append(
         {"name": "right", "plugin": "jsonl", "options": {"path": str(tmp_path / "r.jsonl")}}
     )
@@ -220,6 +220,7 @@ async def test_concurrent_transform_keeps_order_and_loses_nothing(
     config = linear_config(
         rows,
         tmp_path,
+        source_to="raw",
         transforms=[
             {
                 "name": "slow",
@@ -233,7 +234,6 @@ async def test_concurrent_transform_keeps_order_and_loses_nothing(
             }
         ],
     )
-    config["source"]["on_success"] = "raw"
     result = await run_verified(config)
     written = [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")]
     expected = [r["id"] for r in rows if not r["fail"]]
@@ -359,7 +359,7 @@ async def test_secrets_in_options_never_reach_the_landscape(
     tmp_path: Path, sqlite_url: str
 ) -> None:
     target = f"sqlite+aiosqlite:///{tmp_path / 'target.db'}"
-    config = linear_config([{"i": 1}], tmp_path)
+    config = linear_config([{"i": 1}], tmp_path, source_to="raw")
     config["sinks"][0] = {
         "name": "out",
         "plugin": "database",
@@ -374,7 +374,6 @@ async def test_secrets_in_options_never_reach_the_landscape(
             "options": {"constants": {"api_key": "sk-SECRET-123"}},
         }
     ]
-    config["source"]["on_success"] = "raw"
     result = await Pipeline.from_dict(config, landscape_url=sqlite_url).run()
     assert result.status == "completed"
     async with Landscape.connect(sqlite_url) as landscape, landscape.engine.connect() as conn:
