@@ -178,14 +178,15 @@ class ComputeTransform(Transform):
     def __init__(self, options: Any, setup: PluginSetup) -> None:
         super().__init__(options, setup)
         self._fields = tuple(
-            (name, _compile(f"fields.{name}", source)) for name, source in options.fields.items()
+            (name, f"compute: fields.{name}", _compile(f"fields.{name}", source))
+            for name, source in options.fields.items()
         )
 
     async def process(self, row: Row, ctx: RowContext) -> TransformResult:
         out = dict(row)
         changed = False
-        for name, expression in self._fields:
-            value = _evaluate(expression, f"compute: fields.{name}", out)
+        for name, key_path, expression in self._fields:
+            value = _evaluate(expression, key_path, out)
             changed = changed or out.get(name, _MISSING) is not value
             out[name] = value
         return out if changed else row
