@@ -816,8 +816,8 @@ def _short(value: Any) -> str:
         return f"<int of {value.bit_length():,} bits>"
     try:
         return _REPR.repr(value)
-    except Exception:
-        return f"<{type(value).__name__} object>"
+    except Exception as exc:  # a value's own __repr__ may fail; describe it instead
+        return f"<{type(value).__name__} object (repr failed: {type(exc).__name__})>"
 
 
 def _describe(exc: BaseException) -> str:
