@@ -118,9 +118,13 @@ async def run_ledgerflow(n: int, workdir: Path) -> dict[str, float]:
     landscape = workdir / "audit.db"
     TimedJsonlSink.first_write_at = None
     pipeline = Pipeline.from_dict(pipeline_config(n, workdir, landscape))
+    children_before = _children_cpu()
+    cpu_before = time.process_time()
     start = time.perf_counter()
     result = await pipeline.run()
     elapsed = time.perf_counter() - start
+    engine_cpu = time.process_time() - cpu_before
+    writer_cpu = _children_cpu() - children_before  # the SQLite writer process, reaped
     assert result.status == "completed", result
     assert result.rows_processed == n, result
     first = (TimedJsonlSink.first_write_at or start) - start
@@ -130,7 +134,14 @@ async def run_ledgerflow(n: int, workdir: Path) -> dict[str, float]:
         "seconds": elapsed,
         "first_write_s": first,
         "bytes_per_row": size / n,
+        "engine_cpu_us_per_row": engine_cpu / n * 1e6,
+        "writer_cpu_us_per_row": writer_cpu / n * 1e6,
     }
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def run_baseline(n: int, workdir: Path) -> dict[str, float]:
@@ -197,6 +208,10 @@ def compare(n: int, repeat: int) -> None:
     print(f"ratio ledgerflow/base  : {med['rows_per_s'] / base:>10.2f}")
     print(f"time to first sink write: {med['first_write_s']:.3f} s of {med['seconds']:.2f} s")
     print(f"Landscape size per row : {med['bytes_per_row']:,.0f} bytes")
+    print(
+        f"CPU per row            : engine process {med['engine_cpu_us_per_row']:.0f} us, "
+        f"SQLite writer process {med['writer_cpu_us_per_row']:.0f} us"
+    )
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS (this process): {peak_mib:,.0f} MiB")
 

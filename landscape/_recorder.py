@@ -102,8 +102,12 @@ class Recorder:
     # -- identities ------------------------------------------------------------------
 
     def new_id(self, kind: str) -> str:
-        """A new identifier, unique across runs and sessions (``kind`` is a short prefix)."""
-        return f"{kind}{self._session}{next(self._counter):x}"
+        """A new identifier, unique across runs and sessions (``kind`` is a short prefix).
+
+        The counter is fixed-width so a session's ids sort in creation order: index
+        inserts then land at the end of their B-tree instead of at random pages.
+        """
+        return f"{kind}{self._session}{next(self._counter):09x}"
 
     # -- run and graph ---------------------------------------------------------------
 
