@@ -88,8 +88,9 @@ def render_lineage(lineage: Lineage) -> Tree:
 
     The root names the run and row; below it the source record (hash, data, validation
     errors), then each token with the node states it passed (status, short input/output
-    hashes, duration, gate decisions, routes, calls, errors), its batches, its outcome and
-    sink, and the tokens made from it (fork branches, joins) nested under it.
+    hashes, duration, the row after every node that changed it, gate decisions, routes,
+    calls, errors), its batches, its outcome and sink, and the tokens made from it (fork
+    branches, joins) nested under it.
     """
     run, row = lineage.run, lineage.row
     tree = Tree(
@@ -161,6 +162,8 @@ def _state_text(state: NodeStateRecord) -> str:
 
 def _add_state(parent: Tree, state: NodeStateRecord) -> None:
     node = parent.add(_state_text(state))
+    if state.output is not None and state.output_hash != state.input_hash:
+        node.add(f"row {_compact(state.output)}")
     if state.error is not None:
         node.add(f"[red]error:[/] {_error_text(state.error)}")
     gate = _gate_text(state.context)
