@@ -304,3 +304,12 @@ def test_runs_table() -> None:
     running = next(line for line in text.splitlines() if "run-0" in line)
     assert "running" in running
     assert " - " in running
+
+
+def test_explain_shows_the_row_after_each_node_that_changed_it() -> None:
+    changed = state("enrich", "transform", output={"id": 1, "label": "hot"})
+    unchanged = state(
+        "gate", "gate", input_hash=H_OUT, output_hash=H_OUT, output={"id": 1, "label": "hot"}
+    )
+    text = text_of(render_lineage(lineage(token("tok-1", changed, unchanged))))
+    assert text.count('row {"id": 1, "label": "hot"}') == 1
