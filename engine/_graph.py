@@ -9,12 +9,14 @@ cycles, unreachable nodes and expressions that do not parse or use forbidden con
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from landscape import canonical_hash
 from plugins import (
@@ -88,10 +90,6 @@ class Route:
     mode: EdgeMode
     arrival: Arrival
 
-    @property
-    def discards(self) -> bool:
-        return self.target is None
-
 
 @dataclass(frozen=True, slots=True)
 class NodeSpec:
@@ -99,10 +97,8 @@ class NodeSpec:
 
     node_id: str
     kind: NodeKind
-    path: str
     settings: BaseModel
     plugin: Plugin | None = None
-    input: str | None = None
     routes: Mapping[str, Route] = field(default_factory=dict)
     #: Where rows that fail here go (``on_error`` / ``on_validation_failure``); ``None``:
     #: they end ``failed`` (``quarantined`` at the source).
@@ -117,10 +113,16 @@ class NodeSpec:
         return None if self.plugin is None else _plugin_label(type(self.plugin))
 
     def config(self) -> dict[str, Any]:
-        """The node's settings as recorded in the Landscape (secrets redacted)."""
+        """The node's settings as recorded in the Landscape (secrets redacted).
+
+        A plugin with an options model records its validated options, as that model
+        dumps them: fields it excludes (a memory source's rows) are data, not config.
+        """
         dumped = self.settings.model_dump(mode="python", by_alias=True, exclude_none=True)
-        if "plugin" in dumped:
+        if self.plugin is not None:
             dumped["plugin"] = self.plugin_name
+            if isinstance(self.plugin.options, BaseModel):
+                dumped["options"] = _dump_options(self.plugin.options)
         return dict(_jsonable(redact(dumped)))
 
 
@@ -131,10 +133,6 @@ class Graph:
     settings: PipelineSettings
     nodes: Mapping[str, NodeSpec]
     base_dir: Path
-
-    @property
-    def source(self) -> NodeSpec:
-        return next(iter(self.nodes.values()))
 
     @property
     def config_hash(self) -> str:
@@ -157,12 +155,21 @@ class Graph:
         return lines
 
 
+def _dump_options(options: BaseModel) -> Any:
+    try:
+        return options.model_dump(mode="json")
+    except PydanticSerializationError:  # an option of a type pydantic cannot serialise
+        return options.model_dump(mode="python")
+
+
 def _jsonable(value: Any) -> Any:
     """``value`` with anything JSON cannot hold (an iterable of rows, an object) named instead."""
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
     if value is None or isinstance(value, str | int | float | bool):
         return value
     return f"<{type(value).__name__}>"
@@ -189,9 +196,9 @@ class _Builder:
 
     # -- plugins -----------------------------------------------------------------------
 
-    def plugin(
-        self, kind: str, base: type[Plugin], ref: Any, node: str, path: str
-    ) -> Plugin | None:
+    def plugin(self, kind: str, base: type[Plugin], settings: Any, path: str) -> Plugin | None:
+        """The node's plugin built from ``settings.plugin`` and ``settings.options``."""
+        ref = settings.plugin
         if isinstance(ref, base):
             return ref
         try:
@@ -201,19 +208,14 @@ class _Builder:
         except PluginNotFound as exc:
             self.fail(f"{path}.plugin", str(exc))
             return None
-        options = getattr(self._settings_at(path), "options", {})
+        setup = PluginSetup(node_name=settings.name, base_dir=self.base_dir)
         try:
-            return cls.from_options(options, PluginSetup(node_name=node, base_dir=self.base_dir))
+            return cls.from_options(settings.options, setup)
         except ValidationError as exc:
             self.issues.extend(issues_from_validation(exc, f"{path}.options"))
         except (ExpressionSyntaxError, ValueError, TypeError) as exc:
             self.fail(f"{path}.options", str(exc))
         return None
-
-    def _settings_at(self, path: str) -> Any:
-        section, _, index = path.partition("[")
-        value = getattr(self.settings, section)
-        return value[int(index.rstrip("]"))] if index else value
 
     # -- connections ---------------------------------------------------------------------
 
@@ -297,7 +299,7 @@ def _check_names(builder: _Builder) -> dict[str, str]:
 
 def _source_spec(b: _Builder) -> NodeSpec | None:
     src = b.settings.source
-    plugin = b.plugin("source", Source, src.plugin, src.name, "source")
+    plugin = b.plugin("source", Source, src, "source")
     routes = {}
     ok = b.route(
         src.name, "success", src.on_success, "source.on_success", EdgeMode.MOVE, Arrival.NORMAL
@@ -318,7 +320,7 @@ def _source_spec(b: _Builder) -> NodeSpec | None:
         )
     if plugin is None:
         return None
-    return NodeSpec(src.name, NodeKind.SOURCE, "source", src, plugin, None, routes, error_route=bad)
+    return NodeSpec(src.name, NodeKind.SOURCE, src, plugin, routes, error_route=bad)
 
 
 def _error_route(b: _Builder, node: str, target: str | None, path: str) -> Route | None:
@@ -329,16 +331,14 @@ def _error_route(b: _Builder, node: str, target: str | None, path: str) -> Route
 
 def _transform_spec(b: _Builder, t: TransformSettings, i: int) -> NodeSpec | None:
     path = f"transforms[{i}]"
-    plugin = b.plugin("transform", Transform, t.plugin, t.name, path)
+    plugin = b.plugin("transform", Transform, t, path)
     error_route = _error_route(b, t.name, t.on_error, f"{path}.on_error")
     ok = b.route(
         t.name, "success", t.on_success, f"{path}.on_success", EdgeMode.MOVE, Arrival.NORMAL
     )
     if plugin is None or ok is None:
         return None
-    return NodeSpec(
-        t.name, NodeKind.TRANSFORM, path, t, plugin, t.input, {"success": ok}, error_route
-    )
+    return NodeSpec(t.name, NodeKind.TRANSFORM, t, plugin, {"success": ok}, error_route)
 
 
 def _gate_spec(b: _Builder, g: GateSettings, i: int) -> NodeSpec | None:
@@ -372,15 +372,14 @@ def _gate_spec(b: _Builder, g: GateSettings, i: int) -> NodeSpec | None:
             )
             if r:
                 routes[label] = r
-    return NodeSpec(g.name, NodeKind.GATE, path, g, None, g.input, routes, error_route, condition)
+    return NodeSpec(g.name, NodeKind.GATE, g, None, routes, error_route, condition)
 
 
 def _sink_spec(b: _Builder, s: SinkSettings, i: int) -> NodeSpec | None:
-    path = f"sinks[{i}]"
-    plugin = b.plugin("sink", Sink, s.plugin, s.name, path)
+    plugin = b.plugin("sink", Sink, s, f"sinks[{i}]")
     if plugin is None:
         return None
-    return NodeSpec(s.name, NodeKind.SINK, path, s, plugin, s.name)
+    return NodeSpec(s.name, NodeKind.SINK, s, plugin)
 
 
 def _check_feeding(b: _Builder, names: Mapping[str, str]) -> None:

@@ -207,12 +207,6 @@ class Recorder:
         self._writer.payload(content_hash, content.decode("utf-8"))
         return content_hash
 
-    def store_text(self, content: str) -> str:
-        """Store an already-canonical text; return its hash."""
-        content_hash = sha256_hex(content)
-        self._writer.payload(content_hash, content)
-        return content_hash
-
     def source_row(
         self, *, row_id: str, row_index: int, source_node_id: str, data_hash: str
     ) -> None:

@@ -11,6 +11,7 @@ the audit trail rely on.  The queue is bounded by its producers: they await
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
@@ -34,15 +35,13 @@ __all__ = ["GroupCommitWriter", "WriterStatistics"]
 _SEEN_PAYLOADS = 65_536
 
 
+@dataclass(frozen=True, slots=True)
 class WriterStatistics:
     """A snapshot of the writer's counters."""
 
-    __slots__ = ("commits", "pending_records", "records_written")
-
-    def __init__(self, pending_records: int, records_written: int, commits: int) -> None:
-        self.pending_records = pending_records
-        self.records_written = records_written
-        self.commits = commits
+    pending_records: int
+    records_written: int
+    commits: int
 
 
 class _Batch:
@@ -128,12 +127,8 @@ class GroupCommitWriter:
         """Queue one row for ``table`` as a tuple in the table's column order (the fast path)."""
         if self._closing:
             self._ensure_open()
-        batch = self._batch
-        batch.inserts[table].append(row)
-        batch.size += 1
-        self._submitted_seq += 1
-        if not self._work_signalled:
-            self._signal_work()
+        self._batch.inserts[table].append(row)
+        self._queued()
 
     def payload(self, content_hash: str, content: str) -> None:
         """Queue a content-addressed payload; recently stored hashes are skipped.

@@ -101,7 +101,8 @@ class JsonSourceOptions(_FileOptions):
 class MemorySourceOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
-    rows: SkipValidation[Iterable[Any] | AsyncIterable[Any]]
+    #: Data, not configuration: left out of the node's recorded config (``exclude``).
+    rows: SkipValidation[Iterable[Any] | AsyncIterable[Any]] = Field(exclude=True)
 
     @field_validator("rows")
     @classmethod

@@ -86,14 +86,23 @@ class NodeTask:
                 context={"node": self.node_id, "error": error},
             )
             return
+        row = {**token.row, "_error": error["message"], "_error_node": self.node_id}
+        await self.divert(token, route, error, state_id, row)
+
+    async def divert(
+        self, token: Token, route: Route, error: dict[str, Any], state_id: str, row: Row
+    ) -> None:
+        """Send a failed ``token`` down an error route, carrying ``row`` (which names the
+        error); the decision is recorded as a routing event of the failed state."""
+        assert route.edge_id is not None, "an error route always leads to a sink"
         self.recorder.routing_event(
             state_id=state_id,
-            edge_id=route.edge_id or "",
+            edge_id=route.edge_id,
             route_label=route.label,
             reason={"error": error},
         )
         token.error = error
-        self.set_row(token, {**token.row, "_error": error["message"], "_error_node": self.node_id})
+        self.set_row(token, row)
         await self.deliver(token, route)
 
     def set_row(self, token: Token, row: Row) -> None:

@@ -56,7 +56,7 @@ class SourceNode(NodeTask):
         """Record one source record and send it on (or quarantine it)."""
         started = time.time()
         self.stats.received += 1
-        raw_hash, error = self._store_raw(record)
+        raw, raw_hash, error = self._store_raw(record)
         token = Token(
             self.recorder.new_id("t"), f"{self.row_prefix}{index}", index, {}, raw_hash, step=0
         )
@@ -64,40 +64,39 @@ class SourceNode(NodeTask):
             row_id=token.row_id, row_index=index, source_node_id=self.node_id, data_hash=raw_hash
         )
         self.recorder.token(token_id=token.token_id, row_id=token.row_id)
-        row = None if error else self._validated(record)
-        if isinstance(row, str):
-            error, row = row, None
-        if row is None:
-            await self._reject(token, record, error or "unreadable record", started)
+        row, row_hash, error = (
+            self._validated(record, raw_hash) if error is None else (None, None, error)
+        )
+        if row is None or row_hash is None:
+            await self._reject(token, raw, error or "unreadable record", started)
             return
-        self._accept(token, record, row, started)
+        token.row, token.row_hash = row, row_hash
+        self._record_source_state(token, self.recorder.new_id("s"), started, row_hash)
         await self.deliver(token, self.spec.routes["success"])
 
-    def _store_raw(self, record: SourceRecord) -> tuple[str, str | None]:
+    def _store_raw(self, record: SourceRecord) -> tuple[Any, str, str | None]:
+        """The raw record as stored (its ``repr`` when it has no JSON form), its hash and
+        the record's error, if any."""
         try:
-            return self.recorder.store(record.raw), record.error
+            return record.raw, self.recorder.store(record.raw), record.error
         except CanonicalizationError as exc:
-            fallback = self.recorder.store(repr(record.raw))
-            return fallback, record.error or f"record has no JSON form: {exc}"
+            raw = repr(record.raw)
+            return raw, self.recorder.store(raw), record.error or f"record has no JSON form: {exc}"
 
-    def _validated(self, record: SourceRecord) -> dict[str, Any] | str | None:
-        """The validated row, or the validation error as a string."""
+    def _validated(
+        self, record: SourceRecord, raw_hash: str
+    ) -> tuple[dict[str, Any] | None, str | None, str | None]:
+        """``(row, row_hash, None)`` for a valid record, ``(None, None, error)`` otherwise."""
         if record.row is None:
-            return None
-        if self.schema is None:
-            return record.row
+            return None, None, None
         try:
-            return self.schema.validate(record.row)
+            row = record.row if self.schema is None else self.schema.validate(record.row)
+            row_hash = raw_hash if row is record.raw else self.recorder.store(row)
         except RowValidationError as exc:
-            return str(exc)
-
-    def _accept(
-        self, token: Token, record: SourceRecord, row: dict[str, Any], started: float
-    ) -> None:
-        if row is not record.raw:
-            token.row_hash = self.recorder.store(row)
-        token.row = row
-        self._record_source_state(token, self.recorder.new_id("s"), started, token.row_hash)
+            return None, None, str(exc)
+        except CanonicalizationError as exc:
+            return None, None, f"row has no JSON form: {exc}"
+        return row, row_hash, None
 
     def _record_source_state(
         self,
@@ -122,7 +121,7 @@ class SourceNode(NodeTask):
         )
         token.step = 1
 
-    async def _reject(self, token: Token, record: SourceRecord, error: str, started: float) -> None:
+    async def _reject(self, token: Token, raw: Any, error: str, started: float) -> None:
         self.recorder.validation_error(
             node_id=self.node_id,
             row_index=token.row_index,
@@ -140,21 +139,13 @@ class SourceNode(NodeTask):
                 self.node_id,
                 context={"node": self.node_id, "error": error},
             )
-            return
-        if route.target is None:
+        elif route.target is None:
             self.run_ctx.record_outcome(
                 token.token_id,
                 Outcome.DISCARDED,
                 self.node_id,
                 context={"node": self.node_id, "reason": f"validation failed: {error}"},
             )
-            return
-        self.recorder.routing_event(
-            state_id=state_id,
-            edge_id=route.edge_id or "",
-            route_label=route.label,
-            reason={"error": error},
-        )
-        token.error = failure
-        self.set_row(token, {"_row_index": token.row_index, "_raw": record.raw, "_error": error})
-        await self.deliver(token, route)
+        else:
+            row = {"_row_index": token.row_index, "_raw": raw, "_error": error}
+            await self.divert(token, route, failure, state_id, row)

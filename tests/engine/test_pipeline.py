@@ -444,3 +444,32 @@ async def test_cancelling_the_caller_marks_the_run_interrupted(
     async with Landscape.connect(sqlite_url) as landscape:
         (run,) = await landscape.list_runs()
     assert run.status == "interrupted"
+
+
+async def test_a_record_with_no_json_form_is_quarantined_with_its_repr(
+    run_verified: Run, tmp_path: Path
+) -> None:
+    config = linear_config([{"x": 1.5}, {"x": float("nan")}], tmp_path)
+    config["source"]["on_validation_failure"] = "quarantine"
+    config["sinks"].append(
+        {"name": "quarantine", "plugin": "jsonl", "options": {"path": str(tmp_path / "q.jsonl")}}
+    )
+    result = await run_verified(config)
+    assert result.outcomes == {"completed": 1, "quarantined": 1}
+    (quarantined,) = read_jsonl(tmp_path / "q.jsonl")
+    assert quarantined["_raw"] == "{'x': nan}"
+    assert "no JSON form" in quarantined["_error"]
+
+
+async def test_progress_callback_sees_the_final_counts(tmp_path: Path, sqlite_url: str) -> None:
+    seen: list[Any] = []
+    pipeline = Pipeline.from_dict(
+        linear_config([{"i": i} for i in range(30)], tmp_path), landscape_url=sqlite_url
+    )
+    result = await pipeline.run(on_progress=seen.append, progress_interval=0.01)
+    final = seen[-1]
+    assert final.run_id == result.run_id
+    assert final.rows_read == 30
+    assert final.outcomes == {"completed": 30}
+    assert {node.node_id for node in final.nodes} == {"source", "out"}
+    assert pipeline.statistics() is None  # not running any more
