@@ -11,6 +11,7 @@ Plugins never touch the Landscape: the engine records what they return.
 
 from __future__ import annotations
 
+from ._clock import Clock, ManualClock, SystemClock
 from ._errors import (
     AuditError,
     ConfigError,
@@ -28,9 +29,11 @@ from ._version import ENGINE_VERSION
 __all__ = [
     "ENGINE_VERSION",
     "AuditError",
+    "Clock",
     "ConfigError",
     "ConfigIssue",
     "LedgerflowError",
+    "ManualClock",
     "NodeStatistics",
     "Pipeline",
     "PipelineStateError",
@@ -39,4 +42,5 @@ __all__ = [
     "RunFailed",
     "RunResult",
     "RunStatistics",
+    "SystemClock",
 ]

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 __all__ = [
+    "AggregationSettings",
+    "CoalesceSettings",
     "GateSettings",
     "LandscapeSettings",
     "PipelineSettings",
@@ -27,6 +29,7 @@ __all__ = [
     "SinkSettings",
     "SourceSettings",
     "TransformSettings",
+    "TriggerSettings",
     "format_location",
     "issues_from_validation",
     "load_settings",
@@ -152,6 +155,108 @@ class GateSettings(_Model):
         return self
 
 
+JoinPolicy = Literal["require_all", "quorum", "best_effort", "first"]
+MergeStrategy = Literal["union", "nested", "select"]
+OutputMode = Literal["transform", "single", "passthrough"]
+
+
+class CoalesceSettings(_Model):
+    """Joins the branch tokens of each forked row back into one token."""
+
+    name: str = Field(description="Unique node name.")
+    branches: dict[str, str] = Field(
+        min_length=2,
+        description="Branch name (as the fork gate names it) -> connection it arrives on.",
+    )
+    policy: JoinPolicy = Field(
+        "require_all",
+        description="require_all: every branch; quorum: `quorum` branches; best_effort: what "
+        "arrived by the timeout or end of input; first: the first arrival.",
+    )
+    quorum: int | None = Field(None, ge=1, description="Branches needed with policy quorum.")
+    merge: MergeStrategy = Field(
+        "union",
+        description="union: all fields (differing values conflict); nested: {branch: row}; "
+        "select: the row of `select_branch`.",
+    )
+    prefer: str | None = Field(
+        None, description="With merge union: the branch whose value wins a conflict."
+    )
+    select_branch: str | None = Field(None, description="With merge select: the branch taken.")
+    timeout_seconds: float | None = Field(
+        None, gt=0, description="Longest a join waits after its first branch arrived."
+    )
+    on_success: str = Field(description="Connection or sink for joined rows.")
+    on_error: str | None = Field(
+        None, description="Sink for the tokens of failed joins; unset: they end 'failed'."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CoalesceSettings:
+        if self.policy == "quorum":
+            if self.quorum is None:
+                raise ValueError("policy quorum needs `quorum`")
+            if self.quorum > len(self.branches):
+                raise ValueError(f"quorum {self.quorum} exceeds the {len(self.branches)} branches")
+        elif self.quorum is not None:
+            raise ValueError("`quorum` is only for policy quorum")
+        if self.merge == "select":
+            if self.select_branch not in self.branches:
+                raise ValueError("merge select needs `select_branch`, one of the branches")
+        elif self.select_branch is not None:
+            raise ValueError("`select_branch` is only for merge select")
+        if self.prefer is not None:
+            if self.merge != "union":
+                raise ValueError("`prefer` is only for merge union")
+            if self.prefer not in self.branches:
+                raise ValueError(f"prefer: '{self.prefer}' is not one of the branches")
+        return self
+
+
+class TriggerSettings(_Model):
+    """When an aggregation flushes a batch; the first trigger to fire wins.
+
+    End of input always flushes what is left.
+    """
+
+    count: int | None = Field(None, ge=1, description="Flush when the batch has this many rows.")
+    timeout_seconds: float | None = Field(
+        None, gt=0, description="Flush this long after the batch's first row."
+    )
+    condition: str | None = Field(
+        None,
+        description="Expression over `row` (the newest), `batch_count` and "
+        "`batch_age_seconds`; flush when true.",
+    )
+
+
+class AggregationSettings(_Model):
+    """Collects rows into batches (per group) and flushes each through its plugin."""
+
+    name: str = Field(description="Unique node name.")
+    plugin: PluginRef = Field(description="batch_stats | collect | 'module:Class'.")
+    input: str = Field(description="Connection this node reads.")
+    on_success: str = Field(description="Connection or sink for the flushed rows.")
+    on_error: str | None = Field(
+        None, description="Sink for the rows of a failed batch; unset: they end 'failed'."
+    )
+    trigger: TriggerSettings = Field(
+        default_factory=TriggerSettings, description="When a batch flushes."
+    )
+    group_by: str | None = Field(
+        None, description="A field name or expression over `row`: one batch per value."
+    )
+    output_mode: OutputMode = Field(
+        "transform",
+        description="transform: N rows in, M new rows out; single: N in, 1 out; "
+        "passthrough: the N rows go on, enriched.",
+    )
+    retries: int = Field(
+        0, ge=0, description="Times a failed flush is retried, each as a new batch attempt."
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="Plugin options.")
+
+
 class SinkSettings(_Model):
     """Where rows are written."""
 
@@ -177,6 +282,12 @@ class PipelineSettings(_Model):
         default_factory=list, description="Row-by-row transforms."
     )
     gates: list[GateSettings] = Field(default_factory=list, description="Routing and forks.")
+    coalesce: list[CoalesceSettings] = Field(
+        default_factory=list, description="Joins of forked branches."
+    )
+    aggregations: list[AggregationSettings] = Field(
+        default_factory=list, description="Batching of rows, per group."
+    )
     sinks: list[SinkSettings] = Field(min_length=1, description="Where rows are written.")
 
 

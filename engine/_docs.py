@@ -31,6 +31,9 @@ _SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("`source.schema`", config.SchemaSettings),
     ("`transforms[]`", config.TransformSettings),
     ("`gates[]`", config.GateSettings),
+    ("`coalesce[]`", config.CoalesceSettings),
+    ("`aggregations[]`", config.AggregationSettings),
+    ("`aggregations[].trigger`", config.TriggerSettings),
     ("`sinks[]`", config.SinkSettings),
 ]
 

@@ -8,7 +8,9 @@ cycles, unreachable nodes and expressions that do not parse or use forbidden con
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import keyword
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from pydantic_core import PydanticSerializationError
 
 from landscape import canonical_hash
 from plugins import (
+    Aggregation,
     Plugin,
     PluginNotFound,
     PluginSetup,
@@ -31,6 +34,8 @@ from plugins import (
 from plugins.expressions import Expression, ExpressionSyntaxError, compile_expression
 
 from ._config import (
+    AggregationSettings,
+    CoalesceSettings,
     GateSettings,
     PipelineSettings,
     SinkSettings,
@@ -61,6 +66,8 @@ class NodeKind(StrEnum):
     SOURCE = "source"
     TRANSFORM = "transform"
     GATE = "gate"
+    COALESCE = "coalesce"
+    AGGREGATION = "aggregation"
     SINK = "sink"
 
 
@@ -89,6 +96,8 @@ class Route:
     edge_id: str | None
     mode: EdgeMode
     arrival: Arrival
+    #: The coalesce branch this route feeds, when its target is a coalesce.
+    inlet: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +112,12 @@ class NodeSpec:
     #: Where rows that fail here go (``on_error`` / ``on_validation_failure``); ``None``:
     #: they end ``failed`` (``quarantined`` at the source).
     error_route: Route | None = None
+    #: A gate's condition, or an aggregation's trigger condition.
     condition: Expression | None = None
+    #: An aggregation's ``group_by``, as an expression over ``row``.
+    group_by: Expression | None = None
+    #: A coalesce's fork gate: the node whose branches it joins.
+    joins: str | None = None
 
     def all_routes(self) -> list[Route]:
         return [*self.routes.values(), *([self.error_route] if self.error_route else [])]
@@ -188,8 +202,13 @@ class _Builder:
         self.base_dir = base_dir
         self.issues: list[ConfigIssue] = []
         self.consumers: dict[str, str] = {}
+        #: Connection -> the coalesce branch it is, for a coalesce's branch connections.
+        self.inlets: dict[str, str] = {}
         self.sinks: set[str] = set()
         self.fed: set[str] = set()
+        #: Key path of each claimed connection, and the connections something writes to.
+        self.input_paths: dict[str, str] = {}
+        self.fed_connections: set[str] = set()
 
     def fail(self, path: str, message: str) -> None:
         self.issues.append(ConfigIssue(path, message))
@@ -228,6 +247,7 @@ class _Builder:
             )
         else:
             self.consumers[connection] = node
+            self.input_paths[connection] = path
 
     def route(
         self,
@@ -253,7 +273,9 @@ class _Builder:
             )
             return None
         self.fed.add(target)
-        return Route(label, target, f"{source}:{label}->{target}", mode, arrival)
+        self.fed_connections.add(name)
+        edge_id = f"{source}:{label}->{target}"
+        return Route(label, target, edge_id, mode, arrival, inlet=self.inlets.get(name))
 
 
 def compile_graph(settings: PipelineSettings, base_dir: Path) -> Graph:
@@ -265,15 +287,25 @@ def compile_graph(settings: PipelineSettings, base_dir: Path) -> Graph:
         builder.claim_input(transform.input, transform.name, f"transforms[{i}].input")
     for i, gate in enumerate(settings.gates):
         builder.claim_input(gate.input, gate.name, f"gates[{i}].input")
+    for i, coalesce in enumerate(settings.coalesce):
+        for branch, connection in coalesce.branches.items():
+            builder.claim_input(connection, coalesce.name, f"coalesce[{i}].branches.{branch}")
+            builder.inlets[connection] = branch
+    for i, aggregation in enumerate(settings.aggregations):
+        builder.claim_input(aggregation.input, aggregation.name, f"aggregations[{i}].input")
     specs = [_source_spec(builder)]
     specs += [_transform_spec(builder, t, i) for i, t in enumerate(settings.transforms)]
     specs += [_gate_spec(builder, g, i) for i, g in enumerate(settings.gates)]
+    specs += [_coalesce_spec(builder, c, i) for i, c in enumerate(settings.coalesce)]
+    specs += [_aggregation_spec(builder, a, i) for i, a in enumerate(settings.aggregations)]
     specs += [_sink_spec(builder, s, i) for i, s in enumerate(settings.sinks)]
     nodes = {spec.node_id: spec for spec in specs if spec is not None}
-    _check_feeding(builder, names)
+    _check_feeding(builder)
     if not builder.issues:
         order = _topological_order(builder, nodes, names)
         nodes = {node_id: nodes[node_id] for node_id in order}
+    if not builder.issues:
+        nodes = _link_joins(builder, nodes)
     if builder.issues:
         raise ConfigError(builder.issues)
     return Graph(settings=settings, nodes=nodes, base_dir=base_dir)
@@ -285,6 +317,8 @@ def _check_names(builder: _Builder) -> dict[str, str]:
     entries = [(s.source.name, "source.name")]
     entries += [(t.name, f"transforms[{i}].name") for i, t in enumerate(s.transforms)]
     entries += [(g.name, f"gates[{i}].name") for i, g in enumerate(s.gates)]
+    entries += [(c.name, f"coalesce[{i}].name") for i, c in enumerate(s.coalesce)]
+    entries += [(a.name, f"aggregations[{i}].name") for i, a in enumerate(s.aggregations)]
     entries += [(k.name, f"sinks[{i}].name") for i, k in enumerate(s.sinks)]
     names: dict[str, str] = {}
     for name, path in entries:
@@ -375,6 +409,56 @@ def _gate_spec(b: _Builder, g: GateSettings, i: int) -> NodeSpec | None:
     return NodeSpec(g.name, NodeKind.GATE, g, None, routes, error_route, condition)
 
 
+def _coalesce_spec(b: _Builder, c: CoalesceSettings, i: int) -> NodeSpec | None:
+    path = f"coalesce[{i}]"
+    error_route = _error_route(b, c.name, c.on_error, f"{path}.on_error")
+    ok = b.route(
+        c.name, "success", c.on_success, f"{path}.on_success", EdgeMode.MOVE, Arrival.NORMAL
+    )
+    if ok is None:
+        return None
+    return NodeSpec(c.name, NodeKind.COALESCE, c, None, {"success": ok}, error_route)
+
+
+#: The names an aggregation's trigger condition may use.
+TRIGGER_NAMES = ("row", "batch_count", "batch_age_seconds")
+
+
+def _aggregation_spec(b: _Builder, a: AggregationSettings, i: int) -> NodeSpec | None:
+    path = f"aggregations[{i}]"
+    plugin = b.plugin("aggregation", Aggregation, a, path)
+    error_route = _error_route(b, a.name, a.on_error, f"{path}.on_error")
+    ok = b.route(
+        a.name, "success", a.on_success, f"{path}.on_success", EdgeMode.MOVE, Arrival.NORMAL
+    )
+    condition = group_by = None
+    if a.trigger.condition is not None:
+        try:
+            condition = compile_expression(a.trigger.condition, names=TRIGGER_NAMES)
+        except ExpressionSyntaxError as exc:
+            b.fail(f"{path}.trigger.condition", str(exc))
+    if a.group_by is not None:
+        source = a.group_by.strip()
+        if source.isidentifier() and not keyword.iskeyword(source) and source != "row":
+            source = f"row[{source!r}]"  # a bare name is a field
+        try:
+            group_by = compile_expression(source)
+        except ExpressionSyntaxError as exc:
+            b.fail(f"{path}.group_by", str(exc))
+    if plugin is None or ok is None:
+        return None
+    return NodeSpec(
+        a.name,
+        NodeKind.AGGREGATION,
+        a,
+        plugin,
+        {"success": ok},
+        error_route,
+        condition=condition,
+        group_by=group_by,
+    )
+
+
 def _sink_spec(b: _Builder, s: SinkSettings, i: int) -> NodeSpec | None:
     plugin = b.plugin("sink", Sink, s, f"sinks[{i}]")
     if plugin is None:
@@ -382,13 +466,52 @@ def _sink_spec(b: _Builder, s: SinkSettings, i: int) -> NodeSpec | None:
     return NodeSpec(s.name, NodeKind.SINK, s, plugin)
 
 
-def _check_feeding(b: _Builder, names: Mapping[str, str]) -> None:
-    for connection, node in b.consumers.items():
-        if node not in b.fed:
-            b.fail(f"{names[node]}.input", f"nothing writes to connection '{connection}'")
+def _check_feeding(b: _Builder) -> None:
+    for connection, path in b.input_paths.items():
+        if connection not in b.fed_connections:
+            b.fail(path, f"nothing writes to connection '{connection}'")
     for i, sink in enumerate(b.settings.sinks):
         if sink.name not in b.fed:
             b.fail(f"sinks[{i}].name", f"no node writes to sink '{sink.name}'")
+
+
+def _link_joins(b: _Builder, nodes: Mapping[str, NodeSpec]) -> dict[str, NodeSpec]:
+    """Give each coalesce the fork gate it joins: the nearest gate upstream of every one
+    of its branches that forks into all of its branch names."""
+    upstream: dict[str, set[str]] = {node_id: set() for node_id in nodes}
+    for node_id, spec in nodes.items():  # topological order: parents are complete first
+        for route in spec.all_routes():
+            if route.target is not None:
+                upstream[route.target] |= upstream[node_id] | {node_id}
+    linked = dict(nodes)
+    for i, settings in enumerate(b.settings.coalesce):
+        coalesce = nodes.get(settings.name)
+        if coalesce is None:
+            continue
+        feeders = {
+            node_id
+            for node_id, other in nodes.items()
+            for route in other.all_routes()
+            if route.target == settings.name
+        }
+        common = set.intersection(*({f} | upstream[f] for f in feeders)) if feeders else set()
+        forks = [
+            node_id
+            for node_id in nodes
+            if node_id in common
+            and isinstance(gate := nodes[node_id].settings, GateSettings)
+            and gate.fork_to is not None
+            and set(settings.branches) <= set(gate.fork_to)
+        ]
+        if not forks:
+            names = ", ".join(sorted(settings.branches))
+            b.fail(
+                f"coalesce[{i}].branches",
+                f"no fork gate upstream of every branch forks rows into the branches {names}",
+            )
+            continue
+        linked[settings.name] = dataclasses.replace(coalesce, joins=forks[-1])
+    return linked
 
 
 def _topological_order(

@@ -14,10 +14,19 @@ import anyio
 
 from landscape import Landscape, LandscapeError, RunStatus
 
+from ._clock import Clock, SystemClock
 from ._config import PipelineSettings, load_settings, read_yaml
 from ._errors import AuditError, PipelineStateError, PluginError, RunFailed
 from ._graph import Graph, NodeKind, compile_graph
-from ._nodes import GateNode, NodeTask, SinkNode, SourceNode, TransformNode
+from ._nodes import (
+    AggregationNode,
+    CoalesceNode,
+    GateNode,
+    NodeTask,
+    SinkNode,
+    SourceNode,
+    TransformNode,
+)
 from ._run_context import NodeStatistics, RunContext
 from ._streams import Inbox, Outbox
 from ._version import ENGINE_VERSION
@@ -36,6 +45,8 @@ _NODE_TASKS: Mapping[NodeKind, type[NodeTask]] = {
     NodeKind.SOURCE: SourceNode,
     NodeKind.TRANSFORM: TransformNode,
     NodeKind.GATE: GateNode,
+    NodeKind.COALESCE: CoalesceNode,
+    NodeKind.AGGREGATION: AggregationNode,
     NodeKind.SINK: SinkNode,
 }
 
@@ -80,7 +91,9 @@ class Pipeline:
     """A validated pipeline, ready to run (several times, one run at a time).
 
     Construction compiles the graph: an invalid configuration raises
-    :class:`~engine.ConfigError` before anything runs.
+    :class:`~engine.ConfigError` before anything runs.  ``clock`` is where coalesce and
+    aggregation timeouts get their time (the event loop's clock; tests pass a
+    :class:`~engine.ManualClock`).
     """
 
     def __init__(
@@ -89,21 +102,27 @@ class Pipeline:
         *,
         base_dir: Path | str = ".",
         landscape_url: str | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
         self.graph: Graph = compile_graph(settings, Path(base_dir).resolve())
         self.landscape_url = landscape_url or settings.landscape.url
+        self.clock: Clock = clock if clock is not None else SystemClock()
         self._run: RunContext | None = None
         self._running = False
         self._stop_early = False
         self._started = 0.0
 
     @classmethod
-    def from_yaml(cls, path: str | Path, *, landscape_url: str | None = None) -> Self:
+    def from_yaml(
+        cls, path: str | Path, *, landscape_url: str | None = None, clock: Clock | None = None
+    ) -> Self:
         """Load a pipeline file; relative paths in it are relative to the file."""
         path = Path(path)
         settings = load_settings(read_yaml(path))
-        return cls(settings, base_dir=path.resolve().parent, landscape_url=landscape_url)
+        return cls(
+            settings, base_dir=path.resolve().parent, landscape_url=landscape_url, clock=clock
+        )
 
     @classmethod
     def from_dict(
@@ -112,9 +131,11 @@ class Pipeline:
         *,
         base_dir: Path | str = ".",
         landscape_url: str | None = None,
+        clock: Clock | None = None,
     ) -> Self:
         """Build from a mapping shaped like the YAML; ``plugin`` may be a class or an instance."""
-        return cls(load_settings(dict(config)), base_dir=base_dir, landscape_url=landscape_url)
+        settings = load_settings(dict(config))
+        return cls(settings, base_dir=base_dir, landscape_url=landscape_url, clock=clock)
 
     # -- running -------------------------------------------------------------------------
 
@@ -191,7 +212,7 @@ class Pipeline:
         status = RunStatus.FAILED
         async with landscape.open_writer(commit_interval=interval) as writer:
             recorder = landscape.recorder(writer, run_id)
-            run = self._run = RunContext(run_id, self.graph, recorder)
+            run = self._run = RunContext(run_id, self.graph, recorder, self.clock)
             if self._stop_early:
                 run.stop_requested.set()
             async with anyio.create_task_group() as tg:

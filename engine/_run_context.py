@@ -8,13 +8,18 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from landscape import Outcome
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from landscape import Outcome, Recorder
+    from landscape import Recorder
 
+    from ._clock import Clock
+    from ._forks import JoinListener
     from ._graph import Graph, NodeKind
     from ._streams import Inbox
+    from ._tokens import Token
 
 __all__ = ["NodeStatistics", "NodeStats", "RunContext"]
 
@@ -49,13 +54,20 @@ class NodeStats:
         )
 
 
-class RunContext:
-    """What every node of a run shares.  Terminal outcomes are counted in one place."""
+#: Outcomes after which the token's line goes on in other tokens (children, a join).
+_LINE_CONTINUES = frozenset({Outcome.FORKED, Outcome.COALESCED, Outcome.BUFFERED})
 
-    def __init__(self, run_id: str, graph: Graph, recorder: Recorder) -> None:
+
+class RunContext:
+    """What every node of a run shares.  Outcomes are recorded and counted in one place."""
+
+    def __init__(self, run_id: str, graph: Graph, recorder: Recorder, clock: Clock) -> None:
         self.run_id = run_id
         self.graph = graph
         self.recorder = recorder
+        self.clock = clock
+        #: Fork gate -> the coalesce that joins its branches (registered by the coalesces).
+        self.joins: dict[str, JoinListener] = {}
         self.outcomes: Counter[str] = Counter()
         self.rows_read = 0
         self.stop_requested = anyio.Event()
@@ -65,17 +77,29 @@ class RunContext:
 
     def record_outcome(
         self,
-        token_id: str,
+        token: Token,
         outcome: Outcome,
         node_id: str,
         *,
         sink_name: str | None = None,
+        batch_id: str | None = None,
         context: Mapping[str, Any] | None = None,
     ) -> None:
-        """Record ``token_id``'s outcome and count it for the run and for ``node_id``."""
+        """Record ``token``'s outcome and count it for the run and for ``node_id``.
+
+        A terminal outcome that ends the token's line tells its fork (if a join waits
+        for it) that the token's branch has one token fewer on the way.
+        """
         self.recorder.outcome(
-            token_id=token_id, outcome=outcome, sink_name=sink_name, context=context
+            token_id=token.token_id,
+            outcome=outcome,
+            sink_name=sink_name,
+            batch_id=batch_id,
+            context=context,
         )
+        if token.fork is not None and outcome not in _LINE_CONTINUES:
+            assert token.branch is not None
+            token.fork.leave(token.branch, lost=True)
         name = outcome._value_
         self.outcomes[name] += 1
         self.stats[node_id].outcomes[name] += 1

@@ -10,6 +10,8 @@ from ._graph import Arrival
 if TYPE_CHECKING:
     from plugins import Row
 
+    from ._forks import ForkInstance
+
 __all__ = ["Token"]
 
 
@@ -34,3 +36,7 @@ class Token:
     arrival: Arrival = Arrival.NORMAL
     #: The error that diverted the token to an error sink, if any.
     error: dict[str, Any] | None = None
+    #: The fork whose join this token may still reach (``branch`` is its branch there).
+    fork: ForkInstance | None = None
+    #: The coalesce branch of the connection the token arrived on, at a coalesce.
+    inlet: str | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ._canonical import CanonicalizationError, canonical_hash, canonical_json, sha256_hex
 from ._errors import AuditIntegrityError, LandscapeError, LandscapeUnavailable
-from ._outcomes import TERMINAL_OUTCOMES, NodeStateStatus, Outcome, RunStatus
+from ._outcomes import TERMINAL_OUTCOMES, BatchStatus, NodeStateStatus, Outcome, RunStatus
 from ._recorder import Recorder
 from ._store import DEFAULT_URL, Landscape, RunSummary
 from ._writer import GroupCommitWriter
@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_URL",
     "TERMINAL_OUTCOMES",
     "AuditIntegrityError",
+    "BatchStatus",
     "CanonicalizationError",
     "GroupCommitWriter",
     "Landscape",

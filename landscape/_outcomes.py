@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["TERMINAL_OUTCOMES", "NodeStateStatus", "Outcome", "RunStatus"]
+__all__ = ["TERMINAL_OUTCOMES", "BatchStatus", "NodeStateStatus", "Outcome", "RunStatus"]
 
 
 class Outcome(StrEnum):
@@ -44,3 +44,13 @@ class RunStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
+
+
+class BatchStatus(StrEnum):
+    """Status of one attempt at an aggregation batch."""
+
+    DRAFT = "draft"
+    EXECUTING = "executing"
+    PENDING = "pending"
+    COMPLETED = "completed"
+    FAILED = "failed"

@@ -19,7 +19,7 @@ import orjson
 
 from . import _schema as t
 from ._canonical import canonical_bytes, canonical_json, sha256_hex
-from ._outcomes import NodeStateStatus, Outcome, RunStatus
+from ._outcomes import BatchStatus, NodeStateStatus, Outcome, RunStatus
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -280,6 +280,79 @@ class Recorder:
                 step_index,
             ),
         )
+
+    def close_state(
+        self,
+        state_id: str,
+        *,
+        status: NodeStateStatus,
+        started_at: float,
+        completed_at: float,
+        output_hash: str | None = None,
+        error: Mapping[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Close a state recorded ``open`` (a flush before its plugin ran) with its result."""
+        values: dict[str, Any] = {
+            "status": status._value_,
+            "completed_at": completed_at,
+            "duration_ms": (completed_at - started_at) * 1000.0,
+            "output_hash": output_hash,
+            "error_json": None if error is None else _json(error),
+        }
+        if context is not None:
+            values["context_json"] = _json(context)
+        self._writer.update(t.node_states, {"state_id": state_id}, values)
+
+    def token_parent(self, *, token_id: str, parent_token_id: str, ordinal: int) -> None:
+        """Add a parent to a token made earlier (a straggler coalesced into a join)."""
+        self._writer.insert_row(t.token_parents, (token_id, parent_token_id, ordinal, self.run_id))
+
+    # -- batches -----------------------------------------------------------------------
+
+    def batch(
+        self,
+        *,
+        batch_id: str,
+        node_id: str,
+        attempt: int,
+        status: BatchStatus,
+        group_key: str | None,
+    ) -> None:
+        """Open a batch of an aggregation node (``draft`` on its first member)."""
+        self._writer.insert(
+            t.batches,
+            {
+                "batch_id": batch_id,
+                "run_id": self.run_id,
+                "aggregation_node_id": node_id,
+                "attempt": attempt,
+                "status": status.value,
+                "group_key": group_key,
+                "created_at": time.time(),
+            },
+        )
+
+    def batch_member(self, *, batch_id: str, token_id: str, ordinal: int) -> None:
+        self._writer.insert_row(t.batch_members, (batch_id, token_id, ordinal, self.run_id))
+
+    def update_batch(
+        self,
+        batch_id: str,
+        *,
+        status: BatchStatus,
+        trigger_reason: str | None = None,
+        aggregation_state_id: str | None = None,
+    ) -> None:
+        """Move a batch on: ``executing`` (with its flush state), ``completed``, ``failed``."""
+        values: dict[str, Any] = {"status": status.value}
+        if trigger_reason is not None:
+            values["trigger_reason"] = trigger_reason
+        if aggregation_state_id is not None:
+            values["aggregation_state_id"] = aggregation_state_id
+        if status in (BatchStatus.COMPLETED, BatchStatus.FAILED):
+            values["completed_at"] = time.time()
+        self._writer.update(t.batches, {"batch_id": batch_id}, values)
 
     def routing_event(
         self, *, state_id: str, edge_id: str, route_label: str, reason: Mapping[str, Any] | None

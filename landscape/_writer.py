@@ -92,6 +92,7 @@ class GroupCommitWriter:
         self._failure: BaseException | None = None
         self._lock = anyio.Lock()
         self._payload_insert = self._payload_statement()
+        self._update_sql: dict[tuple[Table, tuple[str, ...], tuple[str, ...]], Any] = {}
         self._insert_sql = {
             table: self._positional_sql(
                 table.insert().values({c.name: bindparam(c.name) for c in table.columns})
@@ -279,9 +280,13 @@ class GroupCommitWriter:
     def _update_statement(
         self, table: Table, key: dict[str, Any], values: dict[str, Any]
     ) -> tuple[str, list[tuple[Any, ...]]]:
-        clause = and_(*(table.c[name] == bindparam(f"k_{name}") for name in key))
-        statement = update(table).where(clause).values({n: bindparam(f"v_{n}") for n in values})
-        compiled = statement.compile(dialect=self._dialect)
+        shape = (table, tuple(key), tuple(values))
+        compiled = self._update_sql.get(shape)
+        if compiled is None:  # a handful of shapes per run: compile each once
+            clause = and_(*(table.c[name] == bindparam(f"k_{name}") for name in key))
+            values_clause: dict[str, Any] = {n: bindparam(f"v_{n}") for n in values}
+            statement = update(table).where(clause).values(values_clause)
+            compiled = self._update_sql[shape] = statement.compile(dialect=self._dialect)
         params = {
             **{f"k_{n}": v for n, v in key.items()},
             **{f"v_{n}": v for n, v in values.items()},

@@ -1,4 +1,4 @@
-"""Sources, transforms and sinks, and the protocols they implement.
+"""Sources, transforms, aggregations and sinks, and the protocols they implement.
 
 Plugins depend on nothing else of ledgerflow: the engine imports them, never the
 reverse, and they report to the audit trail only through what they return.
@@ -10,7 +10,9 @@ from ._registry import PluginNotFound, known_plugins, register_plugin, resolve_p
 from ._sinks import SinkError
 from ._sources import SourceError
 from .protocols import (
+    Aggregation,
     Artifact,
+    BatchContext,
     Determinism,
     Discard,
     Plugin,
@@ -27,7 +29,9 @@ from .protocols import (
 )
 
 __all__ = [
+    "Aggregation",
     "Artifact",
+    "BatchContext",
     "Determinism",
     "Discard",
     "Plugin",

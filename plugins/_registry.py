@@ -5,8 +5,8 @@ source and a sink may share a name, the kind tells them apart) or an import path
 ``"package.module:ClassName"`` (``ClassName`` may be dotted, for a nested class).  Either
 way the class must subclass the kind's base class.
 
-Kinds start as ``source``, ``transform`` and ``sink``; a module that brings a new kind
-(aggregations) adds it with :func:`register_kind`, and modules that bring plugins add
+Kinds start as ``source``, ``transform``, ``aggregation`` and ``sink``; a module that
+brings a new kind adds it with :func:`register_kind`, and modules that bring plugins add
 them with :func:`register_plugin`.
 """
 
@@ -16,6 +16,7 @@ import importlib
 import inspect
 from typing import Literal, TypeVar, overload
 
+from plugins._aggregations import BatchStatsAggregation, CollectAggregation
 from plugins._sinks import CsvSink, DatabaseSink, JsonlSink
 from plugins._sources import CsvSource, JsonlSource, JsonSource, MemorySource
 from plugins._transforms import (
@@ -24,7 +25,7 @@ from plugins._transforms import (
     FilterTransform,
     PassthroughTransform,
 )
-from plugins.protocols import Plugin, Sink, Source, Transform
+from plugins.protocols import Aggregation, Plugin, Sink, Source, Transform
 
 __all__ = [
     "PluginNotFound",
@@ -37,7 +38,12 @@ __all__ = [
 
 P = TypeVar("P", bound=Plugin)
 
-_BASES: dict[str, type[Plugin]] = {"source": Source, "transform": Transform, "sink": Sink}
+_BASES: dict[str, type[Plugin]] = {
+    "source": Source,
+    "transform": Transform,
+    "aggregation": Aggregation,
+    "sink": Sink,
+}
 _ENTRIES: dict[str, dict[str, type[Plugin]]] = {kind: {} for kind in _BASES}
 
 
@@ -89,6 +95,8 @@ def known_plugins(kind: str) -> list[str]:
 def resolve_plugin(kind: Literal["source"], reference: str) -> type[Source]: ...
 @overload
 def resolve_plugin(kind: Literal["transform"], reference: str) -> type[Transform]: ...
+@overload
+def resolve_plugin(kind: Literal["aggregation"], reference: str) -> type[Aggregation]: ...
 @overload
 def resolve_plugin(kind: Literal["sink"], reference: str) -> type[Sink]: ...
 @overload
@@ -162,6 +170,8 @@ _BUILTINS: tuple[tuple[str, type[Plugin]], ...] = (
     ("transform", ComputeTransform),
     ("transform", FilterTransform),
     ("transform", PassthroughTransform),
+    ("aggregation", BatchStatsAggregation),
+    ("aggregation", CollectAggregation),
     ("sink", CsvSink),
     ("sink", JsonlSink),
     ("sink", DatabaseSink),

@@ -1,4 +1,4 @@
-"""The plugin protocols: what a source, a transform and a sink promise the engine.
+"""The plugin protocols: what a source, a transform, an aggregation and a sink promise.
 
 A plugin is a class.  The engine builds it from its validated options with
 :meth:`Plugin.from_options`, enters it with ``async with`` before the first row and
@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
 __all__ = [
+    "Aggregation",
     "Artifact",
+    "BatchContext",
     "Determinism",
     "Discard",
     "Plugin",
@@ -162,6 +164,38 @@ class Transform(Plugin):
     """Turns one row into one row, or discards it.  An exception is that row's error."""
 
     async def process(self, row: Row, ctx: RowContext) -> TransformResult:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class BatchContext:
+    """Identity of one flush of an aggregation batch; a fresh one per attempt.
+
+    ``group_key`` is the batch's ``group_by`` value (``None`` without ``group_by``),
+    ``trigger`` what fired (``count``, ``timeout``, ``condition``, ``end_of_source``,
+    ``shutdown``) and ``output_mode`` what the engine expects back.
+    """
+
+    run_id: str
+    node_name: str
+    batch_id: str
+    attempt: int
+    group_key: Any
+    trigger: str
+    output_mode: str
+    state_id: str
+
+
+class Aggregation(Plugin):
+    """Turns a batch of rows into result rows when a trigger fires.
+
+    :meth:`flush` is a coroutine and may call out.  What it must return depends on the
+    node's ``output_mode``: any number of rows (``transform``), exactly one
+    (``single``), or one per input row in input order (``passthrough``: the input rows,
+    enriched).  An exception fails the batch: its rows take the node's error route.
+    """
+
+    async def flush(self, rows: Sequence[Row], ctx: BatchContext) -> list[Row]:
         raise NotImplementedError
 
 

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from ._aggregation import AggregationNode
 from ._base import NodeTask
+from ._coalesce import CoalesceNode
 from ._gate import GateNode
 from ._sink import SinkNode
 from ._source import SourceNode
 from ._transform import TransformNode
 
-__all__ = ["GateNode", "NodeTask", "SinkNode", "SourceNode", "TransformNode"]
+__all__ = [
+    "AggregationNode",
+    "CoalesceNode",
+    "GateNode",
+    "NodeTask",
+    "SinkNode",
+    "SourceNode",
+    "TransformNode",
+]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
+
+from anyio import EndOfStream
 
 from landscape import NodeStateStatus, Outcome
 
 if TYPE_CHECKING:
+    from anyio import CancelScope
+
     from plugins import Row
 
     from .._graph import NodeSpec, Route
@@ -15,7 +20,10 @@ if TYPE_CHECKING:
     from .._streams import Inbox, Outbox
     from .._tokens import Token
 
-__all__ = ["NodeTask", "error_info"]
+__all__ = ["WAKE", "NodeTask", "error_info"]
+
+#: What :meth:`NodeTask.next_input` returns when a deadline passed or a wake-up came.
+WAKE: Final = "wake"
 
 
 def error_info(exc: BaseException) -> dict[str, Any]:
@@ -42,6 +50,7 @@ class NodeTask:
         self.inbox = inbox
         self.outbox = outbox
         self.stats: NodeStats = run.stats[spec.node_id]
+        self._waiting: CancelScope | None = None
 
     @property
     def node_id(self) -> str:
@@ -60,30 +69,67 @@ class NodeTask:
         """Process the inbox until end of input (the streams are closed by the caller)."""
         raise NotImplementedError
 
+    async def next_input(self, deadline: float = math.inf) -> Token | str | None:
+        """The next token, ``None`` at end of input, or :data:`WAKE` once the run's clock
+        reaches ``deadline`` or :meth:`wake` is called, whichever comes first.
+
+        Cancelling a wait for a memory stream item never loses the item (anyio does
+        not hand an item to a receiver whose cancellation is pending).
+        """
+        assert self.inbox is not None
+        try:
+            token = self.inbox.receive_nowait()
+        except EndOfStream:
+            return None
+        if token is not None:
+            return token
+        with self.run_ctx.clock.deadline_scope(deadline) as scope:
+            self._waiting = scope
+            try:
+                return await self.inbox.receive()
+            finally:
+                self._waiting = None
+        return WAKE
+
+    def wake(self) -> None:
+        """End a :meth:`next_input` wait now (from another task), if one is in progress."""
+        if self._waiting is not None:
+            self._waiting.cancel()
+
     # -- moving tokens on ----------------------------------------------------------------
 
     async def deliver(self, token: Token, route: Route) -> None:
         """Send ``token`` along ``route`` (a discarding route ends it ``discarded``)."""
         if route.target is None:
             self.run_ctx.record_outcome(
-                token.token_id,
+                token,
                 Outcome.DISCARDED,
                 self.node_id,
                 context={"node": self.node_id, "route": route.label},
             )
             return
         token.arrival = route.arrival
+        token.inlet = route.inlet
         await self.outbox.send(route.target, token)
 
-    async def fail_row(self, token: Token, error: dict[str, Any], state_id: str) -> None:
-        """Route ``token`` by the node's ``on_error``, or end it ``failed``."""
+    async def fail_row(
+        self,
+        token: Token,
+        error: dict[str, Any],
+        state_id: str,
+        context: dict[str, Any] | None = None,
+    ) -> None:
+        """Route ``token`` by the node's ``on_error``, or end it ``failed``.
+
+        ``context`` adds to what the ``failed`` outcome records (node and error).
+        """
         route = self.spec.error_route
         if route is None or route.target is None:
             self.run_ctx.record_outcome(
-                token.token_id,
+                token,
                 Outcome.FAILED,
                 self.node_id,
-                context={"node": self.node_id, "error": error},
+                context={"node": self.node_id, "error": error, **(context or {})},
             )
             return
         row = {**token.row, "_error": error["message"], "_error_node": self.node_id}

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from landscape import Outcome
 from plugins.expressions import ExpressionEvaluationError
 
+from .._forks import ForkInstance
 from .._tokens import Token
 from ._base import NodeTask
 
@@ -75,7 +76,15 @@ class GateNode(NodeTask):
         state_id = self.recorder.new_id("s")
         started = time.time()
         branches = list(self.spec.routes.values())
-        children = [self._child(parent, route.label) for route in branches]
+        fork = ForkInstance.open(
+            parent.token_id,
+            self.node_id,
+            [route.label for route in branches],
+            join=self.run_ctx.joins.get(self.node_id),
+            parent=parent.fork,
+            parent_branch=parent.branch,
+        )
+        children = [self._child(parent, route.label, fork) for route in branches]
         self.record_state(
             parent,
             state_id,
@@ -87,7 +96,7 @@ class GateNode(NodeTask):
         for route in branches:
             self._record_route(state_id, route, {"fork": route.label})
         self.run_ctx.record_outcome(
-            parent.token_id,
+            parent,
             Outcome.FORKED,
             self.node_id,
             context={"node": self.node_id, "children": [child.token_id for child in children]},
@@ -95,7 +104,7 @@ class GateNode(NodeTask):
         for child, route in zip(children, branches, strict=True):
             await self.deliver(child, route)
 
-    def _child(self, parent: Token, branch: str) -> Token:
+    def _child(self, parent: Token, branch: str, fork: ForkInstance | None) -> Token:
         child = Token(
             self.recorder.new_id("t"),
             parent.row_id,
@@ -104,6 +113,7 @@ class GateNode(NodeTask):
             parent.row_hash,
             branch=branch,
             step=parent.step,
+            fork=fork,
         )
         self.recorder.token(
             token_id=child.token_id,

@@ -94,7 +94,7 @@ class SinkNode(NodeTask):
         self.record_state(token, state_id, started, completed, output_hash=token.row_hash)
         context = None if token.error is None else {"error": token.error}
         self.run_ctx.record_outcome(
-            token.token_id,
+            token,
             _ARRIVAL_OUTCOMES[token.arrival],
             self.node_id,
             sink_name=self.node_id,
@@ -106,7 +106,7 @@ class SinkNode(NodeTask):
         state_id = self.recorder.new_id("s")
         self.record_state(token, state_id, started, completed, output_hash=None, error=failure)
         self.run_ctx.record_outcome(
-            token.token_id,
+            token,
             Outcome.FAILED,
             self.node_id,
             context={"node": self.node_id, "error": failure},

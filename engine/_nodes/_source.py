@@ -134,14 +134,14 @@ class SourceNode(NodeTask):
         route = self.spec.error_route
         if route is None:
             self.run_ctx.record_outcome(
-                token.token_id,
+                token,
                 Outcome.QUARANTINED,
                 self.node_id,
                 context={"node": self.node_id, "error": error},
             )
         elif route.target is None:
             self.run_ctx.record_outcome(
-                token.token_id,
+                token,
                 Outcome.DISCARDED,
                 self.node_id,
                 context={"node": self.node_id, "reason": f"validation failed: {error}"},

@@ -149,7 +149,7 @@ class TransformNode(NodeTask):
             await self.fail_row(token, processed.error, processed.state_id)
         elif processed.discard_reason is not None:
             self.run_ctx.record_outcome(
-                token.token_id,
+                token,
                 Outcome.DISCARDED,
                 self.node_id,
                 context={"node": self.node_id, "reason": processed.discard_reason},

@@ -37,11 +37,11 @@ class Shout(Transform):
         name: ClassVar[str] = "inner"
 
 
-class Aggregation(Plugin):
+class Enricher(Plugin):
     """A stand-in for a kind added later."""
 
 
-class Batcher(Aggregation):
+class Batcher(Enricher):
     name: ClassVar[str] = "batcher"
 
 
@@ -65,7 +65,8 @@ def test_builtins_are_known_per_kind() -> None:
     assert known_plugins("source") == ["csv", "json", "jsonl", "memory"]
     assert known_plugins("transform") == ["compute", "field_map", "filter", "passthrough"]
     assert known_plugins("sink") == ["csv", "database", "jsonl"]
-    assert known_kinds() == ["sink", "source", "transform"]
+    assert known_plugins("aggregation") == ["batch_stats", "collect"]
+    assert known_kinds() == ["aggregation", "sink", "source", "transform"]
 
 
 @pytest.mark.parametrize(
@@ -184,13 +185,13 @@ def test_register_plugin_refuses_a_taken_name_or_a_wrong_base() -> None:
 
 @pytest.mark.usefixtures("registry")
 def test_new_kinds_can_be_registered() -> None:
-    register_kind("aggregation", Aggregation)
-    register_kind("aggregation", Aggregation)  # idempotent
-    register_plugin("aggregation", Batcher)
-    assert known_kinds() == ["aggregation", "sink", "source", "transform"]
-    assert resolve_plugin("aggregation", "batcher") is Batcher
-    assert resolve_plugin("aggregation", f"{__name__}:Batcher") is Batcher
-    with pytest.raises(PluginNotFound, match="not a subclass of Aggregation"):
-        resolve_plugin("aggregation", f"{__name__}:Shout")
+    register_kind("enricher", Enricher)
+    register_kind("enricher", Enricher)  # idempotent
+    register_plugin("enricher", Batcher)
+    assert known_kinds() == ["aggregation", "enricher", "sink", "source", "transform"]
+    assert resolve_plugin("enricher", "batcher") is Batcher
+    assert resolve_plugin("enricher", f"{__name__}:Batcher") is Batcher
+    with pytest.raises(PluginNotFound, match="not a subclass of Enricher"):
+        resolve_plugin("enricher", f"{__name__}:Shout")
     with pytest.raises(ValueError, match="already registered with another base"):
-        register_kind("aggregation", Sink)
+        register_kind("enricher", Sink)
