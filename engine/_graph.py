@@ -98,6 +98,8 @@ class Route:
     arrival: Arrival
     #: The coalesce branch this route feeds, when its target is a coalesce.
     inlet: str | None = None
+    #: Whether the target is a sink (a token sent there never reaches a join).
+    to_sink: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +277,8 @@ class _Builder:
         self.fed.add(target)
         self.fed_connections.add(name)
         edge_id = f"{source}:{label}->{target}"
-        return Route(label, target, edge_id, mode, arrival, inlet=self.inlets.get(name))
+        inlet = self.inlets.get(name)
+        return Route(label, target, edge_id, mode, arrival, inlet, to_sink=name in self.sinks)
 
 
 def compile_graph(settings: PipelineSettings, base_dir: Path) -> Graph:

@@ -110,6 +110,11 @@ class NodeTask:
             return
         token.arrival = route.arrival
         token.inlet = route.inlet
+        if route.to_sink and token.fork is not None:
+            # A join waiting for this branch learns now, not once the sink has written.
+            assert token.branch is not None
+            token.fork.leave(token.branch, lost=True)
+            token.fork = None
         await self.outbox.send(route.target, token)
 
     async def fail_row(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import deque
@@ -57,8 +58,10 @@ class CoalesceNode(NodeTask):
     are the arrived tokens (``coalesced``).  A failed one ends every arrived token
     ``failed`` (or routes it by ``on_error``) with the policy and the arrived and
     missing branches in its context.  Tokens arriving after their join resolved are
-    ``coalesced`` into the output with policy ``first``, else ``failed`` as
-    ``late_arrival``.  Only pending joins are remembered.
+    ``coalesced`` into the output with policy ``first``, fail for the join's reason
+    when it failed on a lost branch, and are ``failed`` as ``late_arrival`` otherwise.
+    Only pending joins are remembered; a resolved join's outcome lives on the fork
+    that its stragglers still carry.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -300,25 +303,35 @@ class CoalesceNode(NodeTask):
         fork.release()
 
     async def _late(self, token: Token, fork: ForkInstance) -> None:
-        """A branch that arrives after its join was resolved."""
+        """A branch arriving after its join was resolved.
+
+        With policy ``first`` it is coalesced into the join's token.  At a join that
+        failed because a branch was lost it fails for the same reason; after a join
+        resolved by its policy or its timeout it is a ``late_arrival``.
+        """
         result = fork.result
-        assert result is not None
-        context = self._context(list(result.arrived), list(result.missing))
+        assert result is not None and token.inlet is not None
+        arrived = (*result.arrived, token.inlet)
+        fork.result = dataclasses.replace(result, arrived=arrived)
+        missing = [b for b in result.missing if b not in arrived]
+        context = self._context(list(arrived), missing)
         now = time.time()
         if result.output_token_id is not None and self.settings.policy == "first":
-            ordinal = len(result.arrived)
-            arrived = (*result.arrived, token.inlet or "")
-            fork.result = JoinResult(result.output_token_id, arrived, result.missing, result.reason)
             self.recorder.token_parent(
-                token_id=result.output_token_id, parent_token_id=token.token_id, ordinal=ordinal
+                token_id=result.output_token_id,
+                parent_token_id=token.token_id,
+                ordinal=len(result.arrived),
             )
             self._record_joined(token, now, now, result.output_token_id, context)
             return
-        error = {
-            "type": "CoalesceError",
-            "message": f"branch {token.inlet!r} arrived after its join was resolved",
-        }
-        await self._fail_token(token, now, now, error, {**context, "reason": "late_arrival"})
+        if result.output_token_id is None and result.reason != "timeout":
+            reason = result.reason or "failed"
+            message = f"its join had already failed ({reason})"
+        else:
+            reason = "late_arrival"
+            message = f"branch {token.inlet!r} arrived after its join was resolved"
+        error = {"type": "CoalesceError", "message": message}
+        await self._fail_token(token, now, now, error, {**context, "reason": reason})
 
     async def _refuse(self, token: Token, reason: str, message: str) -> None:
         error = {"type": "CoalesceError", "message": message}

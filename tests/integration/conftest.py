@@ -42,6 +42,16 @@ def quickstart(tmp_path: Path) -> Path:
     return target / "pipeline.yaml"
 
 
+@pytest.fixture
+def order_summary(tmp_path: Path) -> Path:
+    """A private copy of the order-summary example (it reads the quickstart's data)."""
+    for name in ("quickstart", "order_summary"):
+        shutil.copytree(
+            ROOT / "examples" / name, tmp_path / name, ignore=shutil.ignore_patterns("out")
+        )
+    return tmp_path / "order_summary" / "pipeline.yaml"
+
+
 def run_id_of(output: str) -> str:
     for line in output.splitlines():
         if line.startswith("run_id:"):

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
+from sqlalchemy import select
+
 from engine import Pipeline
 from landscape import Landscape
+from landscape import _schema as t
 
 from .conftest import ROOT, run_id_of
 
@@ -30,6 +34,43 @@ async def test_quickstart_through_the_python_api(quickstart: Path, tmp_path: Pat
     async with Landscape.connect(url) as landscape:
         report = await landscape.verify(result.run_id)
     assert report.ok, report.violations
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+async def test_order_summary_forks_joins_and_summarises_per_country(
+    order_summary: Path, tmp_path: Path
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"
+    result = await Pipeline.from_yaml(order_summary, landscape_url=url).run()
+    assert result.status == "completed"
+    out = order_summary.parent / "out"
+    held = read_jsonl(out / "held.jsonl")
+    incomplete = read_jsonl(out / "incomplete.jsonl")
+    summaries = read_jsonl(out / "summaries.jsonl")
+    valid = 400 - len(read_jsonl(out / "quarantine.jsonl"))
+    # A held risk branch makes its join fail at once; the pricing half says what is missing.
+    assert held and all(row["risk"] >= 0.9 for row in held)
+    assert sorted(r["order_id"] for r in incomplete) == sorted(r["order_id"] for r in held)
+    assert {r["_error_node"] for r in incomplete} == {"join"}
+    assert sum(s["count"] for s in summaries) == valid - len(held)
+    assert all(s["count"] <= 50 for s in summaries)
+    assert result.outcomes["consumed_in_batch"] == valid - len(held)
+    async with Landscape.connect(url) as landscape:
+        report = await landscape.verify(result.run_id)
+        async with landscape.engine.connect() as conn:
+            query = select(t.node_states.c.context_json).where(
+                t.node_states.c.run_id == result.run_id,
+                t.node_states.c.node_id == "join",
+                t.node_states.c.status == "failed",
+            )
+            contexts = [json.loads(c) for c in (await conn.execute(query)).scalars()]
+    assert report.ok, report.violations
+    assert len(contexts) == len(held)
+    assert all(c["missing_branches"] == ["risk"] for c in contexts)
+    assert all(c["reason"] == "missing_branches" for c in contexts)
 
 
 @pytest.mark.parametrize("events", [300])
