@@ -310,7 +310,8 @@ class CoalesceNode(NodeTask):
         resolved by its policy or its timeout it is a ``late_arrival``.
         """
         result = fork.result
-        assert result is not None and token.inlet is not None
+        assert result is not None
+        assert token.inlet is not None
         arrived = (*result.arrived, token.inlet)
         fork.result = dataclasses.replace(result, arrived=arrived)
         missing = [b for b in result.missing if b not in arrived]
