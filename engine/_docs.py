@@ -73,7 +73,7 @@ def _model_table(model: type[BaseModel]) -> list[str]:
 
 def _plugin_sections() -> list[str]:
     lines = ["## Built-in plugins", ""]
-    for kind in ("source", "transform", "sink"):
+    for kind in ("source", "transform", "aggregation", "sink"):
         for name in known_plugins(kind):
             cls = resolve_plugin(kind, name)
             lines += [f"### {kind} `{name}`", "", (cls.__doc__ or "").strip().splitlines()[0], ""]

@@ -167,6 +167,8 @@ class Graph:
         lines = []
         for spec, route in self.routes():
             target = route.target or DISCARD
+            if route.inlet is not None:
+                target += f" [branch {route.inlet}]"
             lines.append(f"{spec.node_id} --{route.label} ({route.mode})--> {target}")
         return lines
 
