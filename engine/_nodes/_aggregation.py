@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from landscape import BatchStatus, CanonicalizationError, NodeStateStatus, Outcome, canonical_json
 from plugins import Aggregation, BatchContext
 from plugins.expressions import ExpressionEvaluationError
@@ -60,7 +62,8 @@ class AggregationNode(NodeTask):
     """Batches rows (one draft batch per ``group_by`` value) and flushes each batch
     through its plugin when a trigger fires: ``count``, ``timeout_seconds`` after the
     batch's first row (on the run's clock; the node waits for input *or* the earliest
-    deadline), ``condition``, or end of input (``end_of_source``).
+    deadline), ``condition``, or end of input (``end_of_source``, or ``shutdown`` when
+    the run was asked to stop).
 
     Each batch is recorded ``draft`` with its members as they arrive, ``executing``
     with the node state of its flush (opened before the plugin runs, on the batch's
@@ -93,8 +96,10 @@ class AggregationNode(NodeTask):
                 assert isinstance(token, Token)
                 self.stats.received += 1
                 await self._add(token)
+        stopped = self.run_ctx.stop_requested.is_set()
+        trigger = FlushTrigger.SHUTDOWN if stopped else FlushTrigger.END_OF_SOURCE
         for batch in list(self.drafts.values()):
-            await self.flush(batch, FlushTrigger.END_OF_SOURCE)
+            await self.flush(batch, trigger)
 
     async def _expire(self) -> None:
         now = self.run_ctx.clock.now()
@@ -259,6 +264,15 @@ class AggregationNode(NodeTask):
         try:
             outputs = self._checked(await self.plugin.flush(list(rows), ctx), len(rows))
             stored = [(row, self.recorder.store(row)) for row in outputs]
+        except anyio.get_cancelled_exc_class():
+            # The run is being cancelled: the state says so instead of staying open.
+            self.recorder.close_state(
+                state_id,
+                status=NodeStateStatus.CANCELLED,
+                started_at=started,
+                completed_at=time.time(),
+            )
+            raise
         except Exception as exc:
             error = error_info(exc)
             self.recorder.close_state(
