@@ -1,8 +1,8 @@
 """Built-in aggregations: ``batch_stats`` and ``collect``.
 
 Both read the batch's group key from the :class:`~plugins.protocols.BatchContext` and,
-when the node groups its rows, put it in the field ``group_field`` of the rows they
-make.  In ``passthrough`` mode they return each input row with their result added;
+when the node groups its rows, put it in the field ``group_field`` of the summary rows
+they make.  In ``passthrough`` mode they return each input row with their result added;
 otherwise one summary row per batch.
 """
 
@@ -36,7 +36,7 @@ class _Options(BaseModel):
 
 
 def _summary(ctx: BatchContext, group_field: str, values: Row) -> Row:
-    row: Row = {} if ctx.group_key is None else {group_field: ctx.group_key}
+    row: Row = {group_field: ctx.group_key} if ctx.grouped else {}
     row.update(values)
     return row
 

@@ -171,9 +171,10 @@ class Transform(Plugin):
 class BatchContext:
     """Identity of one flush of an aggregation batch; a fresh one per attempt.
 
-    ``group_key`` is the batch's ``group_by`` value (``None`` without ``group_by``),
-    ``trigger`` what fired (``count``, ``timeout``, ``condition``, ``end_of_source``,
-    ``shutdown``) and ``output_mode`` what the engine expects back.
+    ``group_key`` is the batch's ``group_by`` value (``grouped`` says whether the node
+    groups at all: a key may be ``None``), ``trigger`` what fired (``count``,
+    ``timeout``, ``condition``, ``end_of_source``, ``shutdown``) and ``output_mode``
+    what the engine expects back.
     """
 
     run_id: str
@@ -184,6 +185,7 @@ class BatchContext:
     trigger: str
     output_mode: str
     state_id: str
+    grouped: bool = False
 
 
 class Aggregation(Plugin):

@@ -46,6 +46,8 @@ class _Batch:
 
     batch_id: str
     group_key: Any
+    #: The key's canonical JSON (``1`` and ``"1"`` are different groups); ``None``
+    #: without ``group_by``.
     group_label: str | None
     began: float  # on the run's clock
     deadline: float
@@ -102,10 +104,10 @@ class AggregationNode(NodeTask):
             await self.flush(batch, trigger)
 
     async def _expire(self) -> None:
-        now = self.run_ctx.clock.now()
         while self.drafts:
             batch = next(iter(self.drafts.values()))
-            if batch.deadline > now:
+            # Read the clock for each batch: another may have come due during a flush.
+            if batch.deadline > self.run_ctx.clock.now():
                 return
             await self.flush(batch, FlushTrigger.TIMEOUT)
 
@@ -118,7 +120,7 @@ class AggregationNode(NodeTask):
                 if self.spec.group_by is None
                 else self.spec.group_by.evaluate({"row": token.row})
             )
-            label = _group_label(key)
+            label = None if self.spec.group_by is None else canonical_json(key)
         except (ExpressionEvaluationError, CanonicalizationError) as exc:
             await self._reject(token, {**error_info(exc), "group_by": self.settings.group_by})
             return
@@ -260,6 +262,7 @@ class AggregationNode(NodeTask):
             trigger=trigger,
             output_mode=self.settings.output_mode,
             state_id=state_id,
+            grouped=self.spec.group_by is not None,
         )
         try:
             outputs = self._checked(await self.plugin.flush(list(rows), ctx), len(rows))
@@ -357,9 +360,3 @@ class AggregationNode(NodeTask):
                 token, state_id, member.at, now, output_hash=None, error=failure, context=context
             )
             await self.fail_row(token, failure, state_id)
-
-
-def _group_label(key: Any) -> str | None:
-    """The canonical JSON a group key is recorded (and told apart) by: ``1`` and ``"1"``
-    are different groups."""
-    return None if key is None else canonical_json(key)

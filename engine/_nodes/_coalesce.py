@@ -115,10 +115,9 @@ class CoalesceNode(NodeTask):
             await self._resolve(join)
 
     async def _expire(self) -> None:
-        now = self.run_ctx.clock.now()
         while self.pending:
             join = next(iter(self.pending.values()))
-            if join.deadline > now:
+            if join.deadline > self.run_ctx.clock.now():
                 return
             await self._resolve(join, final="timeout")
 
