@@ -191,27 +191,6 @@ class CoalesceSettings(_Model):
         None, description="Sink for the tokens of failed joins; unset: they end 'failed'."
     )
 
-    @model_validator(mode="after")
-    def _consistent(self) -> CoalesceSettings:
-        if self.policy == "quorum":
-            if self.quorum is None:
-                raise ValueError("policy quorum needs `quorum`")
-            if self.quorum > len(self.branches):
-                raise ValueError(f"quorum {self.quorum} exceeds the {len(self.branches)} branches")
-        elif self.quorum is not None:
-            raise ValueError("`quorum` is only for policy quorum")
-        if self.merge == "select":
-            if self.select_branch not in self.branches:
-                raise ValueError("merge select needs `select_branch`, one of the branches")
-        elif self.select_branch is not None:
-            raise ValueError("`select_branch` is only for merge select")
-        if self.prefer is not None:
-            if self.merge != "union":
-                raise ValueError("`prefer` is only for merge union")
-            if self.prefer not in self.branches:
-                raise ValueError(f"prefer: '{self.prefer}' is not one of the branches")
-        return self
-
 
 class TriggerSettings(_Model):
     """When an aggregation flushes a batch; the first trigger to fire wins.

@@ -416,6 +416,7 @@ def _gate_spec(b: _Builder, g: GateSettings, i: int) -> NodeSpec | None:
 
 def _coalesce_spec(b: _Builder, c: CoalesceSettings, i: int) -> NodeSpec | None:
     path = f"coalesce[{i}]"
+    _check_coalesce_options(b, c, path)
     error_route = _error_route(b, c.name, c.on_error, f"{path}.on_error")
     ok = b.route(
         c.name, "success", c.on_success, f"{path}.on_success", EdgeMode.MOVE, Arrival.NORMAL
@@ -423,6 +424,32 @@ def _coalesce_spec(b: _Builder, c: CoalesceSettings, i: int) -> NodeSpec | None:
     if ok is None:
         return None
     return NodeSpec(c.name, NodeKind.COALESCE, c, None, {"success": ok}, error_route)
+
+
+def _check_coalesce_options(b: _Builder, c: CoalesceSettings, path: str) -> None:
+    """Options that only make sense together, each reported at its own key."""
+    if c.policy == "quorum":
+        if c.quorum is None:
+            b.fail(f"{path}.quorum", "policy quorum needs `quorum`")
+        elif c.quorum > len(c.branches):
+            b.fail(f"{path}.quorum", f"quorum {c.quorum} exceeds the {len(c.branches)} branches")
+    elif c.quorum is not None:
+        b.fail(f"{path}.quorum", "`quorum` is only for policy quorum")
+    if c.merge == "select":
+        if c.select_branch is None:
+            b.fail(f"{path}.select_branch", "merge select needs `select_branch`")
+        elif c.select_branch not in c.branches:
+            b.fail(
+                f"{path}.select_branch",
+                f"select_branch '{c.select_branch}' is not one of the branches",
+            )
+    elif c.select_branch is not None:
+        b.fail(f"{path}.select_branch", "`select_branch` is only for merge select")
+    if c.prefer is not None:
+        if c.merge != "union":
+            b.fail(f"{path}.prefer", "`prefer` is only for merge union")
+        elif c.prefer not in c.branches:
+            b.fail(f"{path}.prefer", f"prefer '{c.prefer}' is not one of the branches")
 
 
 #: The names an aggregation's trigger condition may use.

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 __all__ = ["CoalesceNode"]
 
 _MERGE = "merge"
+#: Why a join fails when a branch it needed was lost; its stragglers fail for the same.
+_LOST_BRANCH_REASONS = frozenset({"missing_branches", "quorum_not_met", "no_branch_arrived"})
 
 
 @dataclass(slots=True)
@@ -124,6 +126,7 @@ class CoalesceNode(NodeTask):
     def _begin(self, fork: ForkInstance) -> _Join:
         join = _Join(fork, self.run_ctx.clock.now() + self.timeout)
         self.pending[fork] = join
+        self.stats.in_flight = len(self.pending)
         return join
 
     # -- arrivals --------------------------------------------------------------------
@@ -151,7 +154,6 @@ class CoalesceNode(NodeTask):
             return
         join.arrived[branch] = _Arrived(token, time.time())
         await self._resolve(join)
-        self.stats.in_flight = len(self.pending)
 
     # -- deciding --------------------------------------------------------------------
 
@@ -193,6 +195,7 @@ class CoalesceNode(NodeTask):
         if decision is None:
             return
         del self.pending[join.fork]
+        self.stats.in_flight = len(self.pending)
         rows = {b: join.arrived[b].token.row for b in self.branches if b in join.arrived}
         if decision == _MERGE:
             try:
@@ -324,7 +327,7 @@ class CoalesceNode(NodeTask):
             )
             self._record_joined(token, now, now, result.output_token_id, context)
             return
-        if result.output_token_id is None and result.reason != "timeout":
+        if result.reason in _LOST_BRANCH_REASONS:
             reason = result.reason or "failed"
             message = f"its join had already failed ({reason})"
         else:
