@@ -210,11 +210,13 @@ class CoalesceNode(NodeTask):
                 return
             await self._succeed(join, merged)
         else:
+            missing = ", ".join(self._missing(join))
             message = {
-                "missing_branches": "branches missing",
+                "missing_branches": f"branches missing: {missing}",
                 "quorum_not_met": f"quorum of {self.settings.quorum} not met",
                 "no_branch_arrived": "no branch arrived",
-                "timeout": f"timed out after {self.settings.timeout_seconds} s",
+                "timeout": f"timed out after {self.settings.timeout_seconds} s "
+                f"waiting for {missing}",
                 "end_of_input": "input ended before the join was complete",
             }[decision]
             await self._fail(join, _Failure(decision, message))
