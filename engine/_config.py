@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AggregationSettings",
+    "BudgetSettings",
     "CoalesceSettings",
     "GateSettings",
     "LandscapeSettings",
@@ -61,6 +62,14 @@ class RuntimeSettings(_Model):
     commit_interval_ms: int = Field(
         50, ge=1, description="Longest time an audit record waits for its group commit."
     )
+
+
+class BudgetSettings(_Model):
+    """Limits on what a run's external calls may cost; crossing one stops the run
+    gracefully (as ``Pipeline.stop()`` does), recorded as the reason it stopped."""
+
+    max_cost: float | None = Field(None, gt=0, description="Total cost of all calls.")
+    max_tokens: int | None = Field(None, ge=1, description="Prompt plus completion tokens.")
 
 
 class SchemaSettings(_Model):
@@ -256,6 +265,7 @@ class PipelineSettings(_Model):
         default_factory=LandscapeSettings, description="The audit store."
     )
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings, description="Engine tuning.")
+    budget: BudgetSettings | None = Field(None, description="Limits on external calls.")
     source: SourceSettings = Field(description="Where rows come from.")
     transforms: list[TransformSettings] = Field(
         default_factory=list, description="Row-by-row transforms."

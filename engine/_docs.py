@@ -27,6 +27,7 @@ _SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("Top level", config.PipelineSettings),
     ("`landscape`", config.LandscapeSettings),
     ("`runtime`", config.RuntimeSettings),
+    ("`budget`", config.BudgetSettings),
     ("`source`", config.SourceSettings),
     ("`source.schema`", config.SchemaSettings),
     ("`transforms[]`", config.TransformSettings),

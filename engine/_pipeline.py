@@ -14,6 +14,7 @@ import anyio
 
 from landscape import Landscape, LandscapeError, RunStatus
 
+from ._calls import CallTotals
 from ._clock import Clock, SystemClock
 from ._config import PipelineSettings, load_settings, read_yaml
 from ._errors import AuditError, PipelineStateError, PluginError, RunFailed
@@ -61,6 +62,10 @@ class RunResult:
     outcomes: dict[str, int]
     duration_s: float
     landscape_url: str
+    #: What the run's external calls added up to.
+    calls: CallTotals = field(default_factory=CallTotals)
+    #: Why the run stopped early when it did so by itself (a budget), else ``None``.
+    stop_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +181,8 @@ class Pipeline:
             outcomes=dict(run.outcomes),
             duration_s=time.monotonic() - self._started,
             landscape_url=self.landscape_url,
+            calls=run.calls,
+            stop_reason=run.stop_reason,
         )
 
     def stop(self) -> None:
@@ -184,7 +191,7 @@ class Pipeline:
             raise PipelineStateError("the pipeline is not running")
         self._stop_early = True
         if self._run is not None:
-            self._run.stop_requested.set()
+            self._run.request_stop(None)
 
     def statistics(self) -> RunStatistics | None:
         """A snapshot of the current run, or ``None`` when not running."""
@@ -233,7 +240,7 @@ class Pipeline:
                             status,
                             rows_processed=run.rows_read,
                             outcomes=run.outcomes,
-                            error=None if failure is None else _describe(failure),
+                            error=_describe(failure) if failure is not None else run.stop_reason,
                         )
                         await writer.aclose()
         if failure is not None:

@@ -10,10 +10,13 @@ import anyio
 
 from landscape import Outcome
 
+from ._calls import CallTotals, StateCalls
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from landscape import Recorder
+    from plugins import CallLog, ExternalCall
 
     from ._clock import Clock
     from ._forks import JoinListener
@@ -68,6 +71,9 @@ class RunContext:
         self.clock = clock
         #: Fork gate -> the coalesce that joins its branches (registered by the coalesces).
         self.joins: dict[str, JoinListener] = {}
+        self.calls = CallTotals()
+        #: Why the run was asked to stop early (``None``: it was not, or by ``stop()``).
+        self.stop_reason: str | None = None
         self.outcomes: Counter[str] = Counter()
         self.rows_read = 0
         self.stop_requested = anyio.Event()
@@ -103,6 +109,28 @@ class RunContext:
         name = outcome._value_
         self.outcomes[name] += 1
         self.stats[node_id].outcomes[name] += 1
+
+    def calls_for(self, state_id: str) -> CallLog:
+        """Where the plugin of node state ``state_id`` reports its external calls."""
+        return StateCalls(self, state_id)
+
+    def count_call(self, call: ExternalCall) -> None:
+        """Add ``call`` to the run's totals; crossing the budget stops the run."""
+        self.calls.add(call)
+        budget = self.graph.settings.budget
+        if budget is None or self.stop_requested.is_set():
+            return
+        totals = self.calls
+        if budget.max_cost is not None and totals.cost > budget.max_cost:
+            self.request_stop(f"budget: cost {totals.cost:.4f} > max_cost {budget.max_cost}")
+        elif budget.max_tokens is not None and totals.tokens > budget.max_tokens:
+            self.request_stop(f"budget: {totals.tokens} tokens > max_tokens {budget.max_tokens}")
+
+    def request_stop(self, reason: str | None) -> None:
+        """Stop reading the source at the next row boundary and finish what is held."""
+        if not self.stop_requested.is_set():
+            self.stop_reason = reason
+            self.stop_requested.set()
 
     def statistics(self) -> list[NodeStatistics]:
         return [stats.snapshot() for stats in self.stats.values()]

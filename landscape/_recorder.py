@@ -362,13 +362,18 @@ class Recorder:
             (self.new_id("e"), self.run_id, state_id, edge_id, route_label, _json(reason)),
         )
 
-    def call(self, values: Mapping[str, Any]) -> None:
-        """Record one external call attempt (columns of the ``calls`` table)."""
+    def call(self, values: Mapping[str, Any], *, error: Mapping[str, Any] | None = None) -> None:
+        """Record one external call attempt (columns of the ``calls`` table; ``error`` is
+        written as ``error_json``)."""
         row: dict[str, Any] = {column.name: None for column in t.calls.columns}
         row.update(values)
         row["run_id"] = self.run_id
         if row["call_id"] is None:
             row["call_id"] = self.new_id("c")
+        if error is not None:
+            row["error_json"] = _json(error)
+        if row["created_at"] is None:
+            row["created_at"] = time.time()
         self._writer.insert(t.calls, row)
 
     def outcome(

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -27,8 +27,11 @@ __all__ = [
     "Aggregation",
     "Artifact",
     "BatchContext",
+    "CallList",
+    "CallLog",
     "Determinism",
     "Discard",
+    "ExternalCall",
     "Plugin",
     "PluginSetup",
     "Row",
@@ -69,14 +72,60 @@ class PluginSetup:
 
 
 @dataclass(frozen=True, slots=True)
+class ExternalCall:
+    """One attempt at an external call, as a plugin reports it for the audit trail.
+
+    ``request`` and ``response`` are JSON-serialisable and carry no secrets (headers are
+    not part of them); the engine stores them content-addressed.  ``status`` is
+    ``success`` or ``error``; a failed attempt that is retried is reported too.
+    """
+
+    call_type: str
+    provider: str | None
+    model: str | None
+    attempt: int
+    status: str
+    request: Any
+    response: Any
+    latency_ms: float
+    http_status: int | None = None
+    error: Mapping[str, Any] | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost: float | None = None
+    #: Which call of this row's visit it is (a plugin may make several).
+    call_index: int = 0
+
+
+class CallLog(Protocol):
+    """Where a plugin reports its external calls (the engine records them)."""
+
+    def record(self, call: ExternalCall) -> None: ...
+
+
+@dataclass(slots=True)
+class CallList:
+    """A :class:`CallLog` that keeps the calls in a list (plugins used outside a run)."""
+
+    calls: list[ExternalCall] = field(default_factory=list)
+
+    def record(self, call: ExternalCall) -> None:
+        self.calls.append(call)
+
+
+@dataclass(frozen=True, slots=True)
 class RowContext:
-    """Identity of one row's visit to one node; a fresh one per call."""
+    """Identity of one row's visit to one node; a fresh one per call.
+
+    ``calls`` is where the plugin reports every external call attempt it makes.
+    """
 
     run_id: str
     node_name: str
     token_id: str
     row_index: int
     state_id: str
+    calls: CallLog = field(default_factory=CallList)
 
 
 class Plugin:
@@ -186,6 +235,7 @@ class BatchContext:
     output_mode: str
     state_id: str
     grouped: bool = False
+    calls: CallLog = field(default_factory=CallList)
 
 
 class Aggregation(Plugin):

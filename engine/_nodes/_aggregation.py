@@ -263,6 +263,7 @@ class AggregationNode(NodeTask):
             output_mode=self.settings.output_mode,
             state_id=state_id,
             grouped=self.spec.group_by is not None,
+            calls=self.run_ctx.calls_for(state_id),
         )
         try:
             outputs = self._checked(await self.plugin.flush(list(rows), ctx), len(rows))

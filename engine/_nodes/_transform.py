@@ -96,8 +96,14 @@ class TransformNode(NodeTask):
         state_id = self.recorder.new_id("s")
         started = time.time()
         plugin: Transform = self.spec.plugin  # type: ignore[assignment]
+        run = self.run_ctx
         ctx = RowContext(
-            self.run_ctx.run_id, self.node_id, token.token_id, token.row_index, state_id
+            run.run_id,
+            self.node_id,
+            token.token_id,
+            token.row_index,
+            state_id,
+            run.calls_for(state_id),
         )
         try:
             result = await plugin.process(token.row, ctx)
