@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from plugins.llm import EndpointSettings
+
 from ._errors import ConfigError, ConfigIssue
 
 if TYPE_CHECKING:
@@ -265,6 +267,9 @@ class PipelineSettings(_Model):
         default_factory=LandscapeSettings, description="The audit store."
     )
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings, description="Engine tuning.")
+    endpoints: dict[str, EndpointSettings] = Field(
+        default_factory=dict, description="LLM endpoints by name, shared by the nodes using them."
+    )
     budget: BudgetSettings | None = Field(None, description="Limits on external calls.")
     source: SourceSettings = Field(description="Where rows come from.")
     transforms: list[TransformSettings] = Field(

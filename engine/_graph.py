@@ -32,6 +32,7 @@ from plugins import (
     resolve_plugin,
 )
 from plugins.expressions import Expression, ExpressionSyntaxError, compile_expression
+from plugins.llm import Endpoint
 
 from ._config import (
     AggregationSettings,
@@ -139,6 +140,9 @@ class NodeSpec:
             dumped["plugin"] = self.plugin_name
             if isinstance(self.plugin.options, BaseModel):
                 dumped["options"] = _dump_options(self.plugin.options)
+            details = self.plugin.audit_details()
+            if details:
+                dumped["plugin_details"] = details
         return dict(_jsonable(redact(dumped)))
 
 
@@ -205,6 +209,10 @@ class _Builder:
         self.settings = settings
         self.base_dir = base_dir
         self.issues: list[ConfigIssue] = []
+        self.endpoints = {
+            name: Endpoint(name, endpoint, base_dir)
+            for name, endpoint in settings.endpoints.items()
+        }
         self.consumers: dict[str, str] = {}
         #: Connection -> the coalesce branch it is, for a coalesce's branch connections.
         self.inlets: dict[str, str] = {}
@@ -231,7 +239,9 @@ class _Builder:
         except PluginNotFound as exc:
             self.fail(f"{path}.plugin", str(exc))
             return None
-        setup = PluginSetup(node_name=settings.name, base_dir=self.base_dir)
+        setup = PluginSetup(
+            node_name=settings.name, base_dir=self.base_dir, endpoints=self.endpoints
+        )
         try:
             return cls.from_options(settings.options, setup)
         except ValidationError as exc:

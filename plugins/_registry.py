@@ -25,6 +25,7 @@ from plugins._transforms import (
     FilterTransform,
     PassthroughTransform,
 )
+from plugins.llm import LlmTransform
 from plugins.protocols import Aggregation, Plugin, Sink, Source, Transform
 
 __all__ = [
@@ -170,6 +171,7 @@ _BUILTINS: tuple[tuple[str, type[Plugin]], ...] = (
     ("transform", ComputeTransform),
     ("transform", FilterTransform),
     ("transform", PassthroughTransform),
+    ("transform", LlmTransform),
     ("aggregation", BatchStatsAggregation),
     ("aggregation", CollectAggregation),
     ("sink", CsvSink),

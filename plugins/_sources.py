@@ -27,7 +27,7 @@ from collections.abc import (
     Mapping,
 )
 from itertools import islice
-from pathlib import Path  # noqa: TC003 (pydantic resolves the annotation at runtime)
+from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio

@@ -64,6 +64,8 @@ class PluginSetup:
 
     node_name: str
     base_dir: Path = field(default_factory=Path.cwd)
+    #: Shared resources of the pipeline by name (LLM endpoints), built by the engine.
+    endpoints: Mapping[str, object] = field(default_factory=dict)
 
     def resolve(self, path: str | Path) -> Path:
         """``path`` relative to the pipeline file's directory (absolute paths unchanged)."""
@@ -167,6 +169,11 @@ class Plugin:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+    def audit_details(self) -> dict[str, Any]:
+        """What the audit trail should know about this plugin beyond its options (e.g.
+        the hash of a template read from a file); recorded with the node's config."""
+        return {}
 
     async def open(self) -> None:
         """Acquire resources (files, connections); called once before any row."""

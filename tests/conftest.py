@@ -1,14 +1,17 @@
-"""Shared fixtures: a Landscape on SQLite and on a session PostgreSQL server."""
+"""Shared fixtures: a Landscape on SQLite and on a session PostgreSQL server, and
+``run_verified``, which runs a pipeline and checks its audit trail."""
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from engine import Pipeline, RunResult
 from landscape._store import Landscape
 from tests._postgres import PostgresServer, PostgresUnavailable, start_server
 
@@ -51,3 +54,23 @@ async def landscape(landscape_url: str) -> AsyncIterator[Landscape]:
     """An open Landscape on ``landscape_url``."""
     async with Landscape.connect(landscape_url) as ls:
         yield ls
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"
+
+
+@pytest.fixture
+def run_verified(sqlite_url: str, tmp_path: Path) -> Callable[..., Any]:
+    """``await run_verified(config)`` runs a pipeline and asserts its audit trail verifies."""
+
+    async def run(config: dict[str, Any], *, url: str | None = None) -> RunResult:
+        pipeline = Pipeline.from_dict(config, base_dir=tmp_path, landscape_url=url or sqlite_url)
+        result = await pipeline.run()
+        async with Landscape.connect(url or sqlite_url) as landscape:
+            report = await landscape.verify(result.run_id)
+        assert report.ok, [str(v) for v in report.violations]
+        return result
+
+    return run

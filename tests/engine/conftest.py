@@ -1,15 +1,10 @@
-"""Helpers for engine tests: build pipelines from dicts, run them, verify their audit."""
+"""Helpers for engine tests: pipelines from dicts (``run_verified`` is in tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-
-import pytest
-
-from engine import Pipeline, RunResult
-from landscape import Landscape
 
 Config = dict[str, Any]
 
@@ -25,23 +20,3 @@ def linear_config(
     }
     config.update(extra)
     return config
-
-
-@pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"
-
-
-@pytest.fixture
-def run_verified(sqlite_url: str, tmp_path: Path) -> Callable[..., Any]:
-    """``await run_verified(config)`` runs a pipeline and asserts its audit trail verifies."""
-
-    async def run(config: Config, *, url: str | None = None) -> RunResult:
-        pipeline = Pipeline.from_dict(config, base_dir=tmp_path, landscape_url=url or sqlite_url)
-        result = await pipeline.run()
-        async with Landscape.connect(url or sqlite_url) as landscape:
-            report = await landscape.verify(result.run_id)
-        assert report.ok, [str(v) for v in report.violations]
-        return result
-
-    return run

@@ -1,0 +1,381 @@
+"""An OpenAI-compatible endpoint: one HTTP client, its limits, retries and call ledger.
+
+Every LLM node that names an endpoint shares its :class:`Endpoint`: one
+``httpx.AsyncClient`` on an aiohttp transport (httpx's default pool is CPU-bound at
+high concurrency; see ``benchmarks/llm_enrichment.py``), one limiter and one circuit
+breaker.  :meth:`Endpoint.post` makes one logical call: each attempt is reported to the
+row's call log (request, response, status, latency, tokens, cost), 429/5xx/timeouts/
+connection errors/unreadable answers are retried with exponential backoff and jitter
+(``Retry-After`` honoured), other 4xx are not.  API keys come from the environment or
+a secrets file, travel only in headers, and appear in no record or message.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import aiohttp
+import anyio
+import httpx
+import orjson
+from httpx_aiohttp import AiohttpTransport
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from plugins.protocols import ExternalCall
+
+from ._limits import CircuitBreaker, CircuitOpen, EndpointLimiter
+
+if TYPE_CHECKING:
+    from plugins.protocols import CallLog
+
+__all__ = [
+    "BackoffSettings",
+    "BreakerSettings",
+    "CallFailed",
+    "Endpoint",
+    "EndpointSettings",
+    "ModelPrice",
+]
+
+Provider = Literal["openai", "azure_openai", "openrouter"]
+_OPENROUTER_URL = "https://openrouter.ai/api/v1"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackoffSettings(_Model):
+    initial_seconds: float = Field(0.5, gt=0, description="First retry delay (then doubling).")
+    max_seconds: float = Field(30.0, gt=0, description="Longest delay between attempts.")
+
+
+class BreakerSettings(_Model):
+    failure_threshold: int = Field(10, ge=1, description="Consecutive failures that open it.")
+    reset_seconds: float = Field(30.0, gt=0, description="How long it stays open.")
+
+
+class ModelPrice(_Model):
+    input_per_1k: float = Field(0.0, ge=0, description="Price of 1,000 prompt tokens.")
+    output_per_1k: float = Field(0.0, ge=0, description="Price of 1,000 completion tokens.")
+
+
+class EndpointSettings(_Model):
+    """One OpenAI-compatible endpoint, shared by every LLM node that names it."""
+
+    provider: Provider = Field("openai", description="openai | azure_openai | openrouter.")
+    base_url: str | None = Field(
+        None, description="API base URL, e.g. http://127.0.0.1:8000/v1 (openai, openrouter)."
+    )
+    endpoint: str | None = Field(
+        None, description="azure_openai: the resource URL, e.g. https://x.openai.azure.com."
+    )
+    deployment: str | None = Field(None, description="azure_openai: the deployment name.")
+    api_version: str | None = Field(None, description="azure_openai: the api-version.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the key.")
+    api_key_file: str | None = Field(None, description="A secrets file holding the key.")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra headers (openrouter: HTTP-Referer, X-Title)."
+    )
+    max_in_flight: int = Field(64, ge=1, description="Requests at once, across all its nodes.")
+    requests_per_minute: int | None = Field(None, ge=1, description="Request rate limit.")
+    tokens_per_minute: int | None = Field(None, ge=1, description="Token rate limit.")
+    timeout_seconds: float = Field(60.0, gt=0, description="Per attempt.")
+    max_attempts: int = Field(5, ge=1, description="Attempts per call, the first included.")
+    backoff: BackoffSettings = Field(default_factory=BackoffSettings, description="Retry delays.")
+    circuit_breaker: BreakerSettings = Field(
+        default_factory=BreakerSettings, description="Fail fast while the endpoint is down."
+    )
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=dict, description="Model -> price per 1,000 tokens, for `calls.cost`."
+    )
+
+    @model_validator(mode="after")
+    def _addressable(self) -> EndpointSettings:
+        if self.provider == "azure_openai":
+            if not (self.endpoint and self.deployment and self.api_version):
+                raise ValueError("azure_openai needs endpoint, deployment and api_version")
+        elif self.provider == "openai" and not self.base_url:
+            raise ValueError("openai needs base_url")
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("give api_key_env or api_key_file, not both")
+        return self
+
+
+class CallFailed(Exception):
+    """A call attempt failed; ``error`` is what is recorded, ``retryable`` says if it may
+    be tried again, ``retry_after`` is the server's ``Retry-After`` in seconds."""
+
+    def __init__(
+        self,
+        error: dict[str, Any],
+        *,
+        retryable: bool,
+        http_status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(error["message"])
+        self.error = error
+        self.retryable = retryable
+        self.http_status = http_status
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    body: dict[str, Any]
+    http_status: int
+
+
+class Endpoint:
+    """The shared runtime of one configured endpoint (client, limiter, breaker).
+
+    Nodes :meth:`open` and :meth:`aclose` it around their run; the HTTP client exists
+    while at least one node has it open.
+    """
+
+    def __init__(self, name: str, settings: EndpointSettings, base_dir: Path) -> None:
+        self.name = name
+        self.settings = settings
+        self.base_dir = base_dir
+        self.limiter = EndpointLimiter(
+            settings.max_in_flight, settings.requests_per_minute, settings.tokens_per_minute
+        )
+        cb = settings.circuit_breaker
+        self.breaker = CircuitBreaker(name, cb.failure_threshold, cb.reset_seconds)
+        self._client: httpx.AsyncClient | None = None
+        self._users = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._users == 0:
+            limits = httpx.Limits(
+                max_connections=self.settings.max_in_flight,
+                max_keepalive_connections=self.settings.max_in_flight,
+            )
+            self._client = httpx.AsyncClient(
+                transport=AiohttpTransport(limits=limits), headers=self._headers()
+            )
+        self._users += 1
+
+    async def aclose(self) -> None:
+        self._users -= 1
+        if self._users == 0 and self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"content-type": "application/json", **self.settings.headers}
+        key = self._api_key()
+        if key is not None:
+            if self.settings.provider == "azure_openai":
+                headers["api-key"] = key
+            else:
+                headers["authorization"] = f"Bearer {key}"
+        return headers
+
+    def _api_key(self) -> str | None:
+        s = self.settings
+        if s.api_key_env:
+            key = os.environ.get(s.api_key_env)
+            if not key:
+                raise LookupError(
+                    f"endpoint '{self.name}': environment variable {s.api_key_env} is not set"
+                )
+            return key
+        if s.api_key_file:
+            path = Path(s.api_key_file).expanduser()
+            path = path if path.is_absolute() else self.base_dir / path
+            try:
+                return path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise LookupError(
+                    f"endpoint '{self.name}': cannot read api_key_file: {exc.strerror}"
+                ) from None
+        return None
+
+    def url(self, path: str) -> str:
+        """The URL of API ``path`` (``/chat/completions``, ``/embeddings``)."""
+        s = self.settings
+        if s.provider == "azure_openai":
+            assert s.endpoint is not None
+            base = f"{s.endpoint.rstrip('/')}/openai/deployments/{s.deployment}"
+            return f"{base}{path}?api-version={s.api_version}"
+        base = s.base_url or _OPENROUTER_URL
+        return base.rstrip("/") + path
+
+    def cost(self, model: str, prompt_tokens: int | None, completion_tokens: int | None) -> float:
+        price = self.settings.prices.get(model)
+        if price is None:
+            return 0.0
+        prompt = (prompt_tokens or 0) * price.input_per_1k
+        return (prompt + (completion_tokens or 0) * price.output_per_1k) / 1000.0
+
+    # -- calling -----------------------------------------------------------------------
+
+    async def post(
+        self,
+        path: str,
+        body: dict[str, Any],
+        *,
+        calls: CallLog,
+        call_type: str,
+        call_index: int = 0,
+        estimated_tokens: int = 0,
+        timeout_seconds: float | None = None,
+        max_attempts: int | None = None,
+    ) -> dict[str, Any]:
+        """POST ``body`` to ``path`` until an attempt succeeds or attempts run out.
+
+        Every attempt is reported to ``calls``.  Raises :class:`CallFailed` (the last
+        attempt's error) or :class:`CircuitOpen` (recorded as an ``error`` call).
+        """
+        backoff = self.settings.backoff
+        # "full jitter": a random delay up to the doubling backoff, so retries spread out
+        jitter = wait_random_exponential(
+            multiplier=backoff.initial_seconds, max=backoff.max_seconds
+        )
+
+        def wait(state: RetryCallState) -> float:
+            delay = float(jitter(state))
+            outcome = state.outcome
+            failure = None if outcome is None else outcome.exception()
+            if isinstance(failure, CallFailed) and failure.retry_after is not None:
+                delay = max(delay, failure.retry_after)
+            return min(delay, backoff.max_seconds)
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(max_attempts or self.settings.max_attempts),
+            wait=wait,
+            retry=retry_if_exception(lambda exc: isinstance(exc, CallFailed) and exc.retryable),
+            sleep=anyio.sleep,
+            reraise=True,
+        )
+        timeout = timeout_seconds or self.settings.timeout_seconds
+        model = body.get("model")
+        async for attempt in retrying:
+            with attempt:
+                number = attempt.retry_state.attempt_number
+                common = {
+                    "call_type": call_type,
+                    "provider": self.settings.provider,
+                    "model": model,
+                    "attempt": number,
+                    "request": body,
+                    "call_index": call_index,
+                }
+                return await self._attempt(path, body, timeout, estimated_tokens, calls, common)
+        raise AssertionError("unreachable: tenacity re-raises the last failure")
+
+    async def _attempt(
+        self,
+        path: str,
+        body: dict[str, Any],
+        limit_seconds: float,
+        estimated_tokens: int,
+        calls: CallLog,
+        common: dict[str, Any],
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            self.breaker.before_call()
+        except CircuitOpen as exc:
+            error = {"type": "CircuitOpen", "message": str(exc), "circuit_open": True}
+            calls.record(ExternalCall(**common, status="error", response=None,
+                                      latency_ms=0.0, error=error))  # fmt: skip
+            raise
+        try:
+            async with self.limiter.slot(estimated_tokens) as usage:
+                started = time.perf_counter()
+                result = await self._send(path, body, limit_seconds)
+                answer = result.body
+                reported = answer.get("usage")
+                tokens: dict[str, Any] = reported if isinstance(reported, dict) else {}
+                prompt, completion = tokens.get("prompt_tokens"), tokens.get("completion_tokens")
+                usage.actual((prompt or 0) + (completion or 0))
+        except CallFailed as exc:
+            if exc.retryable:
+                self.breaker.failed()
+            else:  # the endpoint answered; the request was wrong
+                self.breaker.succeeded()
+            latency = (time.perf_counter() - started) * 1000.0
+            calls.record(ExternalCall(**common, status="error", response=None, latency_ms=latency,
+                                      http_status=exc.http_status, error=exc.error))  # fmt: skip
+            raise
+        self.breaker.succeeded()
+        latency = (time.perf_counter() - started) * 1000.0
+        model = str(common["model"])
+        calls.record(
+            ExternalCall(
+                **common,
+                status="success",
+                response=answer,
+                latency_ms=latency,
+                http_status=result.http_status,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                cost=self.cost(model, prompt, completion),
+            )
+        )
+        return answer
+
+    async def _send(self, path: str, body: dict[str, Any], limit_seconds: float) -> _Attempt:
+        client = self._client
+        if client is None:
+            raise RuntimeError(f"endpoint '{self.name}' is not open")
+        try:
+            with anyio.fail_after(limit_seconds):
+                response = await client.post(self.url(path), content=orjson.dumps(body))
+                content = await response.aread()
+        except TimeoutError:
+            raise CallFailed(
+                {"type": "Timeout", "message": f"no answer within {limit_seconds} s"},
+                retryable=True,
+            ) from None
+        except (httpx.TransportError, aiohttp.ClientError, OSError) as exc:
+            error = {"type": type(exc).__name__, "message": str(exc) or type(exc).__name__}
+            raise CallFailed(error, retryable=True) from None
+        status = response.status_code
+        if status >= 400:
+            retryable = status == 429 or status >= 500
+            error = {"type": "HTTPStatusError", "message": f"HTTP {status}", "body": _text(content)}
+            retry_after = _retry_after(response.headers.get("retry-after"))
+            raise CallFailed(
+                error, retryable=retryable, http_status=status, retry_after=retry_after
+            )
+        try:
+            parsed = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            error = {"type": "MalformedResponse", "message": "the answer is not JSON",
+                     "body": _text(content)}  # fmt: skip
+            raise CallFailed(error, retryable=True, http_status=status) from None
+        if not isinstance(parsed, dict):
+            error = {"type": "MalformedResponse", "message": "the answer is not a JSON object"}
+            raise CallFailed(error, retryable=True, http_status=status)
+        return _Attempt(parsed, status)
+
+
+def _text(content: bytes, limit: int = 500) -> str:
+    return content[:limit].decode("utf-8", "replace")
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None

@@ -1,0 +1,154 @@
+"""What an endpoint lets through: requests in flight, requests and tokens per minute,
+and a circuit breaker that fails fast while the endpoint is down.
+
+One :class:`EndpointLimiter` and one :class:`CircuitBreaker` exist per configured
+endpoint and are shared by every node that calls it, so several LLM nodes together
+stay inside the provider's limits.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import anyio
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+__all__ = ["CircuitBreaker", "CircuitOpen", "EndpointLimiter", "TokenBucket"]
+
+
+class TokenBucket:
+    """A per-minute allowance refilled continuously (capacity: one minute's worth).
+
+    :meth:`take` waits until the amount is available.  Takers are served in order, so
+    a large request is not starved by small ones.  :meth:`refund` corrects an estimate
+    once the real amount is known (a negative refund charges more).
+    """
+
+    def __init__(self, per_minute: float) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self._level = self.capacity
+        self._stamp = anyio.current_time()
+        self._turn = anyio.Lock()
+
+    def _refill(self) -> None:
+        now = anyio.current_time()
+        self._level = min(self.capacity, self._level + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    async def take(self, amount: float) -> None:
+        amount = min(amount, self.capacity)  # a request larger than a minute still goes
+        async with self._turn:
+            self._refill()
+            while self._level < amount:
+                await anyio.sleep((amount - self._level) / self.rate)
+                self._refill()
+            self._level -= amount
+
+    def refund(self, amount: float) -> None:
+        self._refill()
+        self._level = min(self.capacity, self._level + amount)
+
+
+class EndpointLimiter:
+    """``max_in_flight`` concurrent requests, plus optional per-minute buckets."""
+
+    def __init__(
+        self,
+        max_in_flight: int,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
+    ) -> None:
+        self._slots = anyio.Semaphore(max_in_flight)
+        self._requests = None if requests_per_minute is None else TokenBucket(requests_per_minute)
+        self._tokens = None if tokens_per_minute is None else TokenBucket(tokens_per_minute)
+        self.max_in_flight = max_in_flight
+
+    @property
+    def in_flight(self) -> int:
+        return self.max_in_flight - self._slots.value
+
+    @asynccontextmanager
+    async def slot(self, estimated_tokens: int) -> AsyncIterator[UsageCorrection]:
+        """Hold one request slot; the yielded object takes the real token usage."""
+        async with self._slots:
+            if self._requests is not None:
+                await self._requests.take(1)
+            if self._tokens is not None:
+                await self._tokens.take(estimated_tokens)
+            correction = UsageCorrection(self._tokens, estimated_tokens)
+            yield correction
+
+
+class UsageCorrection:
+    """Corrects the tokens-per-minute charge of one request by the usage it reported."""
+
+    __slots__ = ("_bucket", "_estimate")
+
+    def __init__(self, bucket: TokenBucket | None, estimate: int) -> None:
+        self._bucket = bucket
+        self._estimate = estimate
+
+    def actual(self, tokens: int) -> None:
+        if self._bucket is not None:
+            self._bucket.refund(self._estimate - tokens)
+
+
+class CircuitOpen(Exception):
+    """The endpoint's breaker is open: the call was not attempted."""
+
+    def __init__(self, endpoint: str, retry_in: float) -> None:
+        super().__init__(
+            f"circuit_open: endpoint '{endpoint}' failed repeatedly; retry in {retry_in:.1f} s"
+        )
+        self.retry_in = retry_in
+
+
+class CircuitBreaker:
+    """Opens after ``failure_threshold`` consecutive failures, for ``reset_seconds``.
+
+    While open every call fails fast with :class:`CircuitOpen`.  After the reset time
+    one probe is let through (half-open): its success closes the breaker, its failure
+    opens it again.
+    """
+
+    def __init__(self, name: str, failure_threshold: int, reset_seconds: float) -> None:
+        self.name = name
+        self.failure_threshold = failure_threshold
+        self.reset_seconds = reset_seconds
+        self._failures = 0
+        self._opened_at = -math.inf
+        self._probing = False
+
+    @property
+    def state(self) -> str:
+        if self._failures < self.failure_threshold:
+            return "closed"
+        if anyio.current_time() - self._opened_at < self.reset_seconds or self._probing:
+            return "open"
+        return "half_open"
+
+    def before_call(self) -> None:
+        """Raise :class:`CircuitOpen` unless a call may go out now."""
+        state = self.state
+        if state == "closed":
+            return
+        if state == "half_open":
+            self._probing = True
+            return
+        retry_in = max(0.0, self._opened_at + self.reset_seconds - anyio.current_time())
+        raise CircuitOpen(self.name, retry_in)
+
+    def succeeded(self) -> None:
+        self._failures = 0
+        self._probing = False
+
+    def failed(self) -> None:
+        self._failures += 1
+        if self._failures >= self.failure_threshold:
+            self._opened_at = anyio.current_time()
+        self._probing = False

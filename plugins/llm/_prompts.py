@@ -1,0 +1,60 @@
+"""Prompt templates: Jinja2 in a sandbox, with undefined variables an error."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+__all__ = ["PromptError", "PromptTemplate"]
+
+_ENVIRONMENT = ImmutableSandboxedEnvironment(
+    undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True
+)
+
+
+class PromptError(ValueError):
+    """A template that does not compile, or that cannot be rendered for a row."""
+
+
+class PromptTemplate:
+    """One compiled template; :attr:`sha256` identifies its source in the audit trail.
+
+    Rendering sees ``row`` only, cannot reach attributes outside the sandbox or mutate
+    anything, and fails on any undefined variable or missing field.
+    """
+
+    def __init__(self, source: str, *, origin: str) -> None:
+        self.source = source
+        self.origin = origin
+        self.sha256 = hashlib.sha256(source.encode("utf-8")).hexdigest()
+        try:
+            self._template = _ENVIRONMENT.from_string(source)
+        except TemplateError as exc:
+            raise PromptError(f"{origin}: {exc}") from None
+
+    @classmethod
+    def load(
+        cls, inline: str | None, file: str | None, base_dir: Path, *, origin: str
+    ) -> PromptTemplate | None:
+        """The template given inline or in a file (relative to ``base_dir``), or ``None``."""
+        if inline is not None:
+            return cls(inline, origin=origin)
+        if file is None:
+            return None
+        path = Path(file).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PromptError(f"{origin}_file: cannot read {path}: {exc.strerror}") from None
+        return cls(text, origin=f"{origin}_file")
+
+    def render(self, row: dict[str, Any]) -> str:
+        try:
+            return self._template.render(row=row)
+        except TemplateError as exc:
+            raise PromptError(f"{self.origin}: {exc}") from None
