@@ -284,7 +284,9 @@ def _outcome_counts(outcomes: dict[str, int]) -> str:
 
 def render_runs(runs: Sequence[RunSummary]) -> Table:
     """A table of runs: id, pipeline, status, start (UTC), duration, rows, outcome counts."""
-    table = Table("Run", "Pipeline", "Status", "Started (UTC)", "Duration", "Rows", "Outcomes")
+    table = Table(
+        "Run", "Pipeline", "Status", "Started (UTC)", "Duration", "Rows", "Outcomes", "Calls"
+    )
     table.columns[5].justify = "right"
     for run in runs:
         table.add_row(
@@ -295,5 +297,15 @@ def render_runs(runs: Sequence[RunSummary]) -> Table:
             _run_duration(run),
             "-" if run.rows_processed is None else str(run.rows_processed),
             _outcome_counts(run.outcomes),
+            _call_summary(run),
         )
     return table
+
+
+def _call_summary(run: RunSummary) -> str:
+    calls = run.calls
+    if not calls.calls:
+        return "-"
+    return (
+        f"{calls.calls} ({calls.retries} retries), {calls.tokens:,} tokens, cost {calls.cost:.4f}"
+    )

@@ -14,6 +14,7 @@ from rich.console import Console
 from landscape import DEFAULT_URL, Landscape, LandscapeError
 from landscape._lineage import LineageNotFound
 from landscape._verify import RunNotFound
+from plugins.llm import serve, settings_from_options
 
 from ._errors import ConfigError, LedgerflowError, RunFailed
 from ._pipeline import Pipeline, RunResult
@@ -36,7 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ledgerflow", description="Streaming, fully audited data pipelines."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_command in (_add_run, _add_validate, _add_explain, _add_runs, _add_verify):
+    for add_command in (
+        _add_run,
+        _add_validate,
+        _add_explain,
+        _add_runs,
+        _add_verify,
+        _add_mock_llm,
+    ):
         add_command(commands)
     return parser
 
@@ -103,6 +111,25 @@ def _add_verify(commands: Commands) -> None:
     )
     verify.add_argument("run_id", metavar="RUN_ID")
     _landscape_option(verify)
+
+
+def _add_mock_llm(commands: Commands) -> None:
+    mock = commands.add_parser(
+        "mock-llm",
+        help="serve an OpenAI-compatible test endpoint",
+        description=(
+            "Serve an OpenAI-compatible mock LLM on 127.0.0.1 (chat completions with text, "
+            "json and json_schema answers derived from the prompt and the seed; embeddings; "
+            "GET /stats) with injectable latency and errors. Prints its base URL; runs "
+            "until interrupted."
+        ),
+    )
+    mock.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    mock.add_argument("--latency-ms", type=float, default=0.0, help="latency of every answer")
+    mock.add_argument(
+        "--error-rate", type=float, default=0.0, help="share of requests answered 429/500/503"
+    )
+    mock.add_argument("--seed", type=int, default=0, help="seed of answers and faults")
 
 
 def _landscape_option(parser: argparse.ArgumentParser, default_help: str = DEFAULT_URL) -> None:
@@ -173,9 +200,18 @@ async def _stop_on_signals(pipeline: Pipeline, scope: anyio.CancelScope) -> None
 def _print_result(out: Console, result: RunResult) -> None:
     out.print(f"run_id: {result.run_id}", highlight=False)
     out.print(f"status: {result.status}", highlight=False)
+    if result.stop_reason is not None:
+        out.print(f"stopped: {result.stop_reason}", highlight=False)
     out.print(f"rows: {result.rows_processed} in {result.duration_s:.2f} s", highlight=False)
     for outcome, count in sorted(result.outcomes.items()):
         out.print(f"  {outcome}: {count}", highlight=False)
+    calls = result.calls
+    if calls.calls:
+        out.print(
+            f"calls: {calls.calls} ({calls.retries} retries, {calls.errors} errors), "
+            f"tokens: {calls.tokens}, cost: {calls.cost:.4f}",
+            highlight=False,
+        )
 
 
 async def _validate(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -219,12 +255,26 @@ async def _verify(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0 if report.ok else EXIT_FAILED
 
 
+async def _mock_llm(args: argparse.Namespace, out: Console, err: Console) -> int:
+    settings = settings_from_options(
+        latency_ms=args.latency_ms, error_rate=args.error_rate, seed=args.seed
+    )
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve, settings, "127.0.0.1", args.port)
+            async for _ in signals:
+                tg.cancel_scope.cancel()
+                break
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Console, Console], Awaitable[int]]] = {
     "run": _run,
     "validate": _validate,
     "explain": _explain,
     "runs": _runs,
     "verify": _verify,
+    "mock-llm": _mock_llm,
 }
 
 

@@ -13,7 +13,7 @@ from ._canonical import CanonicalizationError, canonical_hash, canonical_json, s
 from ._errors import AuditIntegrityError, LandscapeError, LandscapeUnavailable
 from ._outcomes import TERMINAL_OUTCOMES, BatchStatus, NodeStateStatus, Outcome, RunStatus
 from ._recorder import Recorder
-from ._store import DEFAULT_URL, Landscape, RunSummary
+from ._store import DEFAULT_URL, CallSummary, Landscape, RunSummary
 from ._writer import GroupCommitWriter
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "TERMINAL_OUTCOMES",
     "AuditIntegrityError",
     "BatchStatus",
+    "CallSummary",
     "CanonicalizationError",
     "GroupCommitWriter",
     "Landscape",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from sqlalchemy import event, func, select
+from sqlalchemy import case, event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -23,11 +23,21 @@ from ._writer import GroupCommitWriter
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 __all__ = ["DEFAULT_URL", "Landscape", "RunSummary"]
 
 DEFAULT_URL = "sqlite+aiosqlite:///runs/audit.db"
+
+
+@dataclass(frozen=True, slots=True)
+class CallSummary:
+    """What a run's external calls added up to, as recorded in ``calls``."""
+
+    calls: int = 0
+    retries: int = 0
+    tokens: int = 0
+    cost: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +51,8 @@ class RunSummary:
     pipeline_name: str | None
     rows_processed: int | None
     outcomes: dict[str, int]
+    #: External calls of the run: attempts, retries, tokens and cost.
+    calls: CallSummary = field(default_factory=CallSummary)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -143,14 +155,16 @@ class Landscape:
         """Every run, newest first."""
         query = select(t.runs).order_by(t.runs.c.started_at.desc())
         async with self.engine.connect() as conn:
-            result = await conn.execute(query)
-            return [_summary(row._mapping) for row in result]
+            runs = list(await conn.execute(query))
+            calls = await _call_summaries(conn, None)
+        return [_summary(row._mapping, calls.get(row.run_id)) for row in runs]
 
     async def get_run(self, run_id: str) -> RunSummary | None:
         async with self.engine.connect() as conn:
             result = await conn.execute(select(t.runs).where(t.runs.c.run_id == run_id))
             row = result.first()
-        return None if row is None else _summary(row._mapping)
+            calls = await _call_summaries(conn, run_id)
+        return None if row is None else _summary(row._mapping, calls.get(run_id))
 
     async def outcome_counts(self, run_id: str) -> dict[str, int]:
         """Terminal outcome counts of ``run_id`` as recorded."""
@@ -190,7 +204,25 @@ class Landscape:
             return await verify(conn, run_id)
 
 
-def _summary(row: Any) -> RunSummary:
+async def _call_summaries(conn: AsyncConnection, run_id: str | None) -> dict[str, CallSummary]:
+    c = t.calls
+    tokens = func.coalesce(c.c.prompt_tokens, 0) + func.coalesce(c.c.completion_tokens, 0)
+    query = select(
+        c.c.run_id,
+        func.count(),
+        func.sum(case((c.c.attempt > 1, 1), else_=0)),
+        func.sum(tokens),
+        func.sum(func.coalesce(c.c.cost, 0.0)),
+    ).group_by(c.c.run_id)
+    if run_id is not None:
+        query = query.where(c.c.run_id == run_id)
+    return {
+        run: CallSummary(int(n), int(retries or 0), int(used or 0), float(cost or 0.0))
+        for run, n, retries, used, cost in await conn.execute(query)
+    }
+
+
+def _summary(row: Any, calls: CallSummary | None) -> RunSummary:
     return RunSummary(
         run_id=row["run_id"],
         status=row["status"],
@@ -199,6 +231,7 @@ def _summary(row: Any) -> RunSummary:
         pipeline_name=row["pipeline_name"],
         rows_processed=row["rows_processed"],
         outcomes=json.loads(row["outcomes_json"]) if row["outcomes_json"] else {},
+        calls=calls or CallSummary(),
     )
 
 
