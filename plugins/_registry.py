@@ -25,7 +25,7 @@ from plugins._transforms import (
     FilterTransform,
     PassthroughTransform,
 )
-from plugins.llm import LlmTransform
+from plugins.llm import EmbeddingTransform, LlmTransform
 from plugins.protocols import Aggregation, Plugin, Sink, Source, Transform
 
 __all__ = [
@@ -172,6 +172,7 @@ _BUILTINS: tuple[tuple[str, type[Plugin]], ...] = (
     ("transform", FilterTransform),
     ("transform", PassthroughTransform),
     ("transform", LlmTransform),
+    ("transform", EmbeddingTransform),
     ("aggregation", BatchStatsAggregation),
     ("aggregation", CollectAggregation),
     ("sink", CsvSink),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._embedding import EmbeddingOptions, EmbeddingTransform
 from ._endpoint import (
     BackoffSettings,
     BreakerSettings,
@@ -32,6 +33,8 @@ __all__ = [
     "CallFailed",
     "CircuitBreaker",
     "CircuitOpen",
+    "EmbeddingOptions",
+    "EmbeddingTransform",
     "Endpoint",
     "EndpointLimiter",
     "EndpointSettings",

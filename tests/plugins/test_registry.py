@@ -63,7 +63,14 @@ def registry() -> Iterator[None]:
 
 def test_builtins_are_known_per_kind() -> None:
     assert known_plugins("source") == ["csv", "json", "jsonl", "memory"]
-    assert known_plugins("transform") == ["compute", "field_map", "filter", "llm", "passthrough"]
+    assert known_plugins("transform") == [
+        "compute",
+        "embedding",
+        "field_map",
+        "filter",
+        "llm",
+        "passthrough",
+    ]
     assert known_plugins("sink") == ["csv", "database", "jsonl"]
     assert known_plugins("aggregation") == ["batch_stats", "collect"]
     assert known_kinds() == ["aggregation", "sink", "source", "transform"]
