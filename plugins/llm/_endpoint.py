@@ -1,9 +1,11 @@
 """An OpenAI-compatible endpoint: one HTTP client, its limits, retries and call ledger.
 
-Every LLM node that names an endpoint shares its :class:`Endpoint`: one
-``httpx.AsyncClient`` on an aiohttp transport (httpx's default pool is CPU-bound at
-high concurrency; see ``benchmarks/llm_enrichment.py``), one limiter and one circuit
-breaker.  :meth:`Endpoint.post` makes one logical call: each attempt is reported to the
+Every LLM node that names an endpoint shares its :class:`Endpoint`: one aiohttp
+session (connection pool sized to ``max_in_flight``), one limiter and one circuit
+breaker.  aiohttp directly, not httpx: httpx's default pool is CPU-bound at high
+concurrency, and even on an aiohttp transport httpx's request and response models
+cost more CPU per call than the rest of the engine (``benchmarks/llm_enrichment.py``
+prints all three).  :meth:`Endpoint.post` makes one logical call: each attempt is reported to the
 row's call log (request, response, status, latency, tokens, cost), 429/5xx/timeouts/
 connection errors/unreadable answers are retried with exponential backoff and jitter
 (``Retry-After`` honoured), other 4xx are not.  API keys come from the environment or
@@ -20,9 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 import anyio
-import httpx
 import orjson
-from httpx_aiohttp import AiohttpTransport
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tenacity import (
     AsyncRetrying,
@@ -154,27 +154,26 @@ class Endpoint:
         )
         cb = settings.circuit_breaker
         self.breaker = CircuitBreaker(name, cb.failure_threshold, cb.reset_seconds)
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
         self._users = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def open(self) -> None:
         if self._users == 0:
-            limits = httpx.Limits(
-                max_connections=self.settings.max_in_flight,
-                max_keepalive_connections=self.settings.max_in_flight,
-            )
-            self._client = httpx.AsyncClient(
-                transport=AiohttpTransport(limits=limits), headers=self._headers()
+            connector = aiohttp.TCPConnector(limit=self.settings.max_in_flight)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                headers=self._headers(),
+                timeout=aiohttp.ClientTimeout(total=None),  # each attempt has its own limit
             )
         self._users += 1
 
     async def aclose(self) -> None:
         self._users -= 1
-        if self._users == 0 and self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
+        if self._users == 0 and self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
 
     def _headers(self) -> dict[str, str]:
         headers = {"content-type": "application/json", **self.settings.headers}
@@ -332,26 +331,26 @@ class Endpoint:
         return answer
 
     async def _send(self, path: str, body: dict[str, Any], limit_seconds: float) -> _Attempt:
-        client = self._client
-        if client is None:
+        session = self._session
+        if session is None:
             raise RuntimeError(f"endpoint '{self.name}' is not open")
         try:
             with anyio.fail_after(limit_seconds):
-                response = await client.post(self.url(path), content=orjson.dumps(body))
-                content = await response.aread()
+                async with session.post(self.url(path), data=orjson.dumps(body)) as response:
+                    content = await response.read()
+                    status = response.status
+                    retry_after = _retry_after(response.headers.get("retry-after"))
         except TimeoutError:
             raise CallFailed(
                 {"type": "Timeout", "message": f"no answer within {limit_seconds} s"},
                 retryable=True,
             ) from None
-        except (httpx.TransportError, aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             error = {"type": type(exc).__name__, "message": str(exc) or type(exc).__name__}
             raise CallFailed(error, retryable=True) from None
-        status = response.status_code
         if status >= 400:
             retryable = status == 429 or status >= 500
             error = {"type": "HTTPStatusError", "message": f"HTTP {status}", "body": _text(content)}
-            retry_after = _retry_after(response.headers.get("retry-after"))
             raise CallFailed(
                 error, retryable=retryable, http_status=status, retry_after=retry_after
             )
