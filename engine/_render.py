@@ -202,10 +202,42 @@ def _add_call(parent: Tree, call: CallRecord) -> None:
     parts.append(_duration(call.latency_ms))
     if call.prompt_tokens is not None or call.completion_tokens is not None:
         parts.append(f"tokens {call.prompt_tokens or 0}+{call.completion_tokens or 0}")
+    if call.cost:
+        parts.append(f"cost {call.cost:.6f}")
     node = parent.add(" · ".join(parts))
     node.add(f"request {short_hash(call.request_hash)} → response {short_hash(call.response_hash)}")
+    for role, text in _chat_messages(call.request):
+        node.add(f"[dim]{escape(role)}:[/] {escape(_clip(text))}")
+    answer = _chat_answer(call.response)
+    if answer is not None:
+        node.add(f"[dim]answer:[/] {escape(_clip(answer))}")
     if call.error is not None:
         node.add(f"[red]error:[/] {_error_text(call.error)}")
+
+
+def _chat_messages(request: Any) -> list[tuple[str, str]]:
+    """The (role, text) messages of a chat completion request, if it is one."""
+    messages = request.get("messages") if isinstance(request, dict) else None
+    if not isinstance(messages, list):
+        return []
+    return [
+        (str(m.get("role")), m["content"])
+        for m in messages
+        if isinstance(m, dict) and isinstance(m.get("content"), str)
+    ]
+
+
+def _chat_answer(response: Any) -> str | None:
+    """The text of a chat completion's first choice, if the response is one."""
+    try:
+        content = response["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return content if isinstance(content, str) else None
+
+
+def _clip(text: str, limit: int = 400) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _batch_text(batch: BatchMembership) -> str:

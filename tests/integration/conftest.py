@@ -52,6 +52,16 @@ def order_summary(tmp_path: Path) -> Path:
     return tmp_path / "order_summary" / "pipeline.yaml"
 
 
+@pytest.fixture
+def llm_enrichment(tmp_path: Path) -> Path:
+    """A private copy of the LLM enrichment example; returns its run script."""
+    target = tmp_path / "llm_enrichment"
+    shutil.copytree(
+        ROOT / "examples" / "llm_enrichment", target, ignore=shutil.ignore_patterns("out")
+    )
+    return target / "run.py"
+
+
 def run_id_of(output: str) -> str:
     for line in output.splitlines():
         if line.startswith("run_id:"):

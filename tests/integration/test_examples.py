@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -9,9 +10,11 @@ from typing import Any
 
 import anyio
 import pytest
+from rich.console import Console
 from sqlalchemy import select
 
 from engine import Pipeline
+from engine._render import render_lineage
 from landscape import Landscape
 from landscape import _schema as t
 
@@ -33,6 +36,12 @@ async def test_quickstart_through_the_python_api(quickstart: Path, tmp_path: Pat
     async with Landscape.connect(url) as landscape:
         report = await landscape.verify(result.run_id)
     assert report.ok, report.violations
+
+
+def render_text(lineage: Any) -> str:
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(render_lineage(lineage))
+    return console.export_text()
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -71,6 +80,29 @@ async def test_order_summary_forks_joins_and_summarises_per_country(
     assert len(contexts) == len(held)
     assert all(c["missing_branches"] == ["risk"] for c in contexts)
     assert all(c["reason"] == "missing_branches" for c in contexts)
+
+
+async def test_llm_enrichment_example_classifies_every_ticket_against_the_mock(
+    llm_enrichment: Path, tmp_path: Path
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"
+    command = [sys.executable, str(llm_enrichment), "--landscape", url, "--port", "0"]
+    done = await anyio.run_process(command, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    run_id = run_id_of(done.stdout.decode())
+    out = llm_enrichment.parent / "out"
+    triaged = read_jsonl(out / "triaged.jsonl")
+    escalated = (out / "escalations.csv").read_text(encoding="utf-8").splitlines()[1:]
+    assert len(triaged) + len(escalated) == 60
+    assert all(row["priority"] in {"low", "normal"} for row in triaged)
+    assert all(row["category"] in {"billing", "login", "bug", "feature"} for row in triaged)
+    async with Landscape.connect(url) as landscape:
+        report = await landscape.verify(run_id)
+        lineage = await landscape.explain(run_id, row_index=0)
+    assert report.ok, report.violations
+    rendered = render_text(lineage)
+    assert "Ticket 5000" in rendered  # the prompt as sent
+    assert '"priority"' in rendered  # the answer as received
 
 
 @pytest.mark.parametrize("events", [300])
