@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from plugins import ExternalCall
 
     from ._run_context import RunContext
 
-__all__ = ["CallTotals", "StateCalls"]
+__all__ = ["CallTotals", "SharedCalls", "StateCalls"]
 
 
 @dataclass(slots=True)
@@ -48,6 +51,11 @@ class StateCalls:
         self._state_id = state_id
 
     def record(self, call: ExternalCall) -> None:
+        self.write(call)
+        self._run.count_call(call)
+
+    def write(self, call: ExternalCall) -> None:
+        """Record ``call`` for this state without counting it in the run's totals."""
         recorder = self._run.recorder
         request_hash = recorder.store(call.request)
         response_hash = None if call.response is None else recorder.store(call.response)
@@ -72,4 +80,39 @@ class StateCalls:
             },
             error=call.error,
         )
+
+
+class SharedCalls:
+    """The :class:`~plugins.CallLog` of one request made for several rows at once.
+
+    Each row's state gets the call (same request and response payloads), with its
+    share of the tokens and cost, so every row explains itself and the shares add up
+    to the call; the run's totals count the call once.
+    """
+
+    __slots__ = ("_run", "_states")
+
+    def __init__(self, run: RunContext, state_ids: Sequence[str]) -> None:
+        self._run = run
+        self._states = [StateCalls(run, state_id) for state_id in state_ids]
+
+    def record(self, call: ExternalCall) -> None:
+        n = len(self._states)
+        prompt = _shares(call.prompt_tokens, n)
+        completion = _shares(call.completion_tokens, n)
+        cost = None if call.cost is None else call.cost / n
+        for i, state in enumerate(self._states):
+            state.write(
+                dataclasses.replace(
+                    call, prompt_tokens=prompt[i], completion_tokens=completion[i], cost=cost
+                )
+            )
         self._run.count_call(call)
+
+
+def _shares(total: int | None, n: int) -> list[int | None]:
+    """``total`` split into ``n`` whole shares that add up to it (the first take the rest)."""
+    if total is None:
+        return [None] * n
+    base, rest = divmod(total, n)
+    return [base + (1 if i < rest else 0) for i in range(n)]

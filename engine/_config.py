@@ -117,6 +117,10 @@ class TransformSettings(_Model):
     )
     concurrency: int = Field(1, ge=1, description="Rows processed at once.")
     ordered: bool = Field(True, description="Release results in arrival order.")
+    batch_size: int = Field(
+        1, ge=1, description="Rows handed to the plugin together (one LLM request for all)."
+    )
+    batch_wait_ms: int = Field(50, ge=0, description="Longest a partial batch waits for more rows.")
     max_pending: int | None = Field(
         None,
         ge=1,

@@ -56,6 +56,10 @@ class ReleaseWindow(Generic[T]):
         self._admitted += 1
         return seq
 
+    def has_room(self) -> bool:
+        """Whether :meth:`admit` would return without waiting."""
+        return self._slots.value > 0
+
     def complete(self, seq: int, item: T) -> None:
         """Hand in the result for ``seq`` (each admitted sequence exactly once)."""
         if self._ordered:

@@ -222,6 +222,23 @@ class Transform(Plugin):
     async def process(self, row: Row, ctx: RowContext) -> TransformResult:
         raise NotImplementedError
 
+    async def process_batch(
+        self, rows: Sequence[Row], contexts: Sequence[RowContext], calls: CallLog
+    ) -> list[TransformResult | Exception]:
+        """Process several rows together (a node's ``batch_size``): one result per row,
+        in order, an exception standing for that row's error.
+
+        ``calls`` records a call made for all of them (each context's ``calls`` one made
+        for that row alone).  The default processes the rows one by one.
+        """
+        results: list[TransformResult | Exception] = []
+        for row, ctx in zip(rows, contexts, strict=True):
+            try:
+                results.append(await self.process(row, ctx))
+            except Exception as exc:  # the row's error, handed back in its place
+                results.append(exc)
+        return results
+
 
 @dataclass(frozen=True, slots=True)
 class BatchContext:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -9,16 +10,17 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from landscape import CanonicalizationError, Outcome
-from plugins import Discard, RowContext, Transform
+from plugins import Discard, RowContext, Transform, TransformResult
 
+from .._calls import SharedCalls
 from .._reorder import ReleaseWindow
-from ._base import NodeTask, error_info
+from .._tokens import Token
+from ._base import WAKE, NodeTask, error_info
 
 if TYPE_CHECKING:
-    from anyio.streams.memory import MemoryObjectReceiveStream
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
     from .._config import TransformSettings
-    from .._tokens import Token
 
 __all__ = ["TransformNode"]
 
@@ -41,16 +43,20 @@ class TransformNode(NodeTask):
     ``concurrency`` workers process them, and an emitter passes results on in arrival
     order (completion order with ``ordered: false``).  A row whose processing raises is
     that row's error (``on_error`` or ``failed``); a :class:`Discard` ends it
-    ``discarded`` with the reason.  At end of input the workers finish what they hold,
-    the window drains and the outbox closes.  Cancellation stops all of it.
+    ``discarded`` with the reason.  With ``batch_size > 1`` the feeder groups admitted
+    tokens into batches (a partial one leaves after ``batch_wait_ms``) that a worker
+    hands to the plugin's ``process_batch`` at once; each row still gets its own state
+    and its own slot in the window, so the release order is unchanged.  At end of input
+    the workers finish what they hold, the window drains and the outbox closes.
+    Cancellation stops all of it.
     """
 
     async def run(self) -> None:
         settings: TransformSettings = self.spec.settings  # type: ignore[assignment]
-        if settings.concurrency == 1:
+        if settings.concurrency == 1 and settings.batch_size == 1:
             await self._run_serial()
         else:
-            await self._run_concurrent(settings.concurrency, settings.window, settings.ordered)
+            await self._run_concurrent(settings)
 
     async def _run_serial(self) -> None:
         assert self.inbox is not None
@@ -58,33 +64,83 @@ class TransformNode(NodeTask):
             self.stats.received += 1
             await self.pass_on(await self.process(token))
 
-    async def _run_concurrent(self, concurrency: int, max_pending: int, ordered: bool) -> None:
-        window: ReleaseWindow[_Processed] = ReleaseWindow(max_pending, ordered=ordered)
-        send, receive = anyio.create_memory_object_stream[tuple[int, "Token"]](0)
+    async def _run_concurrent(self, settings: TransformSettings) -> None:
+        window: ReleaseWindow[_Processed] = ReleaseWindow(settings.window, ordered=settings.ordered)
+        send, receive = anyio.create_memory_object_stream[list[tuple[int, "Token"]]](0)
         async with anyio.create_task_group() as tg:
-            for _ in range(concurrency):
-                tg.start_soon(self._work, receive.clone(), window)
+            for _ in range(settings.concurrency):
+                tg.start_soon(self._work, receive.clone(), window, settings.batch_size > 1)
             receive.close()
             tg.start_soon(self._emit, window)
             async with send:
-                assert self.inbox is not None
-                while (token := await self.inbox.receive()) is not None:
-                    self.stats.received += 1
-                    seq = await window.admit()
-                    await send.send((seq, token))
+                if settings.batch_size == 1:
+                    await self._feed(send, window)
+                else:
+                    await self._feed_batches(send, window, settings)
             window.close()
 
+    async def _feed(
+        self,
+        jobs: MemoryObjectSendStream[list[tuple[int, Token]]],
+        window: ReleaseWindow[_Processed],
+    ) -> None:
+        assert self.inbox is not None
+        while (token := await self.inbox.receive()) is not None:
+            self.stats.received += 1
+            seq = await window.admit()
+            await jobs.send([(seq, token)])
+
+    async def _feed_batches(
+        self,
+        jobs: MemoryObjectSendStream[list[tuple[int, Token]]],
+        window: ReleaseWindow[_Processed],
+        settings: TransformSettings,
+    ) -> None:
+        """Group arriving tokens into batches of ``batch_size``; a partial batch goes
+        when ``batch_wait_ms`` passed since its first token, or before the feeder would
+        wait for room in the window (which only a sent batch can make)."""
+        wait = settings.batch_wait_ms / 1000.0
+        batch: list[tuple[int, Token]] = []
+        deadline = math.inf
+        while True:
+            token = await self.next_input(deadline)
+            if token is None:
+                break
+            if token is not WAKE:
+                assert isinstance(token, Token)
+                self.stats.received += 1
+                if batch and not window.has_room():
+                    await jobs.send(batch)
+                    batch, deadline = [], math.inf
+                batch.append((await window.admit(), token))
+                if len(batch) == 1:
+                    deadline = self.run_ctx.clock.now() + wait
+                if len(batch) < settings.batch_size:
+                    continue
+            if batch:
+                await jobs.send(batch)
+            batch, deadline = [], math.inf
+        if batch:
+            await jobs.send(batch)
+
     async def _work(
-        self, jobs: MemoryObjectReceiveStream[tuple[int, Token]], window: ReleaseWindow[_Processed]
+        self,
+        jobs: MemoryObjectReceiveStream[list[tuple[int, Token]]],
+        window: ReleaseWindow[_Processed],
+        batched: bool,
     ) -> None:
         async with jobs:
-            async for seq, token in jobs:
-                self.stats.in_flight += 1
+            async for job in jobs:
+                self.stats.in_flight += len(job)
                 try:
-                    processed = await self.process(token)
+                    if batched:
+                        results = await self.process_batch([token for _, token in job])
+                    else:
+                        results = [await self.process(job[0][1])]
                 finally:
-                    self.stats.in_flight -= 1
-                window.complete(seq, processed)
+                    self.stats.in_flight -= len(job)
+                for (seq, _), processed in zip(job, results, strict=True):
+                    window.complete(seq, processed)
 
     async def _emit(self, window: ReleaseWindow[_Processed]) -> None:
         while (processed := await window.release()) is not None:
@@ -96,8 +152,37 @@ class TransformNode(NodeTask):
         state_id = self.recorder.new_id("s")
         started = time.time()
         plugin: Transform = self.spec.plugin  # type: ignore[assignment]
+        ctx = self._context(token, state_id)
+        try:
+            result: TransformResult | Exception = await plugin.process(token.row, ctx)
+        except Exception as exc:
+            result = exc
+        return self._settle(token, state_id, started, result)
+
+    async def process_batch(self, tokens: list[Token]) -> list[_Processed]:
+        """Run the plugin on several rows at once; each row's state and result are its own."""
+        state_ids = [self.recorder.new_id("s") for _ in tokens]
+        started = time.time()
+        plugin: Transform = self.spec.plugin  # type: ignore[assignment]
+        contexts = [self._context(t, s) for t, s in zip(tokens, state_ids, strict=True)]
+        shared = SharedCalls(self.run_ctx, state_ids)
+        try:
+            results = await plugin.process_batch([t.row for t in tokens], contexts, shared)
+        except Exception as exc:
+            results = [exc] * len(tokens)
+        if len(results) != len(tokens):
+            wrong = TypeError(
+                f"process_batch returned {len(results)} results for {len(tokens)} rows"
+            )
+            results = [wrong] * len(tokens)
+        return [
+            self._settle(token, state_id, started, result)
+            for token, state_id, result in zip(tokens, state_ids, results, strict=True)
+        ]
+
+    def _context(self, token: Token, state_id: str) -> RowContext:
         run = self.run_ctx
-        ctx = RowContext(
+        return RowContext(
             run.run_id,
             self.node_id,
             token.token_id,
@@ -105,10 +190,13 @@ class TransformNode(NodeTask):
             state_id,
             run.calls_for(state_id),
         )
-        try:
-            result = await plugin.process(token.row, ctx)
-        except Exception as exc:
-            return self._failed(token, state_id, started, error_info(exc))
+
+    def _settle(
+        self, token: Token, state_id: str, started: float, result: TransformResult | Exception
+    ) -> _Processed:
+        """Record what the plugin made of ``token``'s row: a new row, a discard or an error."""
+        if isinstance(result, Exception):
+            return self._failed(token, state_id, started, error_info(result))
         if isinstance(result, Discard):
             self.record_state(
                 token,

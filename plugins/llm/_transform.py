@@ -8,15 +8,31 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from plugins.protocols import Determinism, PluginSetup, Row, RowContext, Transform
+from plugins.protocols import (
+    Determinism,
+    PluginSetup,
+    Row,
+    RowContext,
+    Transform,
+    TransformResult,
+)
 
 from ._endpoint import Endpoint
-from ._prompts import PromptTemplate
+from ._prompts import PromptError, PromptTemplate
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
+
+    from plugins.protocols import CallLog
 
 __all__ = ["AnswerError", "LlmOptions", "LlmTransform", "endpoint_for"]
+
+
+_BATCH_INSTRUCTIONS = (
+    "The user message is a JSON object whose 'batch' array holds {n} prompts, each with "
+    "an 'index'. Answer each prompt on its own, and reply with a JSON object whose "
+    "'answers' array holds exactly {n} answers, each with the 'index' of its prompt."
+)
 
 
 class AnswerError(ValueError):
@@ -168,6 +184,138 @@ class LlmTransform(Transform):
         assert failure is not None
         raise failure
 
+    # -- several rows in one request -----------------------------------------------------
+
+    async def process_batch(
+        self, rows: Sequence[Row], contexts: Sequence[RowContext], calls: CallLog
+    ) -> list[TransformResult | Exception]:
+        """One request for all ``rows``: their prompts as a JSON array, the answers as a
+        JSON array of the same length mapped back by ``index``.
+
+        A wrong count, or an answer that is not JSON, is asked again ``parse_retries``
+        times, then it is every row's error; an item that is missing, repeated or
+        invalid is its own row's error.
+        """
+        try:
+            body = self.batch_request(rows)
+        except PromptError:  # find which rows cannot be rendered; the rest go alone
+            return [await self._single(row, ctx) for row, ctx in zip(rows, contexts, strict=True)]
+        estimate = _estimate_tokens(body) + (self.options.max_tokens or 256) * len(rows)
+        failure: AnswerError | None = None
+        for call_index in range(self.options.parse_retries + 1):
+            answer = await self.endpoint.post(
+                "/chat/completions",
+                body,
+                calls=calls,
+                call_type="llm",
+                call_index=call_index,
+                estimated_tokens=estimate,
+                timeout_seconds=self.options.timeout_seconds,
+                max_attempts=self.options.max_attempts,
+            )
+            try:
+                items = self._batch_items(answer, len(rows))
+            except AnswerError as exc:
+                failure = exc
+                continue
+            return [self._batch_result(row, items.get(i)) for i, row in enumerate(rows)]
+        assert failure is not None
+        return [failure] * len(rows)
+
+    async def _single(self, row: Row, ctx: RowContext) -> TransformResult | Exception:
+        try:
+            return await self.process(row, ctx)
+        except Exception as exc:  # this row's error, in its place
+            return exc
+
+    def batch_request(self, rows: Sequence[Row]) -> dict[str, Any]:
+        """The one chat completion request for ``rows`` (raises ``PromptError``)."""
+        o = self.options
+        prompts = [{"index": i, "prompt": self.prompt.render(row)} for i, row in enumerate(rows)]
+        instructions = _BATCH_INSTRUCTIONS.format(n=len(rows))
+        if self.system is not None:
+            instructions = self.system.render(rows[0]) + "\n\n" + instructions
+        body: dict[str, Any] = {
+            "model": o.model,
+            "messages": [
+                {"role": "system", "content": instructions},
+                {"role": "user", "content": json.dumps({"batch": prompts}, ensure_ascii=False)},
+            ],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "answers",
+                    "schema": self._batch_schema(len(rows)),
+                    "strict": True,
+                },
+            },
+        }
+        if o.temperature is not None:
+            body["temperature"] = o.temperature
+        if o.max_tokens is not None:
+            body["max_tokens"] = o.max_tokens * len(rows)
+        return body
+
+    def _batch_schema(self, n: int) -> dict[str, Any]:
+        index = {"index": {"type": "integer", "minimum": 0, "maximum": n - 1}}
+        schema = self.options.json_schema
+        if self.options.response_format == "text":
+            item: dict[str, Any] = {
+                "type": "object",
+                "properties": {**index, "answer": {"type": "string"}},
+                "required": ["index", "answer"],
+            }
+        elif schema is not None and schema.get("type") == "object":
+            item = {
+                **schema,
+                "properties": {**index, **schema.get("properties", {})},
+                "required": ["index", *schema.get("required", [])],
+            }
+        else:
+            item = {"type": "object", "properties": index, "required": ["index"]}
+        return {
+            "type": "object",
+            "properties": {
+                "answers": {"type": "array", "items": item, "minItems": n, "maxItems": n}
+            },
+            "required": ["answers"],
+        }
+
+    def _batch_items(self, answer: dict[str, Any], n: int) -> dict[int, dict[str, Any]]:
+        """The answer's items by index; :class:`AnswerError` when they cannot be mapped."""
+        try:
+            content = answer["choices"][0]["message"]["content"]
+            value = json.loads(content)
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise AnswerError("the batch answer is not a JSON object") from None
+        items = value.get("answers") if isinstance(value, dict) else None
+        if not isinstance(items, list):
+            raise AnswerError("the batch answer has no 'answers' array")
+        if len(items) != n:
+            raise AnswerError(f"the batch answer has {len(items)} answers for {n} rows")
+        by_index: dict[int, dict[str, Any]] = {}
+        for item in items:
+            index = item.get("index") if isinstance(item, dict) else None
+            if isinstance(index, int) and 0 <= index < n and index not in by_index:
+                by_index[index] = item
+        return by_index
+
+    def _batch_result(self, row: Row, item: dict[str, Any] | None) -> TransformResult | Exception:
+        if item is None:
+            return AnswerError("the batch answer has no (single) item for this row")
+        value: Any = {k: v for k, v in item.items() if k != "index"}
+        if self.options.response_format == "text":
+            value = value.get("answer")
+            if not isinstance(value, str):
+                return AnswerError("the batch answer's item has no text answer")
+        try:
+            self._validate(value)
+            return self.merge(row, value)
+        except AnswerError as exc:
+            return exc
+
+    # -- answers -----------------------------------------------------------------------
+
     def parse(self, answer: dict[str, Any]) -> Any:
         """The usable value of ``answer``: its text, or its JSON (validated by the schema)."""
         try:
@@ -182,13 +330,18 @@ class LlmTransform(Transform):
             value = json.loads(content)
         except ValueError:
             raise AnswerError(f"the answer is not JSON: {content[:200]!r}") from None
-        if self.validator is not None:
-            errors = sorted(self.validator.iter_errors(value), key=lambda e: list(e.path))
-            if errors:
-                where = "/".join(map(str, errors[0].path)) or "(root)"
-                raise AnswerError(f"the answer does not match the schema at {where}: "
-                                  f"{errors[0].message}")  # fmt: skip
+        self._validate(value)
         return value
+
+    def _validate(self, value: Any) -> None:
+        if self.validator is None:
+            return
+        errors = sorted(self.validator.iter_errors(value), key=lambda e: list(e.path))
+        if errors:
+            where = "/".join(map(str, errors[0].path)) or "(root)"
+            raise AnswerError(
+                f"the answer does not match the schema at {where}: {errors[0].message}"
+            )
 
     def merge(self, row: Row, value: Any) -> Row:
         field = self.options.output_field
