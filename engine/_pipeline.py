@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -78,6 +79,8 @@ class RunStatistics:
     outcomes: Mapping[str, int]
     nodes: list[NodeStatistics] = field(default_factory=list)
     audit_backlog: int = 0
+    #: The run's external calls so far (a copy).
+    calls: CallTotals = field(default_factory=CallTotals)
 
     @property
     def rows_per_second(self) -> float:
@@ -205,6 +208,7 @@ class Pipeline:
             outcomes=dict(run.outcomes),
             nodes=run.statistics(),
             audit_backlog=run.recorder.statistics().pending_records,
+            calls=dataclasses.replace(run.calls),
         )
 
     async def _run_recorded(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from engine import NodeStatistics, RunStatistics
+from engine._calls import CallTotals
 from engine._graph import NodeKind
 from engine._progress import render_statistics
 
@@ -32,3 +33,23 @@ def test_progress_shows_rate_and_per_node_queue_in_flight_and_outcomes() -> None
     assert "completed 4,000" in text
     classify_line = next(line for line in text.splitlines() if line.startswith("classify"))
     assert classify_line.split()[2:5] == ["4,990", "32", "17"]
+
+
+def test_progress_shows_call_totals_once_there_are_calls() -> None:
+    quiet = RunStatistics(run_id="r", elapsed_s=1.0, rows_read=1, outcomes={})
+    busy = RunStatistics(
+        run_id="r",
+        elapsed_s=1.0,
+        rows_read=1,
+        outcomes={},
+        calls=CallTotals(calls=12, retries=2, errors=2, prompt_tokens=900, completion_tokens=300,
+                         cost=0.0125),
+    )  # fmt: skip
+    console = Console(record=True, width=140)
+    console.print(render_statistics(quiet))
+    assert "calls" not in console.export_text()
+    console.print(render_statistics(busy))
+    text = console.export_text()
+    assert "calls 12 (2 retries, 2 errors)" in text
+    assert "tokens 1,200" in text
+    assert "cost 0.0125" in text
