@@ -37,6 +37,8 @@ from plugins.protocols import ExternalCall
 from ._limits import CircuitBreaker, CircuitOpen, EndpointLimiter
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from plugins.protocols import CallLog
 
 __all__ = [
@@ -248,12 +250,12 @@ class Endpoint:
         )
 
         def wait(state: RetryCallState) -> float:
-            delay = float(jitter(state))
+            delay = min(float(jitter(state)), backoff.max_seconds)
             outcome = state.outcome
             failure = None if outcome is None else outcome.exception()
             if isinstance(failure, CallFailed) and failure.retry_after is not None:
-                delay = max(delay, failure.retry_after)
-            return min(delay, backoff.max_seconds)
+                delay = max(delay, failure.retry_after)  # the server's word beats the cap
+            return delay
 
         retrying = AsyncRetrying(
             stop=stop_after_attempt(max_attempts or self.settings.max_attempts),
@@ -287,32 +289,37 @@ class Endpoint:
         calls: CallLog,
         common: dict[str, Any],
     ) -> dict[str, Any]:
-        started = time.perf_counter()
-        try:
-            self.breaker.before_call()
-        except CircuitOpen as exc:
-            error = {"type": "CircuitOpen", "message": str(exc), "circuit_open": True}
-            calls.record(ExternalCall(**common, status="error", response=None,
-                                      latency_ms=0.0, error=error))  # fmt: skip
-            raise
-        try:
-            async with self.limiter.slot(estimated_tokens) as usage:
-                started = time.perf_counter()
+        """One attempt, recorded whatever its end: an answer, an error, or cancellation."""
+        async with self.limiter.slot(estimated_tokens) as usage:
+            # The breaker is asked once a slot is held: calls queued behind max_in_flight
+            # when it opens fail fast too, and half-open lets exactly one probe out.
+            try:
+                self.breaker.before_call()
+            except CircuitOpen as exc:
+                error = {"type": "CircuitOpen", "message": str(exc), "circuit_open": True}
+                calls.record(ExternalCall(**common, status="error", response=None,
+                                          latency_ms=0.0, error=error))  # fmt: skip
+                raise
+            started = time.perf_counter()
+            try:
                 result = await self._send(path, body, limit_seconds)
-                answer = result.body
-                reported = answer.get("usage")
-                tokens: dict[str, Any] = reported if isinstance(reported, dict) else {}
-                prompt, completion = tokens.get("prompt_tokens"), tokens.get("completion_tokens")
-                usage.actual((prompt or 0) + (completion or 0))
-        except CallFailed as exc:
-            if exc.retryable:
-                self.breaker.failed()
-            else:  # the endpoint answered; the request was wrong
-                self.breaker.succeeded()
-            latency = (time.perf_counter() - started) * 1000.0
-            calls.record(ExternalCall(**common, status="error", response=None, latency_ms=latency,
-                                      http_status=exc.http_status, error=exc.error))  # fmt: skip
-            raise
+            except CallFailed as exc:
+                if exc.retryable:
+                    self.breaker.failed()
+                else:  # the endpoint answered; the request was wrong
+                    self.breaker.succeeded()
+                self._record_failure(calls, common, started, exc.error, exc.http_status)
+                raise
+            except BaseException as exc:  # cancelled (shutdown), or a bug: still on record
+                self.breaker.abandoned()
+                error = {"type": type(exc).__name__, "message": str(exc) or "cancelled"}
+                self._record_failure(calls, common, started, error, None)
+                raise
+            answer = result.body
+            reported = answer.get("usage")
+            tokens: dict[str, Any] = reported if isinstance(reported, dict) else {}
+            prompt, completion = tokens.get("prompt_tokens"), tokens.get("completion_tokens")
+            usage.actual((prompt or 0) + (completion or 0))
         self.breaker.succeeded()
         latency = (time.perf_counter() - started) * 1000.0
         model = str(common["model"])
@@ -330,6 +337,18 @@ class Endpoint:
         )
         return answer
 
+    @staticmethod
+    def _record_failure(
+        calls: CallLog,
+        common: dict[str, Any],
+        started: float,
+        error: dict[str, Any],
+        http_status: int | None,
+    ) -> None:
+        latency = (time.perf_counter() - started) * 1000.0
+        calls.record(ExternalCall(**common, status="error", response=None, latency_ms=latency,
+                                  http_status=http_status, error=error))  # fmt: skip
+
     async def _send(self, path: str, body: dict[str, Any], limit_seconds: float) -> _Attempt:
         session = self._session
         if session is None:
@@ -339,7 +358,7 @@ class Endpoint:
                 async with session.post(self.url(path), data=orjson.dumps(body)) as response:
                     content = await response.read()
                     status = response.status
-                    retry_after = _retry_after(response.headers.get("retry-after"))
+                    retry_after = _retry_after(response.headers)
         except TimeoutError:
             raise CallFailed(
                 {"type": "Timeout", "message": f"no answer within {limit_seconds} s"},
@@ -370,11 +389,17 @@ def _text(content: bytes, limit: int = 500) -> str:
     return content[:limit].decode("utf-8", "replace")
 
 
-def _retry_after(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if seconds >= 0 else None
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds the server asks to wait: ``retry-after-ms`` (OpenAI's, precise) or
+    ``Retry-After`` in seconds; ``None`` when it names none."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            continue
+        if seconds >= 0:
+            return seconds
+    return None

@@ -32,15 +32,19 @@ class TokenBucket:
         self.capacity = float(per_minute)
         self.rate = per_minute / 60.0
         self._level = self.capacity
-        self._stamp = anyio.current_time()
+        #: Set on first use: a pipeline is built before its event loop runs.
+        self._stamp: float | None = None
         self._turn = anyio.Lock()
 
     def _refill(self) -> None:
         now = anyio.current_time()
-        self._level = min(self.capacity, self._level + (now - self._stamp) * self.rate)
+        if self._stamp is not None:
+            self._level = min(self.capacity, self._level + (now - self._stamp) * self.rate)
         self._stamp = now
 
-    async def take(self, amount: float) -> None:
+    async def take(self, amount: float) -> float:
+        """Wait until ``amount`` (at most one minute's worth) is available and take it;
+        returns what was taken."""
         amount = min(amount, self.capacity)  # a request larger than a minute still goes
         async with self._turn:
             self._refill()
@@ -48,6 +52,7 @@ class TokenBucket:
                 await anyio.sleep((amount - self._level) / self.rate)
                 self._refill()
             self._level -= amount
+        return amount
 
     def refund(self, amount: float) -> None:
         self._refill()
@@ -78,24 +83,25 @@ class EndpointLimiter:
         async with self._slots:
             if self._requests is not None:
                 await self._requests.take(1)
+            taken = 0.0
             if self._tokens is not None:
-                await self._tokens.take(estimated_tokens)
-            correction = UsageCorrection(self._tokens, estimated_tokens)
-            yield correction
+                taken = await self._tokens.take(estimated_tokens)
+            yield UsageCorrection(self._tokens, taken)
 
 
 class UsageCorrection:
     """Corrects the tokens-per-minute charge of one request by the usage it reported."""
 
-    __slots__ = ("_bucket", "_estimate")
+    __slots__ = ("_bucket", "_taken")
 
-    def __init__(self, bucket: TokenBucket | None, estimate: int) -> None:
+    def __init__(self, bucket: TokenBucket | None, taken: float) -> None:
         self._bucket = bucket
-        self._estimate = estimate
+        self._taken = taken
 
     def actual(self, tokens: int) -> None:
+        """Charge ``tokens`` instead of what was taken up front (a refund or a debit)."""
         if self._bucket is not None:
-            self._bucket.refund(self._estimate - tokens)
+            self._bucket.refund(self._taken - tokens)
 
 
 class CircuitOpen(Exception):
@@ -145,6 +151,10 @@ class CircuitBreaker:
 
     def succeeded(self) -> None:
         self._failures = 0
+        self._probing = False
+
+    def abandoned(self) -> None:
+        """A call let through ended without an answer either way (it was cancelled)."""
         self._probing = False
 
     def failed(self) -> None:
