@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from throughput import landscape_size, run_ledgerflow, synthetic_rows
+from throughput import landscape_size, memory, run_ledgerflow, synthetic_rows
 
 from engine import Pipeline
 
@@ -104,36 +101,6 @@ def compare(n: int, repeat: int) -> None:
     print(f"Landscape per source row: {size:>10,.0f} bytes")
 
 
-def child_peak_rss(n: int) -> tuple[float, float]:
-    """Run the join pipeline alone on ``n`` rows in a child; (peak RSS MiB, rows/s)."""
-    code = (
-        "import asyncio, resource, sys, tempfile, pathlib;"
-        "sys.path.insert(0, sys.argv[2]);"
-        "from join_aggregate import run_join;"
-        "d = tempfile.mkdtemp();"
-        "r = asyncio.run(run_join(int(sys.argv[1]), pathlib.Path(d)));"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, r['rows_per_s'])"
-    )
-    here = str(Path(__file__).resolve().parent)
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(n), here],
-        check=True,
-        capture_output=True,
-        text=True,
-        env={**os.environ},
-    )
-    rss, rate = out.stdout.split()
-    return float(rss), float(rate)
-
-
-def memory(n: int) -> None:
-    small_rss, small_rate = child_peak_rss(n)
-    large_rss, large_rate = child_peak_rss(10 * n)
-    print(f"peak RSS at {n:>10,} rows: {small_rss:8,.0f} MiB  ({small_rate:,.0f} rows/s)")
-    print(f"peak RSS at {10 * n:>10,} rows: {large_rss:8,.0f} MiB  ({large_rate:,.0f} rows/s)")
-    print(f"ratio                      : {large_rss / small_rss:8.2f}   (goal <= 1.30)")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
@@ -141,7 +108,7 @@ def main() -> None:
     parser.add_argument("--rss", action="store_true", help="peak RSS at N and 10 x N rows")
     args = parser.parse_args()
     if args.rss:
-        memory(args.rows)
+        memory(args.rows, "join_aggregate:run_join", "   (goal <= 1.30)")
     else:
         compare(args.rows, args.repeat)
 

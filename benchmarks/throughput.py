@@ -216,19 +216,21 @@ def compare(n: int, repeat: int) -> None:
     print(f"peak RSS (this process): {peak_mib:,.0f} MiB")
 
 
-def child_peak_rss(n: int) -> tuple[float, float]:
-    """Run ledgerflow alone on ``n`` rows in a child; return (peak RSS MiB, rows/s)."""
+def child_peak_rss(n: int, runner: str = "throughput:run_ledgerflow") -> tuple[float, float]:
+    """Run ``runner`` (``module:function`` of this folder, taking rows and a work dir) on
+    ``n`` rows alone in a child process; return (peak RSS MiB, rows/s)."""
+    module, function = runner.split(":")
     code = (
-        "import asyncio, resource, sys, tempfile, pathlib;"
+        "import asyncio, importlib, resource, sys, tempfile, pathlib;"
         "sys.path.insert(0, sys.argv[2]);"
-        "from throughput import run_ledgerflow;"
+        "run = getattr(importlib.import_module(sys.argv[3]), sys.argv[4]);"
         "d = tempfile.mkdtemp();"
-        "r = asyncio.run(run_ledgerflow(int(sys.argv[1]), pathlib.Path(d)));"
+        "r = asyncio.run(run(int(sys.argv[1]), pathlib.Path(d)));"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, r['rows_per_s'])"
     )
     here = str(Path(__file__).resolve().parent)
     out = subprocess.run(
-        [sys.executable, "-c", code, str(n), here],
+        [sys.executable, "-c", code, str(n), here, module, function],
         check=True,
         capture_output=True,
         text=True,
@@ -238,12 +240,13 @@ def child_peak_rss(n: int) -> tuple[float, float]:
     return float(rss), float(rate)
 
 
-def memory(n: int) -> None:
-    small_rss, small_rate = child_peak_rss(n)
-    large_rss, large_rate = child_peak_rss(10 * n)
+def memory(n: int, runner: str = "throughput:run_ledgerflow", goal: str = "") -> None:
+    """Peak RSS of ``runner`` at ``n`` and ``10 n`` rows, and their ratio."""
+    small_rss, small_rate = child_peak_rss(n, runner)
+    large_rss, large_rate = child_peak_rss(10 * n, runner)
     print(f"peak RSS at {n:>10,} rows: {small_rss:8,.0f} MiB  ({small_rate:,.0f} rows/s)")
     print(f"peak RSS at {10 * n:>10,} rows: {large_rss:8,.0f} MiB  ({large_rate:,.0f} rows/s)")
-    print(f"ratio                      : {large_rss / small_rss:8.2f}")
+    print(f"ratio                      : {large_rss / small_rss:8.2f}{goal}")
 
 
 def main() -> None:
