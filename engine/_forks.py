@@ -16,7 +16,7 @@ the length of the input.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class ForkInstance:
     #: Set once the coalesce resolved the join.
     result: JoinResult | None = None
     #: Whether this fork's count on the parent's branch was handed on or given up.
-    released: bool = field(default=False)
+    released: bool = False
 
     @classmethod
     def open(
