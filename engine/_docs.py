@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from plugins import known_plugins, resolve_plugin
+from plugins import known_plugins, llm, resolve_plugin
 
 from . import _config as config
 from .cli import build_parser
@@ -28,6 +28,10 @@ _SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("`landscape`", config.LandscapeSettings),
     ("`runtime`", config.RuntimeSettings),
     ("`budget`", config.BudgetSettings),
+    ("`endpoints.<name>`", llm.EndpointSettings),
+    ("`endpoints.<name>.backoff`", llm.BackoffSettings),
+    ("`endpoints.<name>.circuit_breaker`", llm.BreakerSettings),
+    ("`endpoints.<name>.prices.<model>`", llm.ModelPrice),
     ("`source`", config.SourceSettings),
     ("`source.schema`", config.SchemaSettings),
     ("`transforms[]`", config.TransformSettings),
