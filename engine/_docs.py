@@ -7,6 +7,7 @@ stale, so the reference never drifts from the models and the parser.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,7 +54,8 @@ def _type_name(annotation: Any) -> str:
         return "any"
     if isinstance(annotation, type):
         return annotation.__name__
-    text = str(annotation).replace("typing.", "").replace("engine._config.", "")
+    text = str(annotation).replace("typing.", "")
+    text = re.sub(r"\b(?:\w+\.)+(?=[A-Z]\w*)", "", text)  # module paths of our own models
     return text.replace("NoneType", "None")
 
 
