@@ -51,6 +51,7 @@ class NodeTask:
         self.outbox = outbox
         self.stats: NodeStats = run.stats[spec.node_id]
         self._waiting: CancelScope | None = None
+        self._woken = False
 
     @property
     def node_id(self) -> str:
@@ -83,6 +84,9 @@ class NodeTask:
             return None
         if token is not None:
             return token
+        if self._woken:  # a wake-up came while the node was busy elsewhere
+            self._woken = False
+            return WAKE
         with self.run_ctx.clock.deadline_scope(deadline) as scope:
             self._waiting = scope
             try:
@@ -92,9 +96,12 @@ class NodeTask:
         return WAKE
 
     def wake(self) -> None:
-        """End a :meth:`next_input` wait now (from another task), if one is in progress."""
+        """End the current :meth:`next_input` wait now (from another task), or the next
+        one at once if the node is busy elsewhere."""
         if self._waiting is not None:
             self._waiting.cancel()
+        else:
+            self._woken = True
 
     # -- moving tokens on ----------------------------------------------------------------
 
