@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 from .conftest import Cli, run_id_of
@@ -70,3 +74,33 @@ def test_explain_unknown_row_and_verify_unknown_run_fail_clearly(
     unknown = cli("verify", "no-such-run")
     assert unknown.returncode == 1
     assert "no-such-run" in unknown.stderr
+
+
+def test_mock_llm_serves_until_interrupted(tmp_path: Path) -> None:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "mock-llm", "--port", "0", "--latency-ms", "1"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        assert server.stdout is not None
+        base_url = server.stdout.readline().strip()
+        assert base_url.startswith("http://127.0.0.1:")
+        assert base_url.endswith("/v1")
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        request = urllib.request.Request(
+            base_url + "/chat/completions", data=body.encode(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = json.load(response)
+        assert answer["choices"][0]["message"]["content"]
+        origin = base_url.removesuffix("/v1")
+        with urllib.request.urlopen(origin + "/stats", timeout=10) as response:
+            assert json.load(response)["requests"] == 1
+    finally:
+        server.send_signal(signal.SIGINT)
+        returncode = server.wait(timeout=10)
+        assert server.stdout is not None
+        server.stdout.close()
+    assert returncode == 0
