@@ -5,16 +5,20 @@ session (connection pool sized to ``max_in_flight``), one limiter and one circui
 breaker.  aiohttp directly, not httpx: httpx's default pool is CPU-bound at high
 concurrency, and even on an aiohttp transport httpx's request and response models
 cost more CPU per call than the rest of the engine (``benchmarks/llm_enrichment.py``
-prints all three).  :meth:`Endpoint.post` makes one logical call: each attempt is reported to the
-row's call log (request, response, status, latency, tokens, cost), 429/5xx/timeouts/
-connection errors/unreadable answers are retried with exponential backoff and jitter
-(``Retry-After`` honoured), other 4xx are not.  API keys come from the environment or
-a secrets file, travel only in headers, and appear in no record or message.
+prints all three).
+
+:meth:`Endpoint.post` makes one logical call and reports each attempt to the row's
+call log (request, response, status, latency, tokens, cost).  429, 5xx, timeouts,
+connection errors and unreadable answers are retried (tenacity drives the retries,
+with exponential backoff, full jitter and ``Retry-After`` honoured); other 4xx are
+not.  API keys come from the environment or a secrets file, travel only in headers,
+and appear in no record or message.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +33,6 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
-    wait_random_exponential,
 )
 
 from plugins.protocols import ExternalCall
@@ -243,42 +246,57 @@ class Endpoint:
         Every attempt is reported to ``calls``.  Raises :class:`CallFailed` (the last
         attempt's error) or :class:`CircuitOpen` (recorded as an ``error`` call).
         """
-        backoff = self.settings.backoff
-        # "full jitter": a random delay up to the doubling backoff, so retries spread out
-        jitter = wait_random_exponential(
-            multiplier=backoff.initial_seconds, max=backoff.max_seconds
-        )
+        attempts = max_attempts or self.settings.max_attempts
+        timeout = timeout_seconds or self.settings.timeout_seconds
+        common = {
+            "call_type": call_type,
+            "provider": self.settings.provider,
+            "model": body.get("model"),
+            "request": body,
+            "call_index": call_index,
+        }
+
+        async def attempt(number: int) -> dict[str, Any]:
+            return await self._attempt(
+                path, body, timeout, estimated_tokens, calls, {**common, "attempt": number}
+            )
+
+        # Most calls succeed at once: the first attempt goes without the retry machinery,
+        # which costs more CPU per call than the rest of the call path.
+        try:
+            return await attempt(1)
+        except CallFailed as exc:
+            if not exc.retryable or attempts == 1:
+                raise
+            await anyio.sleep(self._backoff(1, exc))
 
         def wait(state: RetryCallState) -> float:
-            delay = min(float(jitter(state)), backoff.max_seconds)
             outcome = state.outcome
             failure = None if outcome is None else outcome.exception()
-            if isinstance(failure, CallFailed) and failure.retry_after is not None:
-                delay = max(delay, failure.retry_after)  # the server's word beats the cap
-            return delay
+            return self._backoff(state.attempt_number + 1, failure)
 
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(max_attempts or self.settings.max_attempts),
+            stop=stop_after_attempt(attempts - 1),
             wait=wait,
             retry=retry_if_exception(lambda exc: isinstance(exc, CallFailed) and exc.retryable),
             sleep=anyio.sleep,
             reraise=True,
         )
-        timeout = timeout_seconds or self.settings.timeout_seconds
-        model = body.get("model")
-        async for attempt in retrying:
-            with attempt:
-                number = attempt.retry_state.attempt_number
-                common = {
-                    "call_type": call_type,
-                    "provider": self.settings.provider,
-                    "model": model,
-                    "attempt": number,
-                    "request": body,
-                    "call_index": call_index,
-                }
-                return await self._attempt(path, body, timeout, estimated_tokens, calls, common)
+        async for retry in retrying:
+            with retry:
+                return await attempt(retry.retry_state.attempt_number + 1)
         raise AssertionError("unreachable: tenacity re-raises the last failure")
+
+    def _backoff(self, failed_attempt: int, failure: BaseException | None) -> float:
+        """Seconds to wait after attempt ``failed_attempt`` failed: "full jitter", a random
+        delay up to the doubling backoff (capped), or the server's ``Retry-After`` if it
+        asks for longer."""
+        backoff = self.settings.backoff
+        ceiling = min(backoff.max_seconds, backoff.initial_seconds * 2 ** (failed_attempt - 1))
+        delay = random.uniform(0.0, ceiling)
+        if isinstance(failure, CallFailed) and failure.retry_after is not None:
+            delay = max(delay, failure.retry_after)  # the server's word beats the cap
+        return delay
 
     async def _attempt(
         self,
