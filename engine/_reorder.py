@@ -39,9 +39,7 @@ class ReleaseWindow(Generic[T]):
             raise ValueError("max_pending must be at least 1")
         self._max_pending = max_pending
         self._ordered = ordered
-        # fast_acquire: admitting into a window with room is not a scheduling point
-        # (one task switch per row saved; the feeder yields when it sends the row on)
-        self._slots = anyio.Semaphore(max_pending, fast_acquire=True)
+        self._slots = anyio.Semaphore(max_pending)
         self._admitted = 0
         self._released = 0
         self._by_seq: dict[int, T] = {}

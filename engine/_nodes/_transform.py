@@ -88,7 +88,7 @@ class TransformNode(NodeTask):
         while (token := await self.inbox.receive()) is not None:
             self.stats.received += 1
             seq = await window.admit()
-            await _hand_over(jobs, [(seq, token)])
+            await jobs.send([(seq, token)])
 
     async def _feed_batches(
         self,
@@ -110,7 +110,7 @@ class TransformNode(NodeTask):
                 assert isinstance(token, Token)
                 self.stats.received += 1
                 if batch and not window.has_room():
-                    await _hand_over(jobs, batch)
+                    await jobs.send(batch)
                     batch, deadline = [], math.inf
                 batch.append((await window.admit(), token))
                 if len(batch) == 1:
@@ -118,10 +118,10 @@ class TransformNode(NodeTask):
                 if len(batch) < settings.batch_size:
                     continue
             if batch:
-                await _hand_over(jobs, batch)
+                await jobs.send(batch)
             batch, deadline = [], math.inf
         if batch:
-            await _hand_over(jobs, batch)
+            await jobs.send(batch)
 
     async def _work(
         self,
@@ -130,7 +130,7 @@ class TransformNode(NodeTask):
         batched: bool,
     ) -> None:
         async with jobs:
-            while (job := await _next_job(jobs)) is not None:
+            async for job in jobs:
                 self.stats.in_flight += len(job)
                 try:
                     if batched:
@@ -250,29 +250,3 @@ class TransformNode(NodeTask):
             )
         else:
             await self.deliver(token, self.spec.routes["success"])
-
-
-Job = list[tuple[int, "Token"]]
-
-
-async def _hand_over(jobs: MemoryObjectSendStream[Job], job: Job) -> None:
-    """Give ``job`` to an idle worker without a scheduling round trip when one waits."""
-    try:
-        jobs.send_nowait(job)
-    except anyio.WouldBlock:
-        await jobs.send(job)
-
-
-async def _next_job(jobs: MemoryObjectReceiveStream[Job]) -> Job | None:
-    """The next job (taken at once when a feeder waits to hand one over), or ``None``
-    once the feeder is done."""
-    try:
-        return jobs.receive_nowait()
-    except anyio.WouldBlock:
-        pass
-    except anyio.EndOfStream:
-        return None
-    try:
-        return await jobs.receive()
-    except anyio.EndOfStream:
-        return None
