@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -13,7 +12,7 @@ if TYPE_CHECKING:
 
     from ._run_context import RunContext
 
-__all__ = ["CallTotals", "SharedCalls", "StateCalls"]
+__all__ = ["CallTotals", "SharedCalls", "StateCalls", "describe_calls"]
 
 
 @dataclass(slots=True)
@@ -31,6 +30,9 @@ class CallTotals:
     def tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    def describe(self) -> str:
+        return describe_calls(self.calls, self.retries, self.tokens, self.cost, self.errors)
+
     def add(self, call: ExternalCall) -> None:
         self.calls += 1
         self.retries += call.attempt > 1
@@ -38,6 +40,15 @@ class CallTotals:
         self.prompt_tokens += call.prompt_tokens or 0
         self.completion_tokens += call.completion_tokens or 0
         self.cost += call.cost or 0.0
+
+
+def describe_calls(
+    calls: int, retries: int, tokens: int, cost: float, errors: int | None = None
+) -> str:
+    """One line about a run's calls, the same in the CLI, the progress display and
+    ``ledgerflow runs``: ``calls 12 (2 retries, 1 errors), tokens 1,200, cost 0.0125``."""
+    failed = "" if errors is None else f", {errors:,} errors"
+    return f"calls {calls:,} ({retries:,} retries{failed}), tokens {tokens:,}, cost {cost:.4f}"
 
 
 class StateCalls:
@@ -51,63 +62,76 @@ class StateCalls:
         self._state_id = state_id
 
     def record(self, call: ExternalCall) -> None:
-        self.write(call)
+        payloads = _store_payloads(self._run, call)
+        _write_call(self._run, self._state_id, call, payloads)
         self._run.count_call(call)
-
-    def write(self, call: ExternalCall) -> None:
-        """Record ``call`` for this state without counting it in the run's totals."""
-        recorder = self._run.recorder
-        request_hash = recorder.store(call.request)
-        response_hash = None if call.response is None else recorder.store(call.response)
-        recorder.call(
-            {
-                "state_id": self._state_id,
-                "call_index": call.call_index,
-                "call_type": call.call_type,
-                "provider": call.provider,
-                "model": call.model,
-                "status": call.status,
-                "attempt": call.attempt,
-                "http_status": call.http_status,
-                "request_hash": request_hash,
-                "request_ref": request_hash,
-                "response_hash": response_hash,
-                "response_ref": response_hash,
-                "latency_ms": call.latency_ms,
-                "prompt_tokens": call.prompt_tokens,
-                "completion_tokens": call.completion_tokens,
-                "cost": call.cost,
-            },
-            error=call.error,
-        )
 
 
 class SharedCalls:
     """The :class:`~plugins.CallLog` of one request made for several rows at once.
 
-    Each row's state gets the call (same request and response payloads), with its
-    share of the tokens and cost, so every row explains itself and the shares add up
-    to the call; the run's totals count the call once.
+    Each row's state gets the call (same request and response payloads, stored once),
+    with its share of the tokens and cost, so every row explains itself and the shares
+    add up to the call; the run's totals count the call once.
     """
 
-    __slots__ = ("_run", "_states")
+    __slots__ = ("_run", "_state_ids")
 
     def __init__(self, run: RunContext, state_ids: Sequence[str]) -> None:
         self._run = run
-        self._states = [StateCalls(run, state_id) for state_id in state_ids]
+        self._state_ids = list(state_ids)
 
     def record(self, call: ExternalCall) -> None:
-        n = len(self._states)
+        n = len(self._state_ids)
+        payloads = _store_payloads(self._run, call)
         prompt = _shares(call.prompt_tokens, n)
         completion = _shares(call.completion_tokens, n)
         cost = None if call.cost is None else call.cost / n
-        for i, state in enumerate(self._states):
-            state.write(
-                dataclasses.replace(
-                    call, prompt_tokens=prompt[i], completion_tokens=completion[i], cost=cost
-                )
-            )
+        for i, state_id in enumerate(self._state_ids):
+            share = (prompt[i], completion[i], cost)
+            _write_call(self._run, state_id, call, payloads, share)
         self._run.count_call(call)
+
+
+def _store_payloads(run: RunContext, call: ExternalCall) -> tuple[str, str | None]:
+    """Store the call's request and response; their hashes."""
+    recorder = run.recorder
+    request_hash = recorder.store(call.request)
+    response_hash = None if call.response is None else recorder.store(call.response)
+    return request_hash, response_hash
+
+
+def _write_call(
+    run: RunContext,
+    state_id: str,
+    call: ExternalCall,
+    payloads: tuple[str, str | None],
+    share: tuple[int | None, int | None, float | None] | None = None,
+) -> None:
+    """One ``calls`` row for ``state_id``; ``share`` replaces the call's tokens and cost."""
+    request_hash, response_hash = payloads
+    prompt, completion, cost = share or (call.prompt_tokens, call.completion_tokens, call.cost)
+    run.recorder.call(
+        {
+            "state_id": state_id,
+            "call_index": call.call_index,
+            "call_type": call.call_type,
+            "provider": call.provider,
+            "model": call.model,
+            "status": call.status,
+            "attempt": call.attempt,
+            "http_status": call.http_status,
+            "request_hash": request_hash,
+            "request_ref": request_hash,
+            "response_hash": response_hash,
+            "response_ref": response_hash,
+            "latency_ms": call.latency_ms,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "cost": cost,
+        },
+        error=call.error,
+    )
 
 
 def _shares(total: int | None, n: int) -> list[int | None]:

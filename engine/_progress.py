@@ -25,12 +25,8 @@ def render_statistics(stats: RunStatistics) -> Group:
         f"   rows read {stats.rows_read:,}   {stats.rows_per_second:,.0f} rows/s   "
         f"{stats.elapsed_s:,.1f} s   audit backlog {stats.audit_backlog:,}",
     )
-    calls = stats.calls
-    if calls.calls:
-        header.append(
-            f"\ncalls {calls.calls:,} ({calls.retries:,} retries, {calls.errors:,} errors)   "
-            f"tokens {calls.tokens:,}   cost {calls.cost:.4f}"
-        )
+    if stats.calls.calls:
+        header.append("\n" + stats.calls.describe())
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("node", "kind", "received", "in flight", "queue", "outcomes"):
         table.add_column(

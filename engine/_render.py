@@ -16,6 +16,8 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from ._calls import describe_calls
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -338,6 +340,4 @@ def _call_summary(run: RunSummary) -> str:
     calls = run.calls
     if not calls.calls:
         return "-"
-    return (
-        f"{calls.calls} ({calls.retries} retries), {calls.tokens:,} tokens, cost {calls.cost:.4f}"
-    )
+    return describe_calls(calls.calls, calls.retries, calls.tokens, calls.cost)

@@ -205,13 +205,8 @@ def _print_result(out: Console, result: RunResult) -> None:
     out.print(f"rows: {result.rows_processed} in {result.duration_s:.2f} s", highlight=False)
     for outcome, count in sorted(result.outcomes.items()):
         out.print(f"  {outcome}: {count}", highlight=False)
-    calls = result.calls
-    if calls.calls:
-        out.print(
-            f"calls: {calls.calls} ({calls.retries} retries, {calls.errors} errors), "
-            f"tokens: {calls.tokens}, cost: {calls.cost:.4f}",
-            highlight=False,
-        )
+    if result.calls.calls:
+        out.print(result.calls.describe(), highlight=False)
 
 
 async def _validate(args: argparse.Namespace, out: Console, err: Console) -> int:

@@ -114,16 +114,14 @@ class AggregationNode(NodeTask):
     # -- collecting ------------------------------------------------------------------
 
     async def _add(self, token: Token) -> None:
-        try:
-            key = (
-                None
-                if self.spec.group_by is None
-                else self.spec.group_by.evaluate({"row": token.row})
-            )
-            label = None if self.spec.group_by is None else canonical_json(key)
-        except (ExpressionEvaluationError, CanonicalizationError) as exc:
-            await self._reject(token, {**error_info(exc), "group_by": self.settings.group_by})
-            return
+        key = label = None
+        if self.spec.group_by is not None:
+            try:
+                key = self.spec.group_by.evaluate({"row": token.row})
+                label = canonical_json(key)
+            except (ExpressionEvaluationError, CanonicalizationError) as exc:
+                await self._reject(token, {**error_info(exc), "group_by": self.settings.group_by})
+                return
         now = self.run_ctx.clock.now()
         batch = self.drafts.get(label)
         count = 1 if batch is None else len(batch.members) + 1
@@ -155,7 +153,7 @@ class AggregationNode(NodeTask):
             group_key=label,
         )
         self.drafts[label] = batch
-        self.stats.in_flight += 1
+        self.stats.in_flight = len(self.drafts)
         return batch
 
     def _join(self, batch: _Batch, token: Token) -> None:
@@ -184,7 +182,7 @@ class AggregationNode(NodeTask):
     async def flush(self, batch: _Batch, trigger: str) -> None:
         """Flush ``batch`` (tried ``retries + 1`` times) and pass its results on."""
         del self.drafts[batch.group_label]
-        self.stats.in_flight -= 1
+        self.stats.in_flight = len(self.drafts)
         rows = [member.token.row for member in batch.members]
         attempts = self.settings.retries + 1
         for attempt in range(1, attempts + 1):

@@ -36,9 +36,7 @@ async def main(landscape: str | None, port: int | None) -> None:
     print(f"status: {result.status}")
     for outcome, count in sorted(result.outcomes.items()):
         print(f"  {outcome}: {count}")
-    calls = result.calls
-    print(f"calls: {calls.calls} ({calls.retries} retries), tokens: {calls.tokens}, "
-          f"cost: {calls.cost:.4f}")  # fmt: skip
+    print(result.calls.describe())
 
 
 if __name__ == "__main__":
