@@ -308,36 +308,23 @@ class Endpoint:
         common: dict[str, Any],
     ) -> dict[str, Any]:
         """One attempt, recorded whatever its end: an answer, an error, or cancellation."""
-        async with self.limiter.slot(estimated_tokens) as usage:
-            # The breaker is asked once a slot is held: calls queued behind max_in_flight
-            # when it opens fail fast too, and half-open lets exactly one probe out.
-            try:
-                self.breaker.before_call()
-            except CircuitOpen as exc:
-                error = {"type": "CircuitOpen", "message": str(exc), "circuit_open": True}
-                calls.record(ExternalCall(**common, status="error", response=None,
-                                          latency_ms=0.0, error=error))  # fmt: skip
-                raise
-            started = time.perf_counter()
-            try:
-                result = await self._send(path, body, limit_seconds)
-            except CallFailed as exc:
-                if exc.retryable:
-                    self.breaker.failed()
-                else:  # the endpoint answered; the request was wrong
-                    self.breaker.succeeded()
-                self._record_failure(calls, common, started, exc.error, exc.http_status)
-                raise
-            except BaseException as exc:  # cancelled (shutdown), or a bug: still on record
-                self.breaker.abandoned()
-                error = {"type": type(exc).__name__, "message": str(exc) or "cancelled"}
-                self._record_failure(calls, common, started, error, None)
-                raise
-            answer = result.body
-            reported = answer.get("usage")
-            tokens: dict[str, Any] = reported if isinstance(reported, dict) else {}
-            prompt, completion = tokens.get("prompt_tokens"), tokens.get("completion_tokens")
-            usage.actual((prompt or 0) + (completion or 0))
+        # The breaker is asked once a slot is held, before any rate allowance is taken:
+        # calls queued behind max_in_flight when it opens fail fast too, half-open lets
+        # exactly one probe out, and a refused call costs no allowance.
+        try:
+            async with self.limiter.slot(estimated_tokens, self.breaker.before_call) as usage:
+                started = time.perf_counter()
+                answer, http_status = await self._exchange(
+                    path, body, limit_seconds, calls, common, started
+                )
+                prompt, completion = _usage(answer)
+                if prompt is not None or completion is not None:
+                    usage.actual((prompt or 0) + (completion or 0))
+        except CircuitOpen as exc:
+            error = {"type": "CircuitOpen", "message": str(exc), "circuit_open": True}
+            calls.record(ExternalCall(**common, status="error", response=None,
+                                      latency_ms=0.0, error=error))  # fmt: skip
+            raise
         self.breaker.succeeded()
         latency = (time.perf_counter() - started) * 1000.0
         model = str(common["model"])
@@ -347,7 +334,7 @@ class Endpoint:
                 status="success",
                 response=answer,
                 latency_ms=latency,
-                http_status=result.http_status,
+                http_status=http_status,
                 prompt_tokens=prompt,
                 completion_tokens=completion,
                 cost=self.cost(model, prompt, completion),
@@ -355,17 +342,50 @@ class Endpoint:
         )
         return answer
 
+    async def _exchange(
+        self,
+        path: str,
+        body: dict[str, Any],
+        limit_seconds: float,
+        calls: CallLog,
+        common: dict[str, Any],
+        started: float,
+    ) -> tuple[dict[str, Any], int]:
+        """Send the request; a failed exchange is told to the breaker and recorded."""
+        try:
+            result = await self._send(path, body, limit_seconds)
+        except CallFailed as exc:
+            if exc.retryable:
+                self.breaker.failed()
+            else:  # the endpoint answered; the request was wrong
+                self.breaker.succeeded()
+            self._record_failure(calls, common, started, exc, exc.error, exc.http_status)
+            raise
+        except BaseException as exc:  # cancelled (shutdown), or a bug: still on record
+            self.breaker.abandoned()
+            error = {"type": type(exc).__name__, "message": str(exc) or "cancelled"}
+            self._record_failure(calls, common, started, exc, error, None)
+            raise
+        return result.body, result.http_status
+
     @staticmethod
     def _record_failure(
         calls: CallLog,
         common: dict[str, Any],
         started: float,
+        failure: BaseException,
         error: dict[str, Any],
         http_status: int | None,
     ) -> None:
+        """Record a failed attempt; if recording itself fails (the audit writer is gone),
+        the attempt's own failure still propagates, with a note saying so."""
         latency = (time.perf_counter() - started) * 1000.0
-        calls.record(ExternalCall(**common, status="error", response=None, latency_ms=latency,
-                                  http_status=http_status, error=error))  # fmt: skip
+        try:
+            calls.record(ExternalCall(**common, status="error", response=None,
+                                      latency_ms=latency, http_status=http_status,
+                                      error=error))  # fmt: skip
+        except Exception as exc:
+            failure.add_note(f"the failed attempt could not be recorded: {exc!r}")
 
     async def _send(self, path: str, body: dict[str, Any], limit_seconds: float) -> _Attempt:
         session = self._session
@@ -401,6 +421,17 @@ class Endpoint:
             error = {"type": "MalformedResponse", "message": "the answer is not a JSON object"}
             raise CallFailed(error, retryable=True, http_status=status)
         return _Attempt(parsed, status)
+
+
+def _usage(answer: dict[str, Any]) -> tuple[int | None, int | None]:
+    """Prompt and completion tokens the answer reports (``None`` where it reports none)."""
+    reported = answer.get("usage")
+    tokens: dict[str, Any] = reported if isinstance(reported, dict) else {}
+    prompt, completion = tokens.get("prompt_tokens"), tokens.get("completion_tokens")
+    return (
+        prompt if isinstance(prompt, int) else None,
+        completion if isinstance(completion, int) else None,
+    )
 
 
 def _text(content: bytes, limit: int = 500) -> str:

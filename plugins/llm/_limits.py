@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
 __all__ = ["CircuitBreaker", "CircuitOpen", "EndpointLimiter", "TokenBucket"]
 
@@ -78,9 +78,17 @@ class EndpointLimiter:
         return self.max_in_flight - self._slots.value
 
     @asynccontextmanager
-    async def slot(self, estimated_tokens: int) -> AsyncIterator[UsageCorrection]:
-        """Hold one request slot; the yielded object takes the real token usage."""
+    async def slot(
+        self, estimated_tokens: int, admit: Callable[[], None] | None = None
+    ) -> AsyncIterator[UsageCorrection]:
+        """Hold one request slot; the yielded object takes the real token usage.
+
+        ``admit`` runs once the slot is held and before any rate allowance is taken:
+        if it raises (an open circuit breaker), the request used up no allowance.
+        """
         async with self._slots:
+            if admit is not None:
+                admit()
             if self._requests is not None:
                 await self._requests.take(1)
             taken = 0.0
