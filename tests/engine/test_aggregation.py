@@ -827,7 +827,9 @@ async def test_single_mode_gives_one_summary_row_per_batch(
     ]
     audit = await read_audit(sqlite_url, result.run_id)
     assert_batches_well_formed(audit)
-    for batch in audit.batches_in_order():
+    batches = audit.batches_in_order()
+    assert [audit.member_rows(b["batch_id"]) for b in batches] == [[0, 1, 2], [3, 4]]
+    for batch in batches:
         assert_consumed(audit, batch)
         (output,) = outputs_of(audit, sink, batch)
         assert audit.terminal(output.token_id)["outcome"] == "completed"
@@ -861,6 +863,7 @@ async def test_passthrough_members_are_buffered_then_go_on_enriched_as_the_same_
     assert not audit.parents
     assert [item.token_id for item in sink.items] == [audit.source_token(i) for i in range(5)]
     batches = audit.batches_in_order()
+    assert [audit.member_rows(b["batch_id"]) for b in batches] == [[0, 1, 2], [3, 4]]
     for batch in batches:
         for token_id in audit.member_tokens(batch["batch_id"]):
             outcomes = audit.outcomes_of(token_id)

@@ -77,6 +77,8 @@ async def test_every_attempt_is_a_call_row_with_its_payloads_and_the_run_totals_
     assert {states[c["state_id"]] for c in calls} == {"lookup"}
     assert set(stored) == requests
     failed = [c for c in calls if c["status"] == "error"]
+    assert len(failed) == 3
+    assert {c["attempt"] for c in failed} == {1}
     assert all(c["response_hash"] is None and c["http_status"] == 503 for c in failed)
     assert all(json.loads(c["error_json"])["message"] == "503" for c in failed)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import sys
@@ -29,10 +30,14 @@ async def test_quickstart_through_the_python_api(quickstart: Path, tmp_path: Pat
     assert result.outcomes["quarantined"] == 4
     assert sum(result.outcomes.values()) == 400
     out = quickstart.parent / "out"
-    review = (out / "review.csv").read_text(encoding="utf-8").splitlines()
-    accepted = (out / "accepted.jsonl").read_text(encoding="utf-8").splitlines()
-    assert len(review) - 1 + len(accepted) == 396
-    assert all(json.loads(line)["amount_eur"] < 500 for line in accepted)
+    with (out / "review.csv").open(encoding="utf-8", newline="") as file:
+        review = list(csv.DictReader(file))
+    accepted = read_jsonl(out / "accepted.jsonl")
+    assert len(review) + len(accepted) == 396
+    assert accepted
+    assert review
+    assert all(row["amount_eur"] < 500 for row in accepted)
+    assert all(float(row["amount_eur"]) >= 500 for row in review)
     async with Landscape.connect(url) as landscape:
         report = await landscape.verify(result.run_id)
     assert report.ok, report.violations
@@ -92,8 +97,12 @@ async def test_llm_enrichment_example_classifies_every_ticket_against_the_mock(
     run_id = run_id_of(done.stdout.decode())
     out = llm_enrichment.parent / "out"
     triaged = read_jsonl(out / "triaged.jsonl")
-    escalated = (out / "escalations.csv").read_text(encoding="utf-8").splitlines()[1:]
+    with (out / "escalations.csv").open(encoding="utf-8", newline="") as file:
+        escalated = list(csv.DictReader(file))
     assert len(triaged) + len(escalated) == 60
+    assert triaged
+    assert escalated
+    assert all(row["priority"] == "high" for row in escalated)
     assert all(row["priority"] in {"low", "normal"} for row in triaged)
     assert all(row["category"] in {"billing", "login", "bug", "feature"} for row in triaged)
     async with Landscape.connect(url) as landscape:

@@ -65,11 +65,11 @@ async def test_batched_answers_equal_one_request_per_row_and_keep_the_order(
     assert read_jsonl(batched / "out.jsonl") == read_jsonl(single / "out.jsonl")
     assert stats.batch_requests == stats.requests
     assert stats.batch_rows == 23
-    assert stats.requests < 23
+    assert 5 <= stats.requests <= 6  # batches of 5 (a timer may split one)
     calls = await table(sqlite_url, t.calls)
     # every row explains itself: each state has the shared call, with its share of tokens
-    states = {c["state_id"] for c in calls}
-    assert len(states) == 23
+    assert len(calls) == 23
+    assert len({c["state_id"] for c in calls}) == 23
     assert result.calls.calls == stats.requests
     tokens = sum((c["prompt_tokens"] or 0) + (c["completion_tokens"] or 0) for c in calls)
     assert tokens == result.calls.tokens
@@ -112,7 +112,7 @@ async def test_a_wrong_number_of_answers_is_asked_again_then_every_rows_error(
     assert len(calls) == 2 * 4  # two requests, recorded for each of the four rows
 
 
-async def test_a_partial_batch_leaves_when_its_wait_is_over(
+async def test_a_partial_batch_leaves_at_end_of_input_before_its_wait_is_over(
     tmp_path: Path, sqlite_url: str
 ) -> None:
     clock = ManualClock()
@@ -140,7 +140,7 @@ async def test_a_partial_batch_leaves_on_its_timer_while_the_source_is_idle(
         yield {"id": 3, "text": "late ticket"}
 
     async with MockLlmServer(MockSettings()) as server:
-        node = llm_node(batch_size=10, batch_wait_ms=500)
+        node = llm_node(batch_size=10, batch_wait_ms=600_000)  # ten minutes on the run clock
         config = pipeline(server.base_url, rows(), tmp_path, transforms=[node])
         pipeline_run = Pipeline.from_dict(config, landscape_url=sqlite_url, clock=clock)
         async with anyio.create_task_group() as tg:
@@ -149,7 +149,7 @@ async def test_a_partial_batch_leaves_on_its_timer_while_the_source_is_idle(
                 await until(lambda: received(pipeline_run, "classify") == 3)
                 await anyio.wait_all_tasks_blocked()
                 assert server.statistics().requests == 0  # the batch waits for more rows
-                clock.advance(0.5)
+                clock.advance(600)
                 await until(lambda: server.statistics().batch_rows == 3)
             release.set()
         stats = server.statistics()

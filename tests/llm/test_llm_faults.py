@@ -222,7 +222,9 @@ async def test_attempts_running_out_send_the_row_to_its_error_route_with_the_las
     assert all(row["_error"] == "HTTP 503" and row["_error_node"] for row in errors)
     assert ids(tmp_path / "out.jsonl") == []
     assert result.outcomes == {"quarantined": 5}
-    for calls in (await calls_by_row(sqlite_url, result.run_id)).values():
+    by_row = await calls_by_row(sqlite_url, result.run_id)
+    assert sorted(by_row) == [0, 1, 2, 3, 4]
+    for calls in by_row.values():
         assert [(c["attempt"], c["status"], c["http_status"]) for c in calls] == [
             (1, "error", 503),
             (2, "error", 503),
@@ -437,6 +439,9 @@ async def test_a_row_arriving_after_the_reset_time_is_a_probe_that_reaches_the_s
         first, second = tickets(6)[:3], tickets(6)[3:]
         for row in first:
             yield row
+        # the breaker opens with the second failure: the pause counts from there
+        while server.statistics().requests < 2:  # noqa: ASYNC110 - the server is elsewhere
+            await anyio.sleep(0.01)
         await anyio.sleep(reset + 0.2)  # the breaker is half-open after this pause
         for row in second:
             yield row
@@ -483,6 +488,7 @@ async def test_an_unparseable_answer_is_asked_again_parse_retries_times_then_is_
     assert all("not JSON" in row["_error"] for row in errors)
     assert result.outcomes == {"quarantined": rows}
     by_row = await calls_by_row(sqlite_url, result.run_id)
+    assert sorted(by_row) == list(range(rows))
     for calls in by_row.values():
         # each ask is a new logical call (call_index) whose one attempt succeeded over HTTP
         assert [(c["call_index"], c["attempt"], c["status"]) for c in calls] == [
@@ -514,6 +520,7 @@ async def test_a_json_answer_that_breaks_the_schema_is_the_rows_error(
     assert all("does not match the schema at label" in row["_error"] for row in errors)
     assert all("label" not in row for row in errors)  # the bad answer is not merged
     by_row = await calls_by_row(sqlite_url, result.run_id)
+    assert sorted(by_row) == [0, 1, 2]
     assert all([c["call_index"] for c in calls] == [0, 1] for calls in by_row.values())
 
 
@@ -533,7 +540,9 @@ async def test_a_malformed_response_body_uses_attempts_not_parse_retries(
         result = await run_verified(config)
         assert server.statistics().requests == 4
     assert ids(tmp_path / "errors.jsonl") == [0, 1]
-    for calls in (await calls_by_row(sqlite_url, result.run_id)).values():
+    by_row = await calls_by_row(sqlite_url, result.run_id)
+    assert sorted(by_row) == [0, 1]
+    for calls in by_row.values():
         assert [(c["call_index"], c["attempt"], c["http_status"]) for c in calls] == [
             (0, 1, 200),
             (0, 2, 200),
