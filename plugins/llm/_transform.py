@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypeVar
 
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -21,12 +21,14 @@ from ._endpoint import Endpoint
 from ._prompts import PromptError, PromptTemplate
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from plugins.protocols import CallLog
 
 __all__ = ["AnswerError", "LlmOptions", "LlmTransform", "endpoint_for"]
 
+
+T = TypeVar("T")
 
 _BATCH_INSTRUCTIONS = (
     "The user message is a JSON object whose 'batch' array holds {n} prompts, each with "
@@ -148,59 +150,26 @@ class LlmTransform(Transform):
         if self.system is not None:
             messages.append({"role": "system", "content": self.system.render(row)})
         messages.append({"role": "user", "content": self.prompt.render(row)})
-        body: dict[str, Any] = {"model": o.model, "messages": messages}
-        if o.temperature is not None:
-            body["temperature"] = o.temperature
-        if o.max_tokens is not None:
-            body["max_tokens"] = o.max_tokens
+        response_format: dict[str, Any] | None = None
         if o.response_format == "json":
-            body["response_format"] = {"type": "json_object"}
+            response_format = {"type": "json_object"}
         elif o.response_format == "json_schema":
-            body["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": "answer", "schema": o.json_schema, "strict": True},
-            }
-        return body
+            response_format = _schema_format("answer", o.json_schema)
+        return self._body(messages, response_format, rows=1)
 
     async def process(self, row: Row, ctx: RowContext) -> Row:
         body = self.request(row)
-        estimate = _estimate_tokens(body) + (self.options.max_tokens or 256)
-        failure: AnswerError | None = None
-        for call_index in range(self.options.parse_retries + 1):
-            answer = await self.endpoint.post(
-                "/chat/completions",
-                body,
-                calls=ctx.calls,
-                call_type="llm",
-                call_index=call_index,
-                estimated_tokens=estimate,
-                timeout_seconds=self.options.timeout_seconds,
-                max_attempts=self.options.max_attempts,
-            )
-            try:
-                return self.merge(row, self.parse(answer))
-            except AnswerError as exc:
-                failure = exc
-        assert failure is not None
-        raise failure
+        return await self._ask(
+            body, ctx.calls, 1, lambda answer: self.merge(row, self.parse(answer))
+        )
 
-    # -- several rows in one request -----------------------------------------------------
-
-    async def process_batch(
-        self, rows: Sequence[Row], contexts: Sequence[RowContext], calls: CallLog
-    ) -> list[TransformResult | Exception]:
-        """One request for all ``rows``: their prompts as a JSON array, the answers as a
-        JSON array of the same length mapped back by ``index``.
-
-        A wrong count, or an answer that is not JSON, is asked again ``parse_retries``
-        times, then it is every row's error; an item that is missing, repeated or
-        invalid is its own row's error.
-        """
-        try:
-            body = self.batch_request(rows)
-        except PromptError:  # find which rows cannot be rendered; the rest go alone
-            return [await self._single(row, ctx) for row, ctx in zip(rows, contexts, strict=True)]
-        estimate = _estimate_tokens(body) + (self.options.max_tokens or 256) * len(rows)
+    async def _ask(
+        self, body: dict[str, Any], calls: CallLog, rows: int, use: Callable[[dict[str, Any]], T]
+    ) -> T:
+        """Post ``body`` and hand the answer to ``use``; an answer it refuses
+        (:class:`AnswerError`) is asked for again ``parse_retries`` times, each a new
+        logical call (``call_index``), then the last refusal is raised."""
+        estimate = _estimate_tokens(body) + (self.options.max_tokens or 256) * rows
         failure: AnswerError | None = None
         for call_index in range(self.options.parse_retries + 1):
             answer = await self.endpoint.post(
@@ -214,47 +183,68 @@ class LlmTransform(Transform):
                 max_attempts=self.options.max_attempts,
             )
             try:
-                items = self._batch_items(answer, len(rows))
+                return use(answer)
             except AnswerError as exc:
                 failure = exc
-                continue
-            return [self._batch_result(row, items.get(i)) for i, row in enumerate(rows)]
         assert failure is not None
-        return [failure] * len(rows)
+        raise failure
 
-    async def _single(self, row: Row, ctx: RowContext) -> TransformResult | Exception:
-        try:
-            return await self.process(row, ctx)
-        except Exception as exc:  # this row's error, in its place
-            return exc
-
-    def batch_request(self, rows: Sequence[Row]) -> dict[str, Any]:
-        """The one chat completion request for ``rows`` (raises ``PromptError``)."""
+    def _body(
+        self, messages: list[dict[str, str]], response_format: dict[str, Any] | None, rows: int
+    ) -> dict[str, Any]:
         o = self.options
-        prompts = [{"index": i, "prompt": self.prompt.render(row)} for i, row in enumerate(rows)]
-        instructions = _BATCH_INSTRUCTIONS.format(n=len(rows))
-        if self.system is not None:
-            instructions = self.system.render(rows[0]) + "\n\n" + instructions
-        body: dict[str, Any] = {
-            "model": o.model,
-            "messages": [
-                {"role": "system", "content": instructions},
-                {"role": "user", "content": json.dumps({"batch": prompts}, ensure_ascii=False)},
-            ],
-            "response_format": {
-                "type": "json_schema",
-                "json_schema": {
-                    "name": "answers",
-                    "schema": self._batch_schema(len(rows)),
-                    "strict": True,
-                },
-            },
-        }
+        body: dict[str, Any] = {"model": o.model, "messages": messages}
+        if response_format is not None:
+            body["response_format"] = response_format
         if o.temperature is not None:
             body["temperature"] = o.temperature
         if o.max_tokens is not None:
-            body["max_tokens"] = o.max_tokens * len(rows)
+            body["max_tokens"] = o.max_tokens * rows
         return body
+
+    # -- several rows in one request -----------------------------------------------------
+
+    async def process_batch(
+        self, rows: Sequence[Row], contexts: Sequence[RowContext], calls: CallLog
+    ) -> list[TransformResult | Exception]:
+        """One request for all ``rows``: their prompts as a JSON array, the answers as a
+        JSON array of the same length mapped back by ``index``.
+
+        A wrong count, or an answer that is not JSON, is asked again ``parse_retries``
+        times, then it is every row's error; an item that is missing, repeated or
+        invalid is its own row's error.  Rows whose prompts cannot be rendered, or whose
+        system prompts differ, go one request each.
+        """
+        try:
+            body = self.batch_request(rows)
+        except PromptError:
+            return await super().process_batch(rows, contexts, calls)
+        if body is None:
+            return await super().process_batch(rows, contexts, calls)
+        try:
+            items = await self._ask(
+                body, calls, len(rows), lambda a: self._batch_items(a, len(rows))
+            )
+        except AnswerError as exc:
+            return [exc] * len(rows)
+        return [self._batch_result(row, items.get(i)) for i, row in enumerate(rows)]
+
+    def batch_request(self, rows: Sequence[Row]) -> dict[str, Any] | None:
+        """The one chat completion request for ``rows`` (raises ``PromptError``), or
+        ``None`` when their system prompts differ and they cannot share one."""
+        prompts = [{"index": i, "prompt": self.prompt.render(row)} for i, row in enumerate(rows)]
+        instructions = _BATCH_INSTRUCTIONS.format(n=len(rows))
+        if self.system is not None:
+            systems = {self.system.render(row) for row in rows}
+            if len(systems) > 1:
+                return None
+            instructions = systems.pop() + "\n\n" + instructions
+        messages = [
+            {"role": "system", "content": instructions},
+            {"role": "user", "content": json.dumps({"batch": prompts}, ensure_ascii=False)},
+        ]
+        schema = _schema_format("answers", self._batch_schema(len(rows)))
+        return self._body(messages, schema, rows=len(rows))
 
     def _batch_schema(self, n: int) -> dict[str, Any]:
         index = {"index": {"type": "integer", "minimum": 0, "maximum": n - 1}}
@@ -284,9 +274,8 @@ class LlmTransform(Transform):
     def _batch_items(self, answer: dict[str, Any], n: int) -> dict[int, dict[str, Any]]:
         """The answer's items by index; :class:`AnswerError` when they cannot be mapped."""
         try:
-            content = answer["choices"][0]["message"]["content"]
-            value = json.loads(content)
-        except (KeyError, IndexError, TypeError, ValueError):
+            value = json.loads(_content(answer))
+        except ValueError:
             raise AnswerError("the batch answer is not a JSON object") from None
         items = value.get("answers") if isinstance(value, dict) else None
         if not isinstance(items, list):
@@ -318,12 +307,7 @@ class LlmTransform(Transform):
 
     def parse(self, answer: dict[str, Any]) -> Any:
         """The usable value of ``answer``: its text, or its JSON (validated by the schema)."""
-        try:
-            content = answer["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise AnswerError("the answer has no choices[0].message.content") from None
-        if not isinstance(content, str):
-            raise AnswerError("the answer's content is not text")
+        content = _content(answer)
         if self.options.response_format == "text":
             return content
         try:
@@ -350,6 +334,22 @@ class LlmTransform(Transform):
         if not isinstance(value, dict):
             raise AnswerError("a JSON answer without output_field must be an object")
         return {**row, **value}
+
+
+def _content(answer: dict[str, Any]) -> str:
+    """The text of a chat completion's first choice; :class:`AnswerError` if none."""
+    try:
+        content = answer["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise AnswerError("the answer has no choices[0].message.content") from None
+    if not isinstance(content, str):
+        raise AnswerError("the answer's content is not text")
+    return content
+
+
+def _schema_format(name: str, schema: dict[str, Any] | None) -> dict[str, Any]:
+    """A ``response_format`` asking for structured output by ``schema``."""
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 
 def _estimate_tokens(body: dict[str, Any]) -> int:

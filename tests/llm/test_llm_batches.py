@@ -157,3 +157,17 @@ async def test_a_partial_batch_leaves_on_its_timer_while_the_source_is_idle(
     assert stats.batch_rows == 4
     out = read_jsonl(tmp_path / "out.jsonl")
     assert [row["id"] for row in out] == [0, 1, 2, 3]
+
+
+async def test_rows_whose_system_prompts_differ_are_not_batched_together(
+    run_verified: Run, tmp_path: Path
+) -> None:
+    async with MockLlmServer(MockSettings()) as server:
+        node = llm_node(batch_size=3, options={"system": "You answer ticket {{ row.id }}."})
+        result = await run_verified(
+            pipeline(server.base_url, tickets(3), tmp_path, transforms=[node])
+        )
+        stats = server.statistics()
+    assert stats.batch_requests == 0
+    assert stats.requests == 3
+    assert result.outcomes == {"completed": 3}
