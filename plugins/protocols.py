@@ -43,6 +43,7 @@ __all__ = [
     "SourceRecord",
     "Transform",
     "TransformResult",
+    "resolve_path",
 ]
 
 Row = dict[str, Any]
@@ -69,8 +70,13 @@ class PluginSetup:
 
     def resolve(self, path: str | Path) -> Path:
         """``path`` relative to the pipeline file's directory (absolute paths unchanged)."""
-        candidate = Path(path).expanduser()
-        return candidate if candidate.is_absolute() else self.base_dir / candidate
+        return resolve_path(path, self.base_dir)
+
+
+def resolve_path(path: str | Path, base_dir: Path) -> Path:
+    """``path`` with ``~`` expanded, relative to ``base_dir`` unless it is absolute."""
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else base_dir / candidate
 
 
 @dataclass(frozen=True, slots=True)

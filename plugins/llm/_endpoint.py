@@ -21,7 +21,6 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
@@ -35,12 +34,13 @@ from tenacity import (
     stop_after_attempt,
 )
 
-from plugins.protocols import ExternalCall
+from plugins.protocols import ExternalCall, resolve_path
 
 from ._limits import CircuitBreaker, CircuitOpen, EndpointLimiter
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+    from pathlib import Path
 
     from plugins.protocols import CallLog
 
@@ -200,8 +200,7 @@ class Endpoint:
                 )
             return key
         if s.api_key_file:
-            path = Path(s.api_key_file).expanduser()
-            path = path if path.is_absolute() else self.base_dir / path
+            path = resolve_path(s.api_key_file, self.base_dir)
             try:
                 return path.read_text(encoding="utf-8").strip()
             except OSError as exc:

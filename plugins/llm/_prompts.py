@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = ["PromptError", "PromptTemplate"]
 
@@ -37,16 +39,12 @@ class PromptTemplate:
             raise PromptError(f"{origin}: {exc}") from None
 
     @classmethod
-    def load(
-        cls, inline: str | None, file: str | None, base_dir: Path, *, origin: str
-    ) -> PromptTemplate | None:
-        """The template given inline or in a file (relative to ``base_dir``), or ``None``."""
+    def load(cls, inline: str | None, path: Path | None, *, origin: str) -> PromptTemplate | None:
+        """The template given inline or in the file at ``path``, or ``None``."""
         if inline is not None:
             return cls(inline, origin=origin)
-        if file is None:
+        if path is None:
             return None
-        path = Path(file).expanduser()
-        path = path if path.is_absolute() else base_dir / path
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:

@@ -22,6 +22,7 @@ from ._prompts import PromptError, PromptTemplate
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
+    from pathlib import Path
 
     from plugins.protocols import CallLog
 
@@ -115,9 +116,12 @@ class LlmTransform(Transform):
         super().__init__(options, setup)
         o: LlmOptions = options
         self.endpoint = endpoint_for(setup, o.endpoint)
-        base = setup.base_dir
-        self.system = PromptTemplate.load(o.system, o.system_file, base, origin="system")
-        prompt = PromptTemplate.load(o.prompt, o.prompt_file, base, origin="prompt")
+
+        def file(name: str | None) -> Path | None:
+            return None if name is None else setup.resolve(name)
+
+        self.system = PromptTemplate.load(o.system, file(o.system_file), origin="system")
+        prompt = PromptTemplate.load(o.prompt, file(o.prompt_file), origin="prompt")
         assert prompt is not None
         self.prompt = prompt
         self.validator = (
