@@ -112,24 +112,20 @@ def _write_call(
     request_hash, response_hash = payloads
     prompt, completion, cost = share or (call.prompt_tokens, call.completion_tokens, call.cost)
     run.recorder.call(
-        {
-            "state_id": state_id,
-            "call_index": call.call_index,
-            "call_type": call.call_type,
-            "provider": call.provider,
-            "model": call.model,
-            "status": call.status,
-            "attempt": call.attempt,
-            "http_status": call.http_status,
-            "request_hash": request_hash,
-            "request_ref": request_hash,
-            "response_hash": response_hash,
-            "response_ref": response_hash,
-            "latency_ms": call.latency_ms,
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "cost": cost,
-        },
+        state_id=state_id,
+        call_index=call.call_index,
+        call_type=call.call_type,
+        provider=call.provider,
+        model=call.model,
+        status=call.status,
+        attempt=call.attempt,
+        http_status=call.http_status,
+        request_hash=request_hash,
+        response_hash=response_hash,
+        latency_ms=call.latency_ms,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cost=cost,
         error=call.error,
     )
 

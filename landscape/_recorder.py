@@ -58,6 +58,28 @@ _TUPLE_LAYOUTS = {
         "context_json",
         "step_index",
     ),
+    t.calls: (
+        "call_id",
+        "run_id",
+        "state_id",
+        "call_index",
+        "call_type",
+        "provider",
+        "model",
+        "status",
+        "attempt",
+        "http_status",
+        "request_hash",
+        "request_ref",
+        "response_hash",
+        "response_ref",
+        "error_json",
+        "latency_ms",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost",
+        "created_at",
+    ),
     t.routing_events: ("event_id", "run_id", "state_id", "edge_id", "route_label", "reason_json"),
     t.token_outcomes: (
         "outcome_id",
@@ -362,19 +384,53 @@ class Recorder:
             (self.new_id("e"), self.run_id, state_id, edge_id, route_label, _json(reason)),
         )
 
-    def call(self, values: Mapping[str, Any], *, error: Mapping[str, Any] | None = None) -> None:
-        """Record one external call attempt (columns of the ``calls`` table; ``error`` is
-        written as ``error_json``)."""
-        row: dict[str, Any] = {column.name: None for column in t.calls.columns}
-        row.update(values)
-        row["run_id"] = self.run_id
-        if row["call_id"] is None:
-            row["call_id"] = self.new_id("c")
-        if error is not None:
-            row["error_json"] = _json(error)
-        if row["created_at"] is None:
-            row["created_at"] = time.time()
-        self._writer.insert(t.calls, row)
+    def call(
+        self,
+        *,
+        state_id: str,
+        call_index: int,
+        call_type: str,
+        provider: str | None,
+        model: str | None,
+        status: str,
+        attempt: int,
+        http_status: int | None,
+        request_hash: str | None,
+        response_hash: str | None,
+        latency_ms: float | None,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        cost: float | None = None,
+        error: Mapping[str, Any] | None = None,
+        call_id: str | None = None,
+    ) -> None:
+        """Record one external call attempt; its payloads are stored (:meth:`store`) under
+        ``request_hash`` / ``response_hash``."""
+        self._writer.insert_row(
+            t.calls,
+            (
+                call_id or self.new_id("c"),
+                self.run_id,
+                state_id,
+                call_index,
+                call_type,
+                provider,
+                model,
+                status,
+                attempt,
+                http_status,
+                request_hash,
+                request_hash,
+                response_hash,
+                response_hash,
+                None if error is None else _json(error),
+                latency_ms,
+                prompt_tokens,
+                completion_tokens,
+                cost,
+                time.time(),
+            ),
+        )
 
     def outcome(
         self,

@@ -172,17 +172,16 @@ def _linear(b: _Builder) -> None:
     response = b.rec.store({"choices": [{"message": {"content": "greeting"}}]})
     b.sample.hashes["request"], b.sample.hashes["response"] = request, response
     common = {"state_id": state, "call_index": 0, "call_type": "llm", "provider": "openai"}
-    b.rec.call({
-        **common, "call_id": f"{b.p}call-0-1", "model": "m", "status": "error", "attempt": 1,
-        "http_status": 503, "request_hash": request, "request_ref": request,
-        "error_json": '{"message": "overloaded"}', "latency_ms": 12.5,
-    })  # fmt: skip
-    b.rec.call({
-        **common, "call_id": f"{b.p}call-0-2", "model": "m", "status": "success", "attempt": 2,
-        "http_status": 200, "request_hash": request, "request_ref": request,
-        "response_hash": response, "response_ref": response, "latency_ms": 80.0,
-        "prompt_tokens": 20, "completion_tokens": 3,
-    })  # fmt: skip
+    b.rec.call(
+        **common, call_id=f"{b.p}call-0-1", model="m", status="error", attempt=1,
+        http_status=503, request_hash=request, response_hash=None,
+        error={"message": "overloaded"}, latency_ms=12.5,
+    )  # fmt: skip
+    b.rec.call(
+        **common, call_id=f"{b.p}call-0-2", model="m", status="success", attempt=2,
+        http_status=200, request_hash=request, response_hash=response, latency_ms=80.0,
+        prompt_tokens=20, completion_tokens=3,
+    )  # fmt: skip
     b.sink(tok, "out", b.sample.hashes[f"{tok}@clean"], Outcome.COMPLETED)
 
 
