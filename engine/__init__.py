@@ -11,7 +11,6 @@ Plugins never touch the Landscape: the engine records what they return.
 
 from __future__ import annotations
 
-from ._calls import CallTotals
 from ._clock import Clock, ManualClock, SystemClock
 from ._errors import (
     AuditError,
@@ -30,7 +29,6 @@ from ._version import ENGINE_VERSION
 __all__ = [
     "ENGINE_VERSION",
     "AuditError",
-    "CallTotals",
     "Clock",
     "ConfigError",
     "ConfigIssue",

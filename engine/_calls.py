@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from landscape import CallSummary
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -12,7 +14,7 @@ if TYPE_CHECKING:
 
     from ._run_context import RunContext
 
-__all__ = ["CallTotals", "SharedCalls", "StateCalls", "describe_calls"]
+__all__ = ["CallTotals", "SharedCalls", "StateCalls"]
 
 
 @dataclass(slots=True)
@@ -30,8 +32,9 @@ class CallTotals:
     def tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def describe(self) -> str:
-        return describe_calls(self.calls, self.retries, self.tokens, self.cost, self.errors)
+    def snapshot(self) -> CallSummary:
+        """The totals so far, frozen (what results and progress snapshots carry)."""
+        return CallSummary(self.calls, self.retries, self.errors, self.tokens, self.cost)
 
     def add(self, call: ExternalCall) -> None:
         self.calls += 1
@@ -40,15 +43,6 @@ class CallTotals:
         self.prompt_tokens += call.prompt_tokens or 0
         self.completion_tokens += call.completion_tokens or 0
         self.cost += call.cost or 0.0
-
-
-def describe_calls(
-    calls: int, retries: int, tokens: int, cost: float, errors: int | None = None
-) -> str:
-    """One line about a run's calls, the same in the CLI, the progress display and
-    ``ledgerflow runs``: ``calls 12 (2 retries, 1 errors), tokens 1,200, cost 0.0125``."""
-    failed = "" if errors is None else f", {errors:,} errors"
-    return f"calls {calls:,} ({retries:,} retries{failed}), tokens {tokens:,}, cost {cost:.4f}"
 
 
 class StateCalls:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -13,9 +12,8 @@ from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 
-from landscape import Landscape, LandscapeError, RunStatus
+from landscape import CallSummary, Landscape, LandscapeError, RunStatus
 
-from ._calls import CallTotals
 from ._clock import Clock, SystemClock
 from ._config import PipelineSettings, load_settings, read_yaml
 from ._errors import AuditError, PipelineStateError, PluginError, RunFailed
@@ -64,7 +62,7 @@ class RunResult:
     duration_s: float
     landscape_url: str
     #: What the run's external calls added up to.
-    calls: CallTotals = field(default_factory=CallTotals)
+    calls: CallSummary = field(default_factory=CallSummary)
     #: Why the run stopped early when it did so by itself (a budget), else ``None``.
     stop_reason: str | None = None
 
@@ -79,8 +77,8 @@ class RunStatistics:
     outcomes: Mapping[str, int]
     nodes: list[NodeStatistics] = field(default_factory=list)
     audit_backlog: int = 0
-    #: The run's external calls so far (a copy).
-    calls: CallTotals = field(default_factory=CallTotals)
+    #: The run's external calls so far.
+    calls: CallSummary = field(default_factory=CallSummary)
 
     @property
     def rows_per_second(self) -> float:
@@ -184,7 +182,7 @@ class Pipeline:
             outcomes=dict(run.outcomes),
             duration_s=time.monotonic() - self._started,
             landscape_url=self.landscape_url,
-            calls=run.calls,
+            calls=run.calls.snapshot(),
             stop_reason=run.stop_reason,
         )
 
@@ -208,7 +206,7 @@ class Pipeline:
             outcomes=dict(run.outcomes),
             nodes=run.statistics(),
             audit_backlog=run.recorder.statistics().pending_records,
-            calls=dataclasses.replace(run.calls),
+            calls=run.calls.snapshot(),
         )
 
     async def _run_recorded(

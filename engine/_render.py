@@ -16,8 +16,6 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from ._calls import describe_calls
-
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -337,7 +335,4 @@ def render_runs(runs: Sequence[RunSummary]) -> Table:
 
 
 def _call_summary(run: RunSummary) -> str:
-    calls = run.calls
-    if not calls.calls:
-        return "-"
-    return describe_calls(calls.calls, calls.retries, calls.tokens, calls.cost)
+    return run.calls.describe() if run.calls.calls else "-"

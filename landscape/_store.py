@@ -36,8 +36,17 @@ class CallSummary:
 
     calls: int = 0
     retries: int = 0
+    errors: int = 0
     tokens: int = 0
     cost: float = 0.0
+
+    def describe(self) -> str:
+        """One line, the same in the CLI, the progress display and ``ledgerflow runs``:
+        ``calls 12 (2 retries, 1 errors), tokens 1,200, cost 0.0125``."""
+        return (
+            f"calls {self.calls:,} ({self.retries:,} retries, {self.errors:,} errors), "
+            f"tokens {self.tokens:,}, cost {self.cost:.4f}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,14 +220,17 @@ async def _call_summaries(conn: AsyncConnection, run_id: str | None) -> dict[str
         c.c.run_id,
         func.count(),
         func.sum(case((c.c.attempt > 1, 1), else_=0)),
+        func.sum(case((c.c.status != "success", 1), else_=0)),
         func.sum(tokens),
         func.sum(func.coalesce(c.c.cost, 0.0)),
     ).group_by(c.c.run_id)
     if run_id is not None:
         query = query.where(c.c.run_id == run_id)
     return {
-        run: CallSummary(int(n), int(retries or 0), int(used or 0), float(cost or 0.0))
-        for run, n, retries, used, cost in await conn.execute(query)
+        run: CallSummary(
+            int(n), int(retries or 0), int(errors or 0), int(used or 0), float(cost or 0.0)
+        )
+        for run, n, retries, errors, used, cost in await conn.execute(query)
     }
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from rich.console import Console
 
 from engine import NodeStatistics, RunStatistics
-from engine._calls import CallTotals
 from engine._graph import NodeKind
 from engine._progress import render_statistics
+from landscape import CallSummary
 
 
 def test_progress_shows_rate_and_per_node_queue_in_flight_and_outcomes() -> None:
@@ -42,9 +42,8 @@ def test_progress_shows_call_totals_once_there_are_calls() -> None:
         elapsed_s=1.0,
         rows_read=1,
         outcomes={},
-        calls=CallTotals(calls=12, retries=2, errors=2, prompt_tokens=900, completion_tokens=300,
-                         cost=0.0125),
-    )  # fmt: skip
+        calls=CallSummary(calls=12, retries=2, errors=2, tokens=1200, cost=0.0125),
+    )
     console = Console(record=True, width=140)
     console.print(render_statistics(quiet))
     assert "calls" not in console.export_text()
