@@ -6,22 +6,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from landscape import redact_url
 
 __all__ = ["REDACTED", "redact", "redact_url"]
 
 REDACTED = "***"
 _SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|passwd|token|authorization)", re.I)
 _URL_WITH_PASSWORD = re.compile(r"^[a-z0-9+]+://[^/@\s]*:[^/@\s]*@", re.I)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return re.sub(r"(://[^/@:\s]*:)[^/@\s]*@", rf"\1{REDACTED}@", url)
 
 
 def redact(value: Any) -> Any:

@@ -13,7 +13,7 @@ from ._canonical import CanonicalizationError, canonical_hash, canonical_json, s
 from ._errors import AuditIntegrityError, LandscapeError, LandscapeUnavailable
 from ._outcomes import TERMINAL_OUTCOMES, BatchStatus, NodeStateStatus, Outcome, RunStatus
 from ._recorder import Recorder
-from ._store import DEFAULT_URL, CallSummary, Landscape, RunSummary
+from ._store import DEFAULT_URL, CallSummary, Landscape, RunSummary, redact_url
 from ._writer import GroupCommitWriter
 
 __all__ = [
@@ -34,5 +34,6 @@ __all__ = [
     "RunSummary",
     "canonical_hash",
     "canonical_json",
+    "redact_url",
     "sha256_hex",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-__all__ = ["DEFAULT_URL", "Landscape", "RunSummary"]
+__all__ = ["DEFAULT_URL", "CallSummary", "Landscape", "RunSummary", "redact_url"]
 
 DEFAULT_URL = "sqlite+aiosqlite:///runs/audit.db"
 
@@ -114,7 +115,7 @@ class Landscape:
             if engine is not None:
                 await engine.dispose()
             raise LandscapeUnavailable(
-                f"cannot open the Landscape at {_redact(self.url)}: {exc}"
+                f"cannot open the Landscape at {redact_url(self.url)}: {exc}"
             ) from exc
         self._engine = engine
         return self
@@ -247,8 +248,9 @@ def _summary(row: Any, calls: CallSummary | None) -> RunSummary:
     )
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (also when it does not parse)."""
     try:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
-        return "<invalid url>"
+        return re.sub(r"(://[^/@:\s]*:)[^/@\s]*@", r"\1***@", url)
