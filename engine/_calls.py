@@ -5,16 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from landscape import CallSummary
+from landscape import CallSummary, canonical_hash
+from plugins import RecordedAnswer
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
+    from typing import Any
 
     from plugins import ExternalCall
 
     from ._run_context import RunContext
 
-__all__ = ["CallTotals", "SharedCalls", "StateCalls"]
+__all__ = ["AnswerBook", "CallTotals", "SharedCalls", "StateCalls"]
 
 
 @dataclass(slots=True)
@@ -39,10 +41,24 @@ class CallTotals:
     def add(self, call: ExternalCall) -> None:
         self.calls += 1
         self.retries += call.attempt > 1
-        self.errors += call.status != "success"
+        self.errors += call.status == "error"
         self.prompt_tokens += call.prompt_tokens or 0
         self.completion_tokens += call.completion_tokens or 0
         self.cost += call.cost or 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerBook:
+    """Answers on record by request hash, and what a call answered from it is recorded as."""
+
+    status: str
+    answers: Mapping[str, Any]
+
+    def lookup(self, request: Any) -> RecordedAnswer | None:
+        if not self.answers:
+            return None
+        response = self.answers.get(canonical_hash(request))
+        return None if response is None else RecordedAnswer(self.status, response)
 
 
 class StateCalls:
@@ -59,6 +75,9 @@ class StateCalls:
         payloads = _store_payloads(self._run, call)
         _write_call(self._run, self._state_id, call, payloads)
         self._run.count_call(call)
+
+    def recorded_answer(self, request: Any) -> RecordedAnswer | None:
+        return self._run.answers.lookup(request)
 
 
 class SharedCalls:
@@ -85,6 +104,9 @@ class SharedCalls:
             share = (prompt[i], completion[i], cost)
             _write_call(self._run, state_id, call, payloads, share)
         self._run.count_call(call)
+
+    def recorded_answer(self, request: Any) -> RecordedAnswer | None:
+        return self._run.answers.lookup(request)
 
 
 def _store_payloads(run: RunContext, call: ExternalCall) -> tuple[str, str | None]:

@@ -64,6 +64,18 @@ class RuntimeSettings(_Model):
     commit_interval_ms: int = Field(
         50, ge=1, description="Longest time an audit record waits for its group commit."
     )
+    drain_timeout_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="After a stop, how long in-flight rows may take to finish before what "
+        "still runs is cancelled (and re-done by resume).",
+    )
+    checkpoint_every_rows: int = Field(
+        1000, ge=1, description="Write a checkpoint each time this many more rows were read."
+    )
+    checkpoint_interval_seconds: float = Field(
+        10.0, gt=0, description="Write a checkpoint at least this often while rows are read."
+    )
 
 
 class BudgetSettings(_Model):

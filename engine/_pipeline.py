@@ -27,6 +27,7 @@ from ._nodes import (
     SourceNode,
     TransformNode,
 )
+from ._resume import ResumePlan
 from ._run_context import NodeStatistics, RunContext
 from ._streams import Inbox, Outbox
 from ._version import ENGINE_VERSION
@@ -117,7 +118,10 @@ class Pipeline:
         self._run: RunContext | None = None
         self._running = False
         self._stop_early = False
+        self._force_stop = False
         self._started = 0.0
+        #: How the last run ended (also when the caller's cancellation ended it).
+        self.last_result: RunResult | None = None
 
     @classmethod
     def from_yaml(
@@ -153,17 +157,103 @@ class Pipeline:
         Raises :class:`~engine.RunFailed` (after recording the run ``failed``) when a node
         fails outside a row — rows' own errors never do — and :class:`~engine.AuditError`
         when the Landscape cannot be written.  :meth:`stop` ends the run early as
-        ``interrupted``.
+        ``interrupted``.  Cancelling the caller's scope (or its task) stops the run the
+        same way — in-flight rows get ``drain_timeout_seconds`` to finish, a checkpoint
+        is written — and then the cancellation goes on to the caller
+        (:attr:`last_result` says how the run ended).
         """
+        return await self._guarded(new_run_id(), False, on_progress, progress_interval)
+
+    async def resume(
+        self,
+        run_id: str,
+        *,
+        on_progress: ProgressCallback | None = None,
+        progress_interval: float = 0.5,
+    ) -> RunResult:
+        """Continue the interrupted or crashed run ``run_id`` of this pipeline to its end.
+
+        Rows that finished are skipped, every unfinished token goes on from its last
+        completed node state, file sinks are cut back to what their recorded outcomes
+        cover, and LLM answers already received are reused rather than asked again.
+        Raises :class:`~engine.ResumeError` before anything runs when the run is
+        completed, or when the pipeline or the source changed since the run began;
+        otherwise behaves as :meth:`run`.
+        """
+        return await self._guarded(run_id, True, on_progress, progress_interval)
+
+    def stop(self, *, force: bool = False) -> None:
+        """Ask the running pipeline to stop reading its source and finish what it holds.
+
+        In-flight rows get ``runtime.drain_timeout_seconds`` to finish; then, or at once
+        with ``force``, what still runs is cancelled (its node states are closed
+        ``cancelled`` and a resume re-does that work).
+        """
+        if not self._running:
+            raise PipelineStateError("the pipeline is not running")
+        self._stop_early = True
+        self._force_stop = self._force_stop or force
+        if self._run is not None:
+            self._run.request_stop(None, force=force)
+
+    async def _guarded(
+        self,
+        run_id: str,
+        resume: bool,
+        on_progress: ProgressCallback | None,
+        progress_interval: float,
+    ) -> RunResult:
+        """Run in a task shielded from the caller's cancellation, which instead becomes a
+        graceful stop; the cancellation goes on to the caller once the run has ended."""
         if self._running:
             raise PipelineStateError("this pipeline is already running")
         self._running = True
-        self._stop_early = False
-        run_id = new_run_id()
+        self._stop_early = self._force_stop = False
+        self.last_result = None
+        finished = anyio.Event()
+        failure: list[Exception] = []
+
+        async def execute() -> None:
+            try:
+                with anyio.CancelScope(shield=True):
+                    self.last_result = await self._execute(
+                        run_id, resume, on_progress, progress_interval
+                    )
+            except Exception as exc:  # handed to the caller as is, not in a group
+                failure.append(exc)
+            finally:
+                self._running = False
+                finished.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(execute)
+            try:
+                await finished.wait()
+            except anyio.get_cancelled_exc_class():
+                if self._running:
+                    self.stop()
+                with anyio.CancelScope(shield=True):
+                    await finished.wait()
+                raise
+        if failure:
+            raise failure[0]
+        assert self.last_result is not None
+        return self.last_result
+
+    async def _execute(
+        self,
+        run_id: str,
+        resume: bool,
+        on_progress: ProgressCallback | None,
+        progress_interval: float,
+    ) -> RunResult:
         self._started = time.monotonic()
         try:
             async with Landscape.connect(self.landscape_url) as landscape:
-                status = await self._run_recorded(landscape, run_id, on_progress, progress_interval)
+                plan = await ResumePlan.load(self.graph, landscape, run_id) if resume else None
+                status = await self._run_recorded(
+                    landscape, run_id, plan, on_progress, progress_interval
+                )
         except LandscapeError as exc:
             raise AuditError(str(exc)) from exc
         except BaseExceptionGroup as group:
@@ -173,7 +263,6 @@ class Pipeline:
             raise AuditError(f"run {run_id}: {_describe(audit_failures)}") from group
         finally:
             run, self._run = self._run, None
-            self._running = False
         assert run is not None
         return RunResult(
             run_id=run_id,
@@ -185,14 +274,6 @@ class Pipeline:
             calls=run.calls.snapshot(),
             stop_reason=run.stop_reason,
         )
-
-    def stop(self) -> None:
-        """Ask the running pipeline to stop reading its source and finish what it holds."""
-        if not self._running:
-            raise PipelineStateError("the pipeline is not running")
-        self._stop_early = True
-        if self._run is not None:
-            self._run.request_stop(None)
 
     def statistics(self) -> RunStatistics | None:
         """A snapshot of the current run, or ``None`` when not running."""
@@ -213,6 +294,7 @@ class Pipeline:
         self,
         landscape: Landscape,
         run_id: str,
+        resume: ResumePlan | None,
         on_progress: ProgressCallback | None,
         progress_interval: float,
     ) -> RunStatus:
@@ -222,13 +304,18 @@ class Pipeline:
         async with landscape.open_writer(commit_interval=interval) as writer:
             recorder = landscape.recorder(writer, run_id)
             run = self._run = RunContext(run_id, self.graph, recorder, self.clock)
+            if resume is not None:
+                resume.prepare(run)
             if self._stop_early:
-                run.stop_requested.set()
+                run.request_stop(None, force=self._force_stop)
             async with anyio.create_task_group() as tg:
                 await tg.start(writer.run)
                 try:
-                    self._record_graph(recorder)
-                    await self._run_nodes(run, on_progress, progress_interval)
+                    if resume is None:
+                        self._record_graph(recorder)
+                    else:
+                        recorder.resume_run()
+                    await self._run_nodes(run, resume, on_progress, progress_interval)
                     stopped = run.stop_requested.is_set()
                     status = RunStatus.INTERRUPTED if stopped else RunStatus.COMPLETED
                 except anyio.get_cancelled_exc_class():
@@ -238,6 +325,7 @@ class Pipeline:
                     failure = exc
                 finally:
                     with anyio.CancelScope(shield=True):
+                        run.checkpoints.write(status.value)
                         recorder.finish_run(
                             status,
                             rows_processed=run.rows_read,
@@ -281,31 +369,59 @@ class Pipeline:
                 )
 
     async def _run_nodes(
-        self, run: RunContext, on_progress: ProgressCallback | None, progress_interval: float
+        self,
+        run: RunContext,
+        resume: ResumePlan | None,
+        on_progress: ProgressCallback | None,
+        progress_interval: float,
     ) -> None:
         async with AsyncExitStack() as plugins:
             for spec in self.graph.nodes.values():
                 if spec.plugin is not None:
                     try:
-                        await spec.plugin.open()
+                        if resume is not None and spec.kind is NodeKind.SINK:
+                            await resume.resume_sink(spec.node_id, spec.plugin)  # type: ignore[arg-type]
+                        else:
+                            await spec.plugin.open()
                     except Exception as exc:
                         raise PluginError(f"node '{spec.node_id}' failed to open: {exc}") from exc
                     plugins.push_async_callback(_close_shielded, spec.plugin)
-            tasks = self._wire(run)
+            tasks, reentry = self._wire(run)
+            if resume is None:
+                reentry.close()
+                run.restored.set()
             async with anyio.create_task_group() as outer:
                 if on_progress is not None:
                     outer.start_soon(self._report_progress, on_progress, progress_interval)
-                async with anyio.create_task_group() as nodes:
-                    for task in tasks:
-                        nodes.start_soon(task.run_task, name=f"node:{task.node_id}")
+                outer.start_soon(run.checkpoints.run)
+                with anyio.CancelScope() as nodes_scope:
+                    outer.start_soon(self._enforce_drain, run, nodes_scope)
+                    async with anyio.create_task_group() as nodes:
+                        for task in tasks:
+                            nodes.start_soon(task.run_task, name=f"node:{task.node_id}")
+                        if resume is not None:
+                            nodes.start_soon(resume.reenter, run, reentry)
                 outer.cancel_scope.cancel()
         if on_progress is not None:
             final = self.statistics()
             if final is not None:
                 on_progress(final)
 
-    def _wire(self, run: RunContext) -> list[NodeTask]:
-        """One bounded stream per consuming node; each producer gets a clone of its send end."""
+    async def _enforce_drain(self, run: RunContext, nodes: anyio.CancelScope) -> None:
+        """Once a stop is requested, give the nodes the drain timeout (unless forced),
+        then cancel what still runs."""
+        await run.stop_requested.wait()
+        with anyio.move_on_after(self.settings.runtime.drain_timeout_seconds):
+            await run.force_requested.wait()
+        run.drain_expired = True
+        nodes.cancel()
+
+    def _wire(self, run: RunContext) -> tuple[list[NodeTask], Outbox]:
+        """One bounded stream per consuming node; each producer gets a clone of its send end.
+
+        Also returns an outbox to every consuming node, through which a resume sends
+        restored tokens (close it at once otherwise).
+        """
         buffer = self.settings.runtime.max_buffer_size
         senders: dict[str, MemoryObjectSendStream[Token]] = {}
         inboxes: dict[str, Inbox] = {}
@@ -319,9 +435,10 @@ class Pipeline:
             targets = set(self.graph.consumers_of(node_id))
             outbox = Outbox({target: senders[target].clone() for target in targets})
             tasks.append(_NODE_TASKS[spec.kind](spec, run, inboxes.get(node_id), outbox))
+        reentry = Outbox({target: send.clone() for target, send in senders.items()})
         for send in senders.values():
             send.close()
-        return tasks
+        return tasks, reentry
 
     async def _report_progress(self, on_progress: ProgressCallback, interval: float) -> None:
         while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -10,7 +11,9 @@ import anyio
 
 from landscape import Outcome
 
-from ._calls import CallTotals, StateCalls
+from ._calls import AnswerBook, CallTotals, StateCalls
+from ._checkpoints import Checkpointer
+from ._watermark import RowTracker
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -72,14 +75,39 @@ class RunContext:
         #: Fork gate -> the coalesce that joins its branches (registered by the coalesces).
         self.joins: dict[str, JoinListener] = {}
         self.calls = CallTotals()
+        #: Answers a call may take instead of being made (a resume's own, or a replay's).
+        self.answers = AnswerBook("reused", {})
         #: Why the run was asked to stop early (``None``: it was not, or by ``stop()``).
         self.stop_reason: str | None = None
         self.outcomes: Counter[str] = Counter()
         self.rows_read = 0
+        #: SHA-256 over the raw hashes of the rows read, in order (a resume checks it).
+        self.source_digest = hashlib.sha256()
+        #: Live tokens per row: what the watermark of a checkpoint is computed from.
+        self.rows = RowTracker()
+        #: Token -> the open batch a resume puts it back into (emptied as they arrive).
+        self.restored_members: dict[str, str] = {}
+        #: Set once a resume has sent every restored token on (at once for a new run);
+        #: the source reads new rows only then, so restored batches fill up first.
+        self.restored = anyio.Event()
+        #: Row index the source starts reading at (above 0 when a run resumes).
+        self.source_start = 0
+        #: Sink -> writes recorded before this session (a resumed run goes on counting).
+        self.sink_writes: dict[str, int] = {}
         self.stop_requested = anyio.Event()
+        #: Set to cancel in-flight work now (a second signal) rather than after the drain.
+        self.force_requested = anyio.Event()
+        #: Whether in-flight work was cancelled (the drain timed out or was cut short).
+        self.drain_expired = False
         self.stats = {
             node_id: NodeStats(node_id, spec.kind) for node_id, spec in graph.nodes.items()
         }
+        runtime = graph.settings.runtime
+        self.checkpoints = Checkpointer(
+            self,
+            every_rows=runtime.checkpoint_every_rows,
+            interval=runtime.checkpoint_interval_seconds,
+        )
 
     def record_outcome(
         self,
@@ -106,9 +134,15 @@ class RunContext:
         if token.fork is not None and outcome not in _LINE_CONTINUES:
             assert token.branch is not None
             token.fork.leave(token.branch, lost=True)
+        if outcome is not Outcome.BUFFERED:
+            self.rows.end(token.row_index)
         name = outcome._value_
         self.outcomes[name] += 1
         self.stats[node_id].outcomes[name] += 1
+
+    def token_made(self, token: Token) -> None:
+        """Count a token made from other tokens (fork child, join or batch output) as live."""
+        self.rows.add(token.row_index)
 
     def calls_for(self, state_id: str) -> CallLog:
         """Where the plugin of node state ``state_id`` reports its external calls."""
@@ -126,11 +160,14 @@ class RunContext:
         elif budget.max_tokens is not None and totals.tokens > budget.max_tokens:
             self.request_stop(f"budget: {totals.tokens} tokens > max_tokens {budget.max_tokens}")
 
-    def request_stop(self, reason: str | None) -> None:
-        """Stop reading the source at the next row boundary and finish what is held."""
+    def request_stop(self, reason: str | None, *, force: bool = False) -> None:
+        """Stop reading the source at the next row boundary and finish what is held;
+        with ``force``, cancel what still runs now instead of after the drain timeout."""
         if not self.stop_requested.is_set():
             self.stop_reason = reason
             self.stop_requested.set()
+        if force:
+            self.force_requested.set()
 
     def statistics(self) -> list[NodeStatistics]:
         return [stats.snapshot() for stats in self.stats.values()]

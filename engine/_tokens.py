@@ -32,6 +32,8 @@ class Token:
     branch: str | None = None
     #: ``step_index`` of the token's next node state.
     step: int = 1
+    #: ``attempt`` of the token's next node state (above 1 when a resume re-does work).
+    attempt: int = 1
     #: How the token reached the node now holding it (decides a sink's outcome).
     arrival: Arrival = Arrival.NORMAL
     #: The error that diverted the token to an error sink, if any.

@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, TypeAlias
 
 import anyio
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in (
         _add_run,
+        _add_resume,
         _add_validate,
         _add_explain,
         _add_runs,
@@ -65,6 +67,25 @@ def _add_run(commands: Commands) -> None:
     run.add_argument("pipeline", metavar="PIPELINE.yaml", help="the pipeline file")
     _landscape_option(run, "default: the pipeline's landscape.url, else " + DEFAULT_URL)
     run.add_argument("--no-progress", action="store_true", help="no live progress display")
+
+
+def _add_resume(commands: Commands) -> None:
+    resume = commands.add_parser(
+        "resume",
+        help="continue an interrupted or crashed run",
+        description=(
+            "Continue an interrupted or crashed run of PIPELINE.yaml where it stopped: the same "
+            "run and tokens, finished rows skipped, sinks cut back to what the Landscape "
+            "recorded, recorded LLM answers reused. Refused when the pipeline or the source "
+            "changed, or when the run completed. Exit codes as for run."
+        ),
+    )
+    resume.add_argument("run_id", metavar="RUN_ID")
+    resume.add_argument(
+        "--pipeline", metavar="PIPELINE.yaml", required=True, help="the run's pipeline file"
+    )
+    _landscape_option(resume, "default: the pipeline's landscape.url, else " + DEFAULT_URL)
+    resume.add_argument("--no-progress", action="store_true", help="no live progress display")
 
 
 def _add_validate(commands: Commands) -> None:
@@ -170,30 +191,59 @@ def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 async def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     pipeline = Pipeline.from_yaml(args.pipeline, landscape_url=args.landscape)
+    return await _drive(pipeline, None, args, out, err)
+
+
+async def _resume(args: argparse.Namespace, out: Console, err: Console) -> int:
+    pipeline = Pipeline.from_yaml(args.pipeline, landscape_url=args.landscape)
+    return await _drive(pipeline, args.run_id, args, out, err)
+
+
+async def _drive(
+    pipeline: Pipeline,
+    resume_id: str | None,
+    args: argparse.Namespace,
+    out: Console,
+    err: Console,
+) -> int:
+    """Run (or resume) with progress, stopping on signals; print how it ended."""
     show_progress = not args.no_progress and out.is_terminal
+    drain = pipeline.settings.runtime.drain_timeout_seconds
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_stop_on_signals, pipeline, tg.cancel_scope)
-        if show_progress:
-            with LiveProgress(out) as live:
-                result = await pipeline.run(on_progress=live.update)
-        else:
-            result = await pipeline.run()
+        tg.start_soon(_stop_on_signals, pipeline, drain, err)
+        with LiveProgress(out) if show_progress else nullcontext() as live:
+            on_progress = None if live is None else live.update
+            if resume_id is None:
+                result = await pipeline.run(on_progress=on_progress)
+            else:
+                result = await pipeline.resume(resume_id, on_progress=on_progress)
         tg.cancel_scope.cancel()
     _print_result(out, result)
     if result.status == "interrupted":
+        command = f"ledgerflow resume {result.run_id} --pipeline {args.pipeline}"
+        if args.landscape:
+            command += f" --landscape '{args.landscape}'"
+        out.print(f"resume with: {command}", highlight=False, markup=False)
         return EXIT_INTERRUPTED
     return 0
 
 
-async def _stop_on_signals(pipeline: Pipeline, scope: anyio.CancelScope) -> None:
-    """First SIGINT/SIGTERM: stop gracefully.  Second: cancel the run."""
+async def _stop_on_signals(pipeline: Pipeline, drain: float, err: Console) -> None:
+    """First SIGINT/SIGTERM: stop gracefully.  Second: cancel what still runs."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         stopped = False
-        async for _ in signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
             if stopped:
-                scope.cancel()
+                err.print(f"{name}: cancelling in-flight work", highlight=False)
+                pipeline.stop(force=True)
                 return
             stopped = True
+            err.print(
+                f"{name}: stopping — finishing in-flight rows (up to {drain:g} s); "
+                "signal again to cancel them",
+                highlight=False,
+            )
             pipeline.stop()
 
 
@@ -265,6 +315,7 @@ async def _mock_llm(args: argparse.Namespace, out: Console, err: Console) -> int
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Console, Console], Awaitable[int]]] = {
     "run": _run,
+    "resume": _resume,
     "validate": _validate,
     "explain": _explain,
     "runs": _runs,

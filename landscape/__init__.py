@@ -13,6 +13,7 @@ from ._canonical import CanonicalizationError, canonical_hash, canonical_json, s
 from ._errors import AuditIntegrityError, LandscapeError, LandscapeUnavailable
 from ._outcomes import TERMINAL_OUTCOMES, BatchStatus, NodeStateStatus, Outcome, RunStatus
 from ._recorder import Recorder
+from ._resume import OpenBatch, PendingToken, RecordedRoute, RecordedState, UnfinishedRun
 from ._store import DEFAULT_URL, CallSummary, Landscape, RunSummary, redact_url
 from ._writer import GroupCommitWriter
 
@@ -28,10 +29,15 @@ __all__ = [
     "LandscapeError",
     "LandscapeUnavailable",
     "NodeStateStatus",
+    "OpenBatch",
     "Outcome",
+    "PendingToken",
+    "RecordedRoute",
+    "RecordedState",
     "Recorder",
     "RunStatus",
     "RunSummary",
+    "UnfinishedRun",
     "canonical_hash",
     "canonical_json",
     "redact_url",

@@ -178,6 +178,14 @@ class Recorder:
             },
         )
 
+    def resume_run(self) -> None:
+        """Mark the run ``running`` again: a resume continues it."""
+        self._writer.update(
+            t.runs,
+            {"run_id": self.run_id},
+            {"status": RunStatus.RUNNING.value, "completed_at": None, "error": None},
+        )
+
     def node(
         self,
         *,
@@ -470,6 +478,19 @@ class Recorder:
                 "size_bytes": size_bytes,
                 "rows_written": rows_written,
                 "created_at": time.time(),
+            },
+        )
+
+    def sink_position(self, *, sink_node_id: str, write_seq: int, position: Any) -> None:
+        """Where a sink stood after a write (record it with that write's outcomes)."""
+        self._writer.insert(
+            t.sink_positions,
+            {
+                "run_id": self.run_id,
+                "sink_node_id": sink_node_id,
+                "write_seq": write_seq,
+                "position_json": _json(position),
+                "recorded_at": time.time(),
             },
         )
 

@@ -224,6 +224,19 @@ artifacts = Table(
     Column("created_at", Float),
 )
 
+#: Where each sink stood after each write, committed with that write's outcomes: resume
+#: cuts an appending sink back to the last position whose outcomes are on record.
+sink_positions = Table(
+    "sink_positions",
+    metadata,
+    Column("run_id", _ID, nullable=False),
+    Column("sink_node_id", _ID, nullable=False),
+    Column("write_seq", Integer, nullable=False),
+    Column("position_json", Text),
+    Column("recorded_at", Float, nullable=False),
+    Index("ix_sink_positions_run", "run_id", "sink_node_id", "write_seq"),
+)
+
 checkpoints = Table(
     "checkpoints",
     metadata,
@@ -269,5 +282,6 @@ INSERT_ORDER = (
     batch_members,
     token_outcomes,
     artifacts,
+    sink_positions,
     checkpoints,
 )

@@ -18,10 +18,12 @@ from ._committers import Committer, SqliteProcessCommitter
 from ._errors import LandscapeError, LandscapeUnavailable
 from ._lineage import Lineage, explain
 from ._recorder import Recorder
+from ._resume import UnfinishedRun, load_payloads, load_unfinished
 from ._verify import VerifyReport, verify
 from ._writer import GroupCommitWriter
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from types import TracebackType
 
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -193,6 +195,16 @@ class Landscape:
         async with self.engine.connect() as conn:
             content = (await conn.execute(query)).scalar_one_or_none()
         return None if content is None else json.loads(content)
+
+    async def unfinished_run(self, run_id: str) -> UnfinishedRun | None:
+        """What resuming ``run_id`` needs to know (``None`` if there is no such run)."""
+        async with self.engine.connect() as conn:
+            return await load_unfinished(conn, run_id)
+
+    async def load_payloads(self, hashes: Iterable[str]) -> dict[str, Any]:
+        """The values stored under ``hashes`` (absent ones are left out)."""
+        async with self.engine.connect() as conn:
+            return await load_payloads(conn, hashes)
 
     async def explain(
         self,

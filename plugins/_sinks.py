@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import date, datetime, time
 from pathlib import Path
@@ -139,6 +139,29 @@ def _write_durably(file: IO[bytes], data: bytes) -> None:
     os.fsync(file.fileno())
 
 
+def _reopen_at(path: Path, size: int) -> tuple[IO[bytes], Any]:
+    """``path`` opened for appending after its first ``size`` bytes (the rest is cut
+    off, durably), with the SHA-256 of those bytes."""
+    file = open(path, "r+b")  # noqa: SIM115 (closed by the sink's aclose)
+    try:
+        actual = os.fstat(file.fileno()).st_size
+        if actual < size:
+            raise OSError(0, f"the file has {actual} bytes, fewer than the {size} recorded")
+        digest = hashlib.sha256()
+        remaining = size
+        while remaining:
+            chunk = file.read(min(remaining, 1 << 20))
+            digest.update(chunk)
+            remaining -= len(chunk)
+        file.truncate(size)
+        file.seek(size)
+        os.fsync(file.fileno())
+    except BaseException:
+        file.close()
+        raise
+    return file, digest
+
+
 class _FileSink(Sink):
     """A sink appending encoded rows to one file it creates; subclasses encode rows."""
 
@@ -179,6 +202,31 @@ class _FileSink(Sink):
         file, self._file = self._file, None
         if file is not None:
             await anyio.to_thread.run_sync(file.close)
+
+    def position(self) -> dict[str, Any]:
+        """The file's size and row count after the last write."""
+        return {"bytes": self._size, "rows": self._rows}
+
+    async def resume(self, position: Any) -> None:
+        """Re-open the file, cut to ``position`` (what the recorded outcomes cover), to append.
+
+        Without a position (nothing recorded as written) the file is created afresh.
+        """
+        if position is None:
+            await self.open()
+            return
+        if self._file is not None:
+            raise RuntimeError(f"{self.name} sink {self._path} is already open")
+        size, rows = int(position["bytes"]), int(position["rows"])
+        try:
+            self._file, self._hash = await anyio.to_thread.run_sync(_reopen_at, self._path, size)
+        except OSError as exc:
+            raise SinkError(f"cannot resume {self._path}: {exc.strerror or exc}") from exc
+        self._size, self._rows = size, rows
+        self._restore(position)
+
+    def _restore(self, position: Mapping[str, Any]) -> None:
+        """Take up what a subclass keeps in its position (see :meth:`position`)."""
 
     def artifact(self) -> Artifact | None:
         """The file's URI, the SHA-256 and size of its bytes, and the rows in it."""
@@ -285,6 +333,14 @@ class CsvSink(_FileSink):
         self._column_set = frozenset(columns)
         self._writer.writerow(columns)
         return _utf8(self._catcher.line)
+
+    def position(self) -> dict[str, Any]:
+        return {**super().position(), "columns": self._columns}
+
+    def _restore(self, position: Mapping[str, Any]) -> None:
+        columns = position.get("columns") or []
+        self._columns = list(columns)
+        self._column_set = frozenset(columns)
 
     def _batch_prefix(self, items: Sequence[SinkItem]) -> bytes:
         if self._columns or not items:
@@ -550,6 +606,19 @@ class DatabaseSink(Sink):
         target.exists = True
         self._record(lines)
         return rejections
+
+    def position(self) -> dict[str, Any]:
+        """Rows written so far (re-writing a token replaces its row, so no cut is needed)."""
+        return {"rows": self._rows}
+
+    async def resume(self, position: Any) -> None:
+        """Open as usual; the count of rows written goes on from ``position``.
+
+        The artifact's hash then covers the rows written since the resume.
+        """
+        await self.open()
+        if position is not None:
+            self._rows = int(position["rows"])
 
     async def aclose(self) -> None:
         engine, self._engine = self._engine, None

@@ -34,6 +34,7 @@ __all__ = [
     "ExternalCall",
     "Plugin",
     "PluginSetup",
+    "RecordedAnswer",
     "Row",
     "RowContext",
     "Sink",
@@ -105,10 +106,26 @@ class ExternalCall:
     call_index: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class RecordedAnswer:
+    """An answer on record for a request identical to one about to be made.
+
+    ``status`` is what the call is recorded as instead of making it: ``reused`` (a
+    resumed run's own answer, already paid for) or ``replayed`` (an earlier run's).
+    """
+
+    status: str
+    response: Any
+
+
 class CallLog(Protocol):
     """Where a plugin reports its external calls (the engine records them)."""
 
     def record(self, call: ExternalCall) -> None: ...
+
+    def recorded_answer(self, request: Any) -> RecordedAnswer | None:
+        """The answer on record for ``request``, if the call need not be made."""
+        ...
 
 
 @dataclass(slots=True)
@@ -119,6 +136,9 @@ class CallList:
 
     def record(self, call: ExternalCall) -> None:
         self.calls.append(call)
+
+    def recorded_answer(self, request: Any) -> RecordedAnswer | None:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,3 +345,20 @@ class Sink(Plugin):
     def artifact(self) -> Artifact | None:
         """What has been written so far (called after the last write)."""
         return None
+
+    def position(self) -> Any:
+        """Where the sink stands after its last :meth:`write` (JSON), or ``None``.
+
+        The engine records it with the outcomes of each write, in the same commit, so a
+        resumed run can hand the sink back the position its recorded outcomes cover.
+        """
+        return None
+
+    async def resume(self, position: Any) -> None:
+        """Open the sink to continue a run from ``position`` (``None``: nothing written).
+
+        Called instead of :meth:`open` when a run resumes.  The default opens normally,
+        which is right for sinks whose writes are idempotent (keyed by token id); a sink
+        that appends must drop what was written after ``position``.
+        """
+        await self.open()

@@ -136,22 +136,26 @@ class AggregationNode(NodeTask):
                 await self._reject(token, {**error_info(exc), "condition": condition.source})
                 return
         if batch is None:
-            batch = self._begin(key, label, now)
+            batch = self._begin(key, label, now, token)
         self._join(batch, token)
         if self.settings.trigger.count is not None and count >= self.settings.trigger.count:
             await self.flush(batch, FlushTrigger.COUNT)
         elif fire:
             await self.flush(batch, FlushTrigger.CONDITION)
 
-    def _begin(self, key: Any, label: str | None, now: float) -> _Batch:
-        batch = _Batch(self.recorder.new_id("b"), key, label, now, now + self.timeout)
-        self.recorder.batch(
-            batch_id=batch.batch_id,
-            node_id=self.node_id,
-            attempt=1,
-            status=BatchStatus.DRAFT,
-            group_key=label,
-        )
+    def _begin(self, key: Any, label: str | None, now: float, first: Token) -> _Batch:
+        restored = self.run_ctx.restored_members.get(first.token_id)
+        if restored is not None:  # a resumed run's batch: it is on record already
+            batch = _Batch(restored, key, label, now, now + self.timeout)
+        else:
+            batch = _Batch(self.recorder.new_id("b"), key, label, now, now + self.timeout)
+            self.recorder.batch(
+                batch_id=batch.batch_id,
+                node_id=self.node_id,
+                attempt=1,
+                status=BatchStatus.DRAFT,
+                group_key=label,
+            )
         self.drafts[label] = batch
         self.stats.in_flight = len(self.drafts)
         return batch
@@ -159,6 +163,10 @@ class AggregationNode(NodeTask):
     def _join(self, batch: _Batch, token: Token) -> None:
         ordinal = len(batch.members)
         batch.members.append(_Member(token, time.time()))
+        if self.run_ctx.restored_members.get(token.token_id) == batch.batch_id:
+            # Back in the batch it was recorded in before a resume, with its outcome.
+            del self.run_ctx.restored_members[token.token_id]
+            return
         self.recorder.batch_member(
             batch_id=batch.batch_id, token_id=token.token_id, ordinal=ordinal
         )
@@ -341,11 +349,30 @@ class AggregationNode(NodeTask):
         first = members[0]
         step = max(t.step for t in members)
         parents = [t.token_id for t in members]
+        made = []
+        # Every output is on record before the first one moves on, so a crash cannot
+        # lose the outputs of a batch whose members are already consumed.
         for row, row_hash in outputs:
             output = Token(
                 self.recorder.new_id("t"), first.row_id, first.row_index, row, row_hash, step=step
             )
             self.recorder.token(token_id=output.token_id, row_id=output.row_id, parents=parents)
+            self.run_ctx.token_made(output)
+            self.recorder.node_state(
+                state_id=self.recorder.new_id("s"),
+                token_id=output.token_id,
+                node_id=self.node_id,
+                status=NodeStateStatus.COMPLETED,
+                input_hash=None,
+                output_hash=row_hash,
+                started_at=batch.members[0].at,
+                completed_at=now,
+                step_index=step,
+                context=context,
+            )
+            output.step += 1
+            made.append(output)
+        for output in made:
             await self.deliver(output, route)
 
     async def _fail_members(self, batch: _Batch, error: dict[str, Any]) -> None:

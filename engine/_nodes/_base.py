@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import traceback
 from typing import TYPE_CHECKING, Any, Final
 
@@ -153,14 +154,15 @@ class NodeTask:
         """Send a failed ``token`` down an error route, carrying ``row`` (which names the
         error); the decision is recorded as a routing event of the failed state."""
         assert route.edge_id is not None, "an error route always leads to a sink"
+        self.set_row(token, row)
+        # The row sent is on record with the decision, so a resume can send it again.
         self.recorder.routing_event(
             state_id=state_id,
             edge_id=route.edge_id,
             route_label=route.label,
-            reason={"error": error},
+            reason={"error": error, "row_hash": token.row_hash},
         )
         token.error = error
-        self.set_row(token, row)
         await self.deliver(token, route)
 
     def set_row(self, token: Token, row: Row) -> None:
@@ -191,7 +193,28 @@ class NodeTask:
             started_at=started_at,
             completed_at=completed_at,
             step_index=token.step,
+            attempt=token.attempt,
             error=error,
             context=context,
         )
         token.step += 1
+        token.attempt = 1
+
+    def record_cancelled(self, token: Token, state_id: str, started_at: float) -> None:
+        """Record that the run was cancelled while the token was being processed here.
+
+        The token is left where it was (no outcome, same step): a resume re-does the work
+        as a new attempt.
+        """
+        self.recorder.node_state(
+            state_id=state_id,
+            token_id=token.token_id,
+            node_id=self.node_id,
+            status=NodeStateStatus.CANCELLED,
+            input_hash=token.row_hash,
+            output_hash=None,
+            started_at=started_at,
+            completed_at=time.time(),
+            step_index=token.step,
+            attempt=token.attempt,
+        )

@@ -257,6 +257,7 @@ class CoalesceNode(NodeTask):
             branch_name=output.branch,
             parents=[t.token_id for t in tokens],
         )
+        self.run_ctx.token_made(output)
         missing = self._missing(join)
         fork.result = JoinResult(output.token_id, tuple(join.arrived), tuple(missing))
         fork.hand_over()

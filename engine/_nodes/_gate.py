@@ -121,6 +121,7 @@ class GateNode(NodeTask):
             branch_name=branch,
             parents=(parent.token_id,),
         )
+        self.run_ctx.token_made(child)
         return child
 
     def _record_route(self, state_id: str, route: Route, reason: dict[str, Any]) -> None:

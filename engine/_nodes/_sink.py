@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -35,8 +35,15 @@ class SinkNode(NodeTask):
     recorded outcome always names a row that is really in the sink.  Rows the plugin
     rejects end ``failed`` with its reason.  A write that raises fails the run
     (:class:`PluginError`): the sink's state is then unknown.  At end of input the
-    artifact is recorded.
+    artifact is recorded.  After each write the sink's position is recorded with the
+    write's outcomes, so a resumed run can cut an appending sink back to what the
+    Landscape says was written.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Writes so far in this run (a resumed run goes on counting).
+        self.write_seq = self.run_ctx.sink_writes.get(self.node_id, 0)
 
     async def run(self) -> None:
         settings: SinkSettings = self.spec.settings  # type: ignore[assignment]
@@ -80,6 +87,11 @@ class SinkNode(NodeTask):
             raise PluginError(f"sink '{self.node_id}' failed to write: {exc}") from exc
         finally:
             self.stats.in_flight = 0
+        self.write_seq += 1
+        self.run_ctx.sink_writes[self.node_id] = self.write_seq
+        self.recorder.sink_position(
+            sink_node_id=self.node_id, write_seq=self.write_seq, position=sink.position()
+        )
         rejected = {r.token_id: r.error for r in rejections}
         completed = time.time()
         for token in batch:

@@ -41,14 +41,21 @@ class SourceNode(NodeTask):
 
     async def run(self) -> None:
         source: Source = self.spec.plugin  # type: ignore[assignment]
-        stop = self.run_ctx.stop_requested
-        index = 0
-        async with aclosing(source.read(start_index=0)) as records:
+        run = self.run_ctx
+        stop = run.stop_requested
+        checkpoints = run.checkpoints
+        index = run.source_start
+        await run.restored.wait()
+        if stop.is_set():
+            return
+        async with aclosing(source.read(start_index=index)) as records:
             async for record in records:
                 await self.recorder.wait_writable()
                 await self.admit(index, record)
                 index += 1
-                self.run_ctx.rows_read = index
+                run.rows_read = index
+                if index >= checkpoints.due_at_rows:
+                    checkpoints.rows_read(index)
                 if stop.is_set():
                     break
 
@@ -57,6 +64,7 @@ class SourceNode(NodeTask):
         started = time.time()
         self.stats.received += 1
         raw, raw_hash, error = self._store_raw(record)
+        self.run_ctx.source_digest.update(raw_hash.encode())
         token = Token(
             self.recorder.new_id("t"), f"{self.row_prefix}{index}", index, {}, raw_hash, step=0
         )
@@ -64,6 +72,7 @@ class SourceNode(NodeTask):
             row_id=token.row_id, row_index=index, source_node_id=self.node_id, data_hash=raw_hash
         )
         self.recorder.token(token_id=token.token_id, row_id=token.row_id)
+        self.run_ctx.rows.admit(index)
         row, row_hash, error = (
             self._validated(record, raw_hash) if error is None else (None, None, error)
         )

@@ -155,6 +155,9 @@ class TransformNode(NodeTask):
         ctx = self._context(token, state_id)
         try:
             result: TransformResult | Exception = await plugin.process(token.row, ctx)
+        except anyio.get_cancelled_exc_class():
+            self.record_cancelled(token, state_id, started)
+            raise
         except Exception as exc:
             result = exc
         return self._settle(token, state_id, started, result)
@@ -168,6 +171,10 @@ class TransformNode(NodeTask):
         shared = SharedCalls(self.run_ctx, state_ids)
         try:
             results = await plugin.process_batch([t.row for t in tokens], contexts, shared)
+        except anyio.get_cancelled_exc_class():
+            for token, state_id in zip(tokens, state_ids, strict=True):
+                self.record_cancelled(token, state_id, started)
+            raise
         except Exception as exc:
             results = [exc] * len(tokens)
         if len(results) != len(tokens):

@@ -93,6 +93,8 @@ async def test_cancelling_the_run_mid_flush_closes_the_flush_state_cancelled(
         source_to="raw",
         aggregations=[collect_into("out", plugin=HangingFlush, trigger={"count": 4})],
     )
+    # Cancelling the caller is a graceful stop; the hanging flush outlives the drain.
+    config["runtime"] = {"drain_timeout_seconds": 0.2}
     pipeline = Pipeline.from_dict(config, landscape_url=sqlite_url)
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:

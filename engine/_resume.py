@@ -1,0 +1,411 @@
+"""Resuming an unfinished run: the same run and tokens, from where each one stopped.
+
+:meth:`ResumePlan.load` reads the run's unfinished state from the Landscape and refuses
+what cannot be resumed (a completed run, a changed pipeline, a changed source).  When
+the run starts again the plan
+
+* puts the run's counters back (outcomes, rows read, the source digest, the
+  watermark's live rows, each sink's write count) and closes what a crash left open:
+  ``open`` node states become ``cancelled``, a batch caught mid-flush becomes
+  ``failed`` and its members go into a new attempt of it;
+* re-opens each sink at the position its recorded outcomes cover (a file is cut back
+  to it);
+* sends every non-terminal token back into the graph where it stopped — after its last
+  completed node state, with the row recorded there — before the source reads any new
+  row, so batches and joins held at the crash are completed by the tokens they held;
+* lets calls whose node state never completed be answered from the run's own
+  recorded answers (``reused``) rather than paid for again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from landscape import (
+    BatchStatus,
+    CanonicalizationError,
+    NodeStateStatus,
+    Outcome,
+    RunStatus,
+    canonical_hash,
+    canonical_json,
+    sha256_hex,
+)
+from plugins import Source
+
+from ._calls import AnswerBook
+from ._errors import ResumeError
+from ._forks import ForkInstance
+from ._graph import NodeKind
+from ._nodes import NodeTask
+from ._tokens import Token
+from ._watermark import RowTracker
+
+if TYPE_CHECKING:
+    from landscape import Landscape, PendingToken, RecordedState, UnfinishedRun
+    from plugins import Sink
+
+    from ._graph import Graph, Route
+    from ._run_context import RunContext
+    from ._streams import Outbox
+
+__all__ = ["ResumePlan"]
+
+_COMPLETED = NodeStateStatus.COMPLETED.value
+_FAILED = NodeStateStatus.FAILED.value
+_RESUMABLE = {RunStatus.RUNNING.value, RunStatus.INTERRUPTED.value, RunStatus.FAILED.value}
+
+
+@dataclass(slots=True)
+class _Reentry:
+    """Where one pending token goes back into the graph."""
+
+    token: Token
+    #: The node whose route the token takes (it sends the token as it did).
+    via: str
+    route: Route | None
+    #: ``discarded`` reason, or the error and state of a failure still to be routed.
+    discard_reason: str | None = None
+    error: dict[str, Any] | None = None
+    failed_state: str | None = None
+
+
+class ResumePlan:
+    """How one unfinished run goes on; built by :meth:`load`, used by the pipeline."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        unfinished: UnfinishedRun,
+        payloads: dict[str, Any],
+        digest: Any,
+        answers: dict[str, Any],
+    ) -> None:
+        self.graph = graph
+        self.unfinished = unfinished
+        self._payloads = payloads
+        self._digest = digest
+        self._answers = answers
+
+    @property
+    def run_id(self) -> str:
+        return self.unfinished.run_id
+
+    # -- loading and refusing -----------------------------------------------------------
+
+    @classmethod
+    async def load(cls, graph: Graph, landscape: Landscape, run_id: str) -> ResumePlan:
+        """Read ``run_id``'s unfinished state; raise :class:`ResumeError` if it cannot
+        be resumed with ``graph``."""
+        unfinished = await landscape.unfinished_run(run_id)
+        if unfinished is None:
+            raise ResumeError(f"run {run_id} is not in the Landscape")
+        if unfinished.status == RunStatus.COMPLETED.value:
+            raise ResumeError(f"run {run_id} is completed: there is nothing to resume")
+        if unfinished.status not in _RESUMABLE:
+            raise ResumeError(f"run {run_id} has status {unfinished.status!r}")
+        _check_graph(graph, unfinished)
+        digest = await _check_source(graph, unfinished)
+        wanted = {s.output_hash for t in unfinished.pending for s in t.states if s.output_hash}
+        wanted |= {s.input_hash for t in unfinished.pending for s in t.states if s.input_hash}
+        wanted |= {
+            s.output_hash
+            for states in unfinished.parent_states.values()
+            for s in states
+            if s.output_hash
+        }
+        wanted |= {
+            str(route.reason["row_hash"])
+            for t in unfinished.pending
+            for s in t.states
+            for route in s.routes
+            if route.reason and route.reason.get("row_hash")
+        }
+        wanted |= set(unfinished.reusable_calls.values())
+        payloads = await landscape.load_payloads(wanted)
+        answers = {
+            request: payloads[response]
+            for request, response in unfinished.reusable_calls.items()
+            if response in payloads
+        }
+        return cls(graph, unfinished, payloads, digest, answers)
+
+    # -- putting the run back -------------------------------------------------------------
+
+    def prepare(self, run: RunContext) -> None:
+        """Give ``run`` the counters and held state of the unfinished run, and close
+        what a crash left open (queued on the run's recorder)."""
+        unfinished = self.unfinished
+        recorder = run.recorder
+        run.outcomes.update(unfinished.outcomes)
+        run.rows_read = run.source_start = unfinished.max_row_index + 1
+        run.source_digest = self._digest
+        run.rows = RowTracker(rows_admitted=run.rows_read)
+        run.checkpoints.due_at_rows = (
+            run.rows_read + self.graph.settings.runtime.checkpoint_every_rows
+        )
+        run.sink_writes = {node: seq for node, (seq, _) in unfinished.sink_positions.items()}
+        run.answers = AnswerBook("reused", self._answers)
+        for state_id, started in unfinished.open_states:
+            recorder.close_state(
+                state_id,
+                status=NodeStateStatus.CANCELLED,
+                started_at=started,
+                completed_at=started,
+                error={"type": "Interrupted", "message": "the run stopped during this work"},
+            )
+        pending = {token.token_id for token in unfinished.pending}
+        for token in unfinished.pending:
+            run.rows.add(token.row_index)
+        for batch in unfinished.open_batches:
+            members = [m for m in batch.members if m in pending]
+            if batch.status == BatchStatus.DRAFT.value:
+                batch_id = batch.batch_id
+            else:  # caught mid-flush: that attempt failed, its members make the next one
+                recorder.update_batch(batch.batch_id, status=BatchStatus.FAILED)
+                batch_id = recorder.new_id("b")
+                recorder.batch(
+                    batch_id=batch_id,
+                    node_id=batch.node_id,
+                    attempt=batch.attempt + 1,
+                    status=BatchStatus.DRAFT,
+                    group_key=batch.group_key,
+                )
+                for ordinal, token_id in enumerate(members):
+                    recorder.batch_member(batch_id=batch_id, token_id=token_id, ordinal=ordinal)
+            for token_id in members:
+                run.restored_members[token_id] = batch_id
+
+    async def resume_sink(self, node_id: str, sink: Sink) -> None:
+        """Open ``sink`` at the position its recorded writes reached."""
+        recorded = self.unfinished.sink_positions.get(node_id)
+        await sink.resume(None if recorded is None else recorded[1])
+
+    async def reenter(self, run: RunContext, outbox: Outbox) -> None:
+        """Send every pending token back into the graph, then let the source go on."""
+        try:
+            reentries = [self._reentry(token) for token in self.unfinished.pending]
+            self._reopen_forks(run, reentries)
+            senders: dict[str, NodeTask] = {}
+            for entry in reentries:
+                sender = senders.get(entry.via)
+                if sender is None:
+                    spec = self.graph.nodes[entry.via]
+                    sender = senders[entry.via] = NodeTask(spec, run, None, outbox)
+                await _send(sender, entry)
+        finally:
+            outbox.close()
+            run.restored.set()
+
+    # -- where each token goes ------------------------------------------------------------
+
+    def _reentry(self, pending: PendingToken) -> _Reentry:
+        states = [s for s in pending.states if not self._is_flush(s)]
+        token = Token(pending.token_id, pending.row_id, pending.row_index, {}, "", pending.branch)
+        last = states[-1] if states else None
+        if last is not None and last.status == _FAILED:
+            return self._after_failure(token, last)
+        completed = [s for s in states if s.status == _COMPLETED]
+        if completed:
+            base = completed[-1]
+            spec = self.graph.nodes[base.node_id]
+            context = base.context or {}
+            if spec.kind is NodeKind.TRANSFORM and "discarded" in context:
+                self._take_row(token, base.input_hash, base.step)
+                return _Reentry(token, base.node_id, None, discard_reason=context["discarded"])
+            label = context["route"] if spec.kind is NodeKind.GATE else "success"
+            route = spec.routes[label]
+        else:  # a fork child that never got further than its fork
+            base = self._fork_state(pending)
+            spec = self.graph.nodes[base.node_id]
+            route = spec.routes[str(pending.branch)]
+        self._take_row(token, base.output_hash, base.step + 1)
+        target = route.target
+        token.attempt = 1 + sum(
+            1 for s in states if s.node_id == target and s.status not in (_COMPLETED, _FAILED)
+        )
+        return _Reentry(token, base.node_id, route)
+
+    def _after_failure(self, token: Token, failed: RecordedState) -> _Reentry:
+        spec = self.graph.nodes[failed.node_id]
+        diverted = next((r for r in failed.routes if r.reason and "row_hash" in r.reason), None)
+        error = failed.error or {"type": "Error", "message": "unknown"}
+        if diverted is not None:
+            assert diverted.reason is not None
+            route = spec.error_route
+            self._take_row(token, str(diverted.reason["row_hash"]), failed.step + 1)
+            token.error = error
+            return _Reentry(token, failed.node_id, route)
+        self._take_row(token, failed.input_hash, failed.step + 1)
+        return _Reentry(token, failed.node_id, None, error=error, failed_state=failed.state_id)
+
+    def _take_row(self, token: Token, row_hash: str | None, step: int) -> None:
+        if row_hash is None or row_hash not in self._payloads:
+            raise ResumeError(
+                f"token {token.token_id} of row {token.row_index}: its row is not on record"
+            )
+        token.row, token.row_hash, token.step = self._payloads[row_hash], row_hash, step
+
+    def _fork_state(self, pending: PendingToken) -> RecordedState:
+        """The fork gate state that made ``pending`` (its parent's last state)."""
+        for parent in pending.parents:
+            for state in reversed(self.unfinished.parent_states.get(parent, [])):
+                if state.context and "fork_to" in state.context:
+                    return state
+        raise ResumeError(
+            f"token {pending.token_id} of row {pending.row_index} has no state and no fork"
+        )
+
+    def _is_flush(self, state: RecordedState) -> bool:
+        """An aggregation's flush state (recorded on a batch's first member)."""
+        spec = self.graph.nodes.get(state.node_id)
+        context = state.context or {}
+        return (
+            spec is not None
+            and spec.kind is NodeKind.AGGREGATION
+            and "trigger" in context
+            and "members" in context
+        )
+
+    def _reopen_forks(self, run: RunContext, reentries: list[_Reentry]) -> None:
+        """Give the branch tokens of joined forks a fork instance again, counting the
+        branches still on their way (a branch with none left is lost)."""
+        by_parent: dict[str, list[Token]] = {}
+        pending = {t.token_id: t for t in self.unfinished.pending}
+        for entry in reentries:
+            token = entry.token
+            if token.branch is None:
+                continue
+            parents = pending[token.token_id].parents
+            if len(parents) == 1:
+                by_parent.setdefault(parents[0], []).append(token)
+        for parent_id, tokens in by_parent.items():
+            fork_state = next(
+                (
+                    s
+                    for s in reversed(self.unfinished.parent_states.get(parent_id, []))
+                    if s.context and "fork_to" in s.context
+                ),
+                None,
+            )
+            if fork_state is None:
+                continue
+            join = run.joins.get(fork_state.node_id)
+            if join is None:
+                continue
+            counts = Counter(str(t.branch) for t in tokens)
+            branches = fork_state.context["fork_to"] if fork_state.context else []
+            fork = ForkInstance(
+                parent_id,
+                fork_state.node_id,
+                {str(b): counts.get(str(b), 0) for b in branches},
+                join=join,
+            )
+            for token in tokens:
+                token.fork = fork
+
+
+async def _send(sender: NodeTask, entry: _Reentry) -> None:
+    token = entry.token
+    run = sender.run_ctx
+    if entry.discard_reason is not None:
+        run.record_outcome(
+            token,
+            Outcome.DISCARDED,
+            sender.node_id,
+            context={"node": sender.node_id, "reason": entry.discard_reason},
+        )
+    elif entry.error is not None:
+        assert entry.failed_state is not None
+        await sender.fail_row(token, entry.error, entry.failed_state)
+    else:
+        assert entry.route is not None
+        await sender.deliver(token, entry.route)
+
+
+def _check_graph(graph: Graph, unfinished: UnfinishedRun) -> None:
+    recorded = unfinished.node_config_hashes
+    current = {
+        node_id: sha256_hex(canonical_json(spec.config())) for node_id, spec in graph.nodes.items()
+    }
+    added = sorted(set(current) - set(recorded))
+    removed = sorted(set(recorded) - set(current))
+    changed = sorted(n for n in set(current) & set(recorded) if current[n] != recorded[n])
+    if not (added or removed or changed):
+        return
+    parts = []
+    if added:
+        parts.append(f"nodes added: {', '.join(added)}")
+    if removed:
+        parts.append(f"nodes removed: {', '.join(removed)}")
+    if changed:
+        parts.append(f"nodes changed: {', '.join(changed)}")
+    raise ResumeError(
+        f"run {unfinished.run_id} cannot be resumed with this pipeline: it differs from the "
+        f"one the run started with ({'; '.join(parts)})"
+    )
+
+
+def _raw_hash(raw: Any) -> str:
+    """The hash the source node records for a raw record (its ``repr`` if not JSON)."""
+    try:
+        return canonical_hash(raw)
+    except CanonicalizationError:
+        return canonical_hash(repr(raw))
+
+
+async def _check_source(graph: Graph, unfinished: UnfinishedRun) -> Any:
+    """Re-read the rows the run read; refuse if any differs from what was recorded.
+
+    Returns the source digest over them, for the run's next checkpoints.
+    """
+    source_spec = next(spec for spec in graph.nodes.values() if spec.kind is NodeKind.SOURCE)
+    source = source_spec.plugin
+    assert isinstance(source, Source)
+    rows = getattr(source.options, "rows", None)
+    if rows is not None and iter(rows) is rows:
+        raise ResumeError(
+            f"source '{source_spec.node_id}' reads a one-shot iterator, which cannot be read "
+            "again to resume; pass a re-iterable (such as a list)"
+        )
+    checkpoint = unfinished.checkpoint_state or {}
+    rows_read = int(checkpoint.get("rows_read", 0))
+    expected_digest = checkpoint.get("source_digest")
+    after = dict(unfinished.rows_after_checkpoint)
+    last = unfinished.max_row_index
+    digest = hashlib.sha256()
+    index = -1
+    if last >= 0:
+        async with aclosing(source.read(start_index=0)) as records:
+            async for record in records:
+                index += 1
+                raw_hash = _raw_hash(record.raw)
+                digest.update(raw_hash.encode())
+                at_checkpoint = index + 1 == rows_read and expected_digest is not None
+                if at_checkpoint and digest.hexdigest() != expected_digest:
+                    raise _source_changed(
+                        source_spec.node_id, f"rows 0-{index} differ from the recorded rows"
+                    )
+                recorded = after.get(index)
+                if recorded is not None and recorded != raw_hash:
+                    raise _source_changed(
+                        source_spec.node_id, f"row {index} differs from the recorded row"
+                    )
+                if index == last:
+                    break
+    if index < last:
+        raise _source_changed(
+            source_spec.node_id, f"it now has {index + 1} rows, the run had read {last + 1}"
+        )
+    return digest
+
+
+def _source_changed(node_id: str, what: str) -> ResumeError:
+    return ResumeError(
+        f"source '{node_id}' changed since the run read it ({what}): resuming would mix "
+        "two inputs; start a new run"
+    )

@@ -1,0 +1,276 @@
+"""Graceful shutdown, checkpoints and resume, in process (signals and kill -9 are in
+tests/integration/test_crash_resume.py)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+import pytest
+from sqlalchemy import select
+
+from engine import Pipeline, ResumeError, RunResult
+from landscape import Landscape
+from landscape import _schema as t
+from plugins import Row, RowContext, Transform
+
+from .conftest import linear_config
+
+
+class Stall(Transform):
+    """Tags rows; while ``stall_at`` is set, that row hangs until cancelled."""
+
+    name: ClassVar[str] = "stall"
+    stall_at: ClassVar[int | None] = None
+    stalled: ClassVar[anyio.Event]
+
+    async def process(self, row: Row, ctx: RowContext) -> Row:
+        if row["i"] == Stall.stall_at:
+            Stall.stalled.set()
+            await anyio.sleep_forever()
+        await anyio.sleep(0)
+        return {**row, "tagged": row["i"] * 10}
+
+
+@pytest.fixture(autouse=True)
+def _reset_stall() -> None:
+    Stall.stall_at = None
+    Stall.stalled = anyio.Event()
+
+
+async def rows_of(url: str, table: Any, *where: Any) -> list[dict[str, Any]]:
+    async with Landscape.connect(url) as landscape, landscape.engine.connect() as conn:
+        return [dict(r) for r in (await conn.execute(select(table).where(*where))).mappings()]
+
+
+async def verified(url: str, run_id: str) -> Any:
+    async with Landscape.connect(url) as landscape:
+        report = await landscape.verify(run_id)
+    assert report.ok, [str(v) for v in report.violations]
+    return report
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def stall_config(rows: list[dict[str, Any]], out: Path, **runtime: Any) -> dict[str, Any]:
+    config = linear_config(
+        rows,
+        out,
+        source_to="tag",
+        transforms=[
+            {
+                "name": "tag",
+                "plugin": Stall,
+                "input": "tag",
+                "on_success": "out",
+                "concurrency": 4,
+            }
+        ],
+    )
+    config["runtime"] = {
+        "drain_timeout_seconds": 0.2,
+        "checkpoint_every_rows": 5,
+        "max_buffer_size": 4,
+        **runtime,
+    }
+    return config
+
+
+async def stop_when_stalled(pipeline: Pipeline, *, force: bool = False) -> RunResult:
+    results: list[RunResult] = []
+
+    async def run() -> None:
+        results.append(await pipeline.run())
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await Stall.stalled.wait()
+            pipeline.stop(force=force)
+    (result,) = results
+    return result
+
+
+async def test_stop_cancels_work_after_the_drain_timeout_and_resume_finishes_the_run(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    rows = [{"i": i} for i in range(60)]
+    config = stall_config(rows, tmp_path)
+    Stall.stall_at = 20
+    first = await stop_when_stalled(Pipeline.from_dict(config, landscape_url=sqlite_url))
+    assert first.status == "interrupted"
+    assert first.rows_processed < 60
+    report = await verified(sqlite_url, first.run_id)
+    assert report.watermark == 19  # row 20 hangs; every row before it finished
+    cancelled = await rows_of(sqlite_url, t.node_states, t.node_states.c.status == "cancelled")
+    assert [s["node_id"] for s in cancelled] == ["tag"]
+    assert all(s["status"] != "open" for s in await rows_of(sqlite_url, t.node_states))
+    written = [r["i"] for r in read_jsonl(tmp_path / "out.jsonl")]
+    assert 20 not in written and len(written) == len(set(written))
+
+    Stall.stall_at = None
+    second = await Pipeline.from_dict(config, landscape_url=sqlite_url).resume(first.run_id)
+    assert second.run_id == first.run_id
+    assert second.status == "completed"
+    assert second.rows_processed == 60
+    assert second.outcomes == {"completed": 60}
+    out = read_jsonl(tmp_path / "out.jsonl")
+    assert sorted(r["i"] for r in out) == list(range(60))
+    assert all(r["tagged"] == r["i"] * 10 for r in out)
+    await verified(sqlite_url, first.run_id)
+    # The row cancelled by the stop was re-done as a second attempt of the same token.
+    (row20,) = await rows_of(sqlite_url, t.rows, t.rows.c.row_index == 20)
+    (token,) = await rows_of(sqlite_url, t.tokens, t.tokens.c.row_id == row20["row_id"])
+    states = await rows_of(
+        sqlite_url,
+        t.node_states,
+        t.node_states.c.token_id == token["token_id"],
+        t.node_states.c.node_id == "tag",
+    )
+    assert sorted((s["attempt"], s["status"]) for s in states) == [
+        (1, "cancelled"),
+        (2, "completed"),
+    ]
+
+
+async def test_force_stop_cancels_at_once(tmp_path: Path, sqlite_url: str) -> None:
+    config = stall_config([{"i": i} for i in range(30)], tmp_path, drain_timeout_seconds=600)
+    Stall.stall_at = 3
+    with anyio.fail_after(20):  # far below the drain timeout
+        result = await stop_when_stalled(
+            Pipeline.from_dict(config, landscape_url=sqlite_url), force=True
+        )
+    assert result.status == "interrupted"
+    await verified(sqlite_url, result.run_id)
+
+
+async def test_cancelling_the_callers_scope_stops_gracefully_then_lets_the_cancellation_through(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    config = stall_config([{"i": i} for i in range(40)], tmp_path)
+    Stall.stall_at = 10
+    pipeline = Pipeline.from_dict(config, landscape_url=sqlite_url)
+    reached_after_run = False
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as service:
+
+            async def handler() -> None:
+                nonlocal reached_after_run
+                await pipeline.run()
+                reached_after_run = True
+
+            service.start_soon(handler)
+            await Stall.stalled.wait()
+            service.cancel_scope.cancel()
+    assert not reached_after_run  # the cancellation reached the caller
+    result = pipeline.last_result
+    assert result is not None and result.status == "interrupted"
+    (run,) = await rows_of(sqlite_url, t.runs)
+    assert run["status"] == "interrupted"
+    (checkpoint, *_) = await rows_of(
+        sqlite_url, t.checkpoints, t.checkpoints.c.state_json.like('%"reason":"interrupted"%')
+    )
+    assert checkpoint["watermark_row_index"] == 9
+    await verified(sqlite_url, result.run_id)
+    Stall.stall_at = None
+    resumed = await Pipeline.from_dict(config, landscape_url=sqlite_url).resume(result.run_id)
+    assert resumed.outcomes == {"completed": 40}
+    assert sorted(r["i"] for r in read_jsonl(tmp_path / "out.jsonl")) == list(range(40))
+    await verified(sqlite_url, result.run_id)
+
+
+async def test_native_asyncio_cancellation_is_a_graceful_stop_too(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    import asyncio
+
+    config = stall_config([{"i": i} for i in range(40)], tmp_path)
+    Stall.stall_at = 7
+    pipeline = Pipeline.from_dict(config, landscape_url=sqlite_url)
+    task = asyncio.ensure_future(pipeline.run())
+    with anyio.fail_after(30):
+        await Stall.stalled.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert pipeline.last_result is not None
+    assert pipeline.last_result.status == "interrupted"
+    await verified(sqlite_url, pipeline.last_result.run_id)
+
+
+async def test_checkpoints_are_written_every_n_rows_with_a_low_water_mark(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    config = stall_config([{"i": i} for i in range(40)], tmp_path, checkpoint_every_rows=10)
+    result = await Pipeline.from_dict(config, landscape_url=sqlite_url).run()
+    checkpoints = await rows_of(sqlite_url, t.checkpoints)
+    states = [json.loads(c["state_json"]) for c in checkpoints]
+    assert [s["reason"] for s in states][-1] == "completed"
+    assert states[-1]["rows_read"] == 40
+    assert checkpoints[-1]["watermark_row_index"] == 39
+    assert all(c["watermark_row_index"] < s["rows_read"] for c, s in zip(checkpoints, states))
+    assert len(checkpoints) >= 2
+    await verified(sqlite_url, result.run_id)
+
+
+async def test_resume_refuses_a_completed_run(tmp_path: Path, sqlite_url: str) -> None:
+    config = stall_config([{"i": i} for i in range(5)], tmp_path)
+    result = await Pipeline.from_dict(config, landscape_url=sqlite_url).run()
+    with pytest.raises(ResumeError, match="is completed"):
+        await Pipeline.from_dict(config, landscape_url=sqlite_url).resume(result.run_id)
+
+
+async def test_resume_refuses_a_changed_pipeline(tmp_path: Path, sqlite_url: str) -> None:
+    rows = [{"i": i} for i in range(30)]
+    config = stall_config(rows, tmp_path)
+    Stall.stall_at = 5
+    first = await stop_when_stalled(Pipeline.from_dict(config, landscape_url=sqlite_url))
+    changed = stall_config(rows, tmp_path)
+    changed["transforms"][0]["concurrency"] = 2
+    with pytest.raises(ResumeError, match="nodes changed: tag"):
+        await Pipeline.from_dict(changed, landscape_url=sqlite_url).resume(first.run_id)
+    (run,) = await rows_of(sqlite_url, t.runs)
+    assert run["status"] == "interrupted"  # refused before anything ran
+
+
+async def test_resume_refuses_a_changed_source(tmp_path: Path, sqlite_url: str) -> None:
+    rows = [{"i": i} for i in range(30)]
+    Stall.stall_at = 12
+    first = await stop_when_stalled(
+        Pipeline.from_dict(stall_config(rows, tmp_path), landscape_url=sqlite_url)
+    )
+    edited = [dict(r) for r in rows]
+    edited[2] = {"i": 2, "edited": True}
+    with pytest.raises(ResumeError, match="source 'source' changed"):
+        await Pipeline.from_dict(stall_config(edited, tmp_path), landscape_url=sqlite_url).resume(
+            first.run_id
+        )
+
+
+async def test_resume_refuses_a_one_shot_source(tmp_path: Path, sqlite_url: str) -> None:
+    Stall.stall_at = 4
+    first = await stop_when_stalled(
+        Pipeline.from_dict(
+            stall_config([{"i": i} for i in range(20)], tmp_path), landscape_url=sqlite_url
+        )
+    )
+    once = ({"i": i} for i in range(20))
+    with pytest.raises(ResumeError, match="one-shot iterator"):
+        await Pipeline.from_dict(stall_config(once, tmp_path), landscape_url=sqlite_url).resume(  # type: ignore[arg-type]
+            first.run_id
+        )
+
+
+async def test_resume_of_an_unknown_run_is_refused(tmp_path: Path, sqlite_url: str) -> None:
+    config = stall_config([{"i": 1}], tmp_path)
+    with pytest.raises(ResumeError, match="not in the Landscape"):
+        await Pipeline.from_dict(config, landscape_url=sqlite_url).resume("nope")
+
+
+def outcome_counts(result: RunResult) -> Counter[str]:
+    return Counter(result.outcomes)
