@@ -4,11 +4,11 @@ tests/integration/test_crash_resume.py)."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
+import anyio.lowlevel
 import pytest
 from sqlalchemy import select
 
@@ -31,7 +31,7 @@ class Stall(Transform):
         if row["i"] == Stall.stall_at:
             Stall.stalled.set()
             await anyio.sleep_forever()
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         return {**row, "tagged": row["i"] * 10}
 
 
@@ -111,7 +111,8 @@ async def test_stop_cancels_work_after_the_drain_timeout_and_resume_finishes_the
     assert [s["node_id"] for s in cancelled] == ["tag"]
     assert all(s["status"] != "open" for s in await rows_of(sqlite_url, t.node_states))
     written = [r["i"] for r in read_jsonl(tmp_path / "out.jsonl")]
-    assert 20 not in written and len(written) == len(set(written))
+    assert 20 not in written
+    assert len(written) == len(set(written))
 
     Stall.stall_at = None
     second = await Pipeline.from_dict(config, landscape_url=sqlite_url).resume(first.run_id)
@@ -169,7 +170,8 @@ async def test_cancelling_the_callers_scope_stops_gracefully_then_lets_the_cance
             service.cancel_scope.cancel()
     assert not reached_after_run  # the cancellation reached the caller
     result = pipeline.last_result
-    assert result is not None and result.status == "interrupted"
+    assert result is not None
+    assert result.status == "interrupted"
     (run,) = await rows_of(sqlite_url, t.runs)
     assert run["status"] == "interrupted"
     (checkpoint, *_) = await rows_of(
@@ -213,7 +215,9 @@ async def test_checkpoints_are_written_every_n_rows_with_a_low_water_mark(
     assert [s["reason"] for s in states][-1] == "completed"
     assert states[-1]["rows_read"] == 40
     assert checkpoints[-1]["watermark_row_index"] == 39
-    assert all(c["watermark_row_index"] < s["rows_read"] for c, s in zip(checkpoints, states))
+    assert all(
+        c["watermark_row_index"] < s["rows_read"] for c, s in zip(checkpoints, states, strict=True)
+    )
     assert len(checkpoints) >= 2
     await verified(sqlite_url, result.run_id)
 
@@ -270,7 +274,3 @@ async def test_resume_of_an_unknown_run_is_refused(tmp_path: Path, sqlite_url: s
     config = stall_config([{"i": 1}], tmp_path)
     with pytest.raises(ResumeError, match="not in the Landscape"):
         await Pipeline.from_dict(config, landscape_url=sqlite_url).resume("nope")
-
-
-def outcome_counts(result: RunResult) -> Counter[str]:
-    return Counter(result.outcomes)
