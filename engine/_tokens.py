@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,24 @@ if TYPE_CHECKING:
 
     from ._forks import ForkInstance
 
-__all__ = ["Token"]
+__all__ = ["Token", "derived_token_id", "source_token_id"]
+
+
+def source_token_id(row_id: str) -> str:
+    """The id of a source row's token.
+
+    Token ids are a function of lineage, never of chance: a token that a crashed run
+    made (and whose effects may have reached a sink) but never committed gets the
+    same id when a resume makes it again, so sinks keyed by token id stay exact.
+    """
+    return f"{row_id}-t"
+
+
+def derived_token_id(kind: str, *lineage: str) -> str:
+    """The id of a token made from others (``kind``: fork, join, batch), from what it
+    is made of (see :func:`source_token_id`)."""
+    digest = hashlib.sha256("\x1f".join((kind, *lineage)).encode()).hexdigest()
+    return f"t-{kind}-{digest[:32]}"
 
 
 @dataclass(slots=True)

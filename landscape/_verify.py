@@ -474,8 +474,13 @@ async def _check_sinks(c: _Collector, run_id: str) -> None:
         .group_by(TO.c.sink_name)
     )
     tokens: dict[str | None, int] = dict((await c.conn.execute(landed)).all())
-    written_q = select(a.c.sink_node_id, func.sum(a.c.rows_written)).where(a.c.run_id == run_id)
-    written_q = written_q.group_by(a.c.sink_node_id)
+    # A resumed run records an artifact per session, each counting the whole sink: the
+    # latest one says what the sink holds.
+    written_q = (
+        select(a.c.sink_node_id, a.c.rows_written)
+        .where(a.c.run_id == run_id)
+        .order_by(a.c.created_at, a.c.artifact_id)
+    )
     written = {name: total or 0 for name, total in (await c.conn.execute(written_q)).all()}
     found = [_sink_violation(name, tokens, written, sinks) for name in _sink_names(tokens, written)]
     c.add_capped(Invariant.SINK_COUNT, [v for v in found if v is not None])

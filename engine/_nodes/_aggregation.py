@@ -13,7 +13,7 @@ from landscape import BatchStatus, CanonicalizationError, NodeStateStatus, Outco
 from plugins import Aggregation, BatchContext
 from plugins.expressions import ExpressionEvaluationError
 
-from .._tokens import Token
+from .._tokens import Token, derived_token_id
 from ._base import WAKE, NodeTask, error_info
 
 if TYPE_CHECKING:
@@ -324,6 +324,8 @@ class AggregationNode(NodeTask):
         route = self.spec.routes["success"]
         context = {"batch_id": batch.batch_id, "flush_state_id": state_id}
         if self.settings.output_mode == "passthrough":
+            # Every member's state is on record before the first one moves on: a crash
+            # cannot leave a member of a completed batch waiting for another batch.
             for member, (row, row_hash) in zip(batch.members, outputs, strict=True):
                 token = member.token
                 state_id = self.recorder.new_id("s")
@@ -331,7 +333,8 @@ class AggregationNode(NodeTask):
                     token, state_id, member.at, now, output_hash=row_hash, context=context
                 )
                 token.row, token.row_hash = row, row_hash
-                await self.deliver(token, route)
+            for member in batch.members:
+                await self.deliver(member.token, route)
             return
         members = [m.token for m in batch.members]
         for member in batch.members:
@@ -352,10 +355,9 @@ class AggregationNode(NodeTask):
         made = []
         # Every output is on record before the first one moves on, so a crash cannot
         # lose the outputs of a batch whose members are already consumed.
-        for row, row_hash in outputs:
-            output = Token(
-                self.recorder.new_id("t"), first.row_id, first.row_index, row, row_hash, step=step
-            )
+        for ordinal, (row, row_hash) in enumerate(outputs):
+            output_id = derived_token_id("batch", self.node_id, str(ordinal), *parents)
+            output = Token(output_id, first.row_id, first.row_index, row, row_hash, step=step)
             self.recorder.token(token_id=output.token_id, row_id=output.row_id, parents=parents)
             self.run_ctx.token_made(output)
             self.recorder.node_state(

@@ -13,7 +13,7 @@ from landscape import NodeStateStatus, Outcome
 
 from .._forks import ForkInstance, JoinResult
 from .._merge import MergeError, merge_rows
-from .._tokens import Token
+from .._tokens import Token, derived_token_id
 from ._base import WAKE, NodeTask
 
 if TYPE_CHECKING:
@@ -242,7 +242,7 @@ class CoalesceNode(NodeTask):
         tokens = [a.token for a in arrived]
         row_hash = self.recorder.store(row)
         output = Token(
-            self.recorder.new_id("t"),
+            derived_token_id("join", fork.key, self.node_id),
             tokens[0].row_id,
             tokens[0].row_index,
             row,

@@ -9,7 +9,7 @@ from landscape import Outcome
 from plugins.expressions import ExpressionEvaluationError
 
 from .._forks import ForkInstance
-from .._tokens import Token
+from .._tokens import Token, derived_token_id
 from ._base import NodeTask
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class GateNode(NodeTask):
 
     def _child(self, parent: Token, branch: str, fork: ForkInstance | None) -> Token:
         child = Token(
-            self.recorder.new_id("t"),
+            derived_token_id("fork", parent.token_id, branch),
             parent.row_id,
             parent.row_index,
             parent.row,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from landscape import CanonicalizationError, NodeStateStatus, Outcome
 
 from .._row_schema import RowSchema, RowValidationError
-from .._tokens import Token
+from .._tokens import Token, source_token_id
 from ._base import NodeTask
 
 if TYPE_CHECKING:
@@ -53,7 +53,6 @@ class SourceNode(NodeTask):
                 await self.recorder.wait_writable()
                 await self.admit(index, record)
                 index += 1
-                run.rows_read = index
                 if index >= checkpoints.due_at_rows:
                     checkpoints.rows_read(index)
                 if stop.is_set():
@@ -64,10 +63,11 @@ class SourceNode(NodeTask):
         started = time.time()
         self.stats.received += 1
         raw, raw_hash, error = self._store_raw(record)
+        # Read together by checkpoints: both change here, before the row can wait anywhere.
         self.run_ctx.source_digest.update(raw_hash.encode())
-        token = Token(
-            self.recorder.new_id("t"), f"{self.row_prefix}{index}", index, {}, raw_hash, step=0
-        )
+        self.run_ctx.rows_read = index + 1
+        row_id = f"{self.row_prefix}{index}"
+        token = Token(source_token_id(row_id), row_id, index, {}, raw_hash, step=0)
         self.recorder.source_row(
             row_id=token.row_id, row_index=index, source_node_id=self.node_id, data_hash=raw_hash
         )

@@ -38,6 +38,10 @@ class MockStats:
     batch_rows: int
     #: Batch jobs by status; reserved for the batch-job API, empty until it exists.
     batch_jobs: Mapping[str, int]
+    #: Distinct chat prompts (their messages) answered 200, and 200 answers to a prompt
+    #: answered before (what a resumed run that re-asks would show).
+    prompts_answered: int = 0
+    repeated_answers: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document of ``GET /stats`` (statuses become string keys)."""
@@ -51,6 +55,8 @@ class MockStats:
             "batch_requests": self.batch_requests,
             "batch_rows": self.batch_rows,
             "batch_jobs": dict(self.batch_jobs),
+            "prompts_answered": self.prompts_answered,
+            "repeated_answers": self.repeated_answers,
         }
 
     @classmethod
@@ -70,6 +76,8 @@ class MockStats:
             batch_requests=data["batch_requests"],
             batch_rows=data["batch_rows"],
             batch_jobs=MappingProxyType(dict(data["batch_jobs"])),
+            prompts_answered=data.get("prompts_answered", 0),
+            repeated_answers=data.get("repeated_answers", 0),
         )
 
 
@@ -91,6 +99,9 @@ class StatsCounter:
         self.batch_requests = 0
         self.batch_rows = 0
         self.batch_jobs: Counter[str] = Counter()
+        # A digest per distinct prompt: a test server's memory, grown by what it is asked.
+        self.answered: set[bytes] = set()
+        self.repeated_answers = 0
 
     def begin(self, path: str) -> None:
         """A request to ``path`` has arrived and is now in flight."""
@@ -100,6 +111,13 @@ class StatsCounter:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         if self._waiters:
             self._wake()
+
+    def answered_prompt(self, digest: bytes) -> None:
+        """A chat prompt with this digest was answered 200."""
+        if digest in self.answered:
+            self.repeated_answers += 1
+        else:
+            self.answered.add(digest)
 
     def end(self) -> None:
         """A request is answered or abandoned."""
@@ -135,4 +153,6 @@ class StatsCounter:
             batch_requests=self.batch_requests,
             batch_rows=self.batch_rows,
             batch_jobs=MappingProxyType(dict(self.batch_jobs)),
+            prompts_answered=len(self.answered),
+            repeated_answers=self.repeated_answers,
         )

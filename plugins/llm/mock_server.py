@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import hmac
 import itertools
 import math
@@ -285,6 +286,8 @@ class MockLlmServer:
             if request.get("stream"):
                 raise BadRequest("stream is not supported by the mock server.")
             answer = self._answerer.chat(request, model, fate.disorder)
+            prompt = orjson.dumps(request.get("messages"), option=orjson.OPT_SORT_KEYS)
+            self._stats.answered_prompt(hashlib.sha1(prompt, usedforsecurity=False).digest())
         except orjson.JSONDecodeError:
             return 400, _error_body("The body is not valid JSON.", "invalid_request_error")
         except BadRequest as exc:
