@@ -34,6 +34,18 @@ class CallTotals:
     def tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    @classmethod
+    def resumed(cls, summary: CallSummary) -> CallTotals:
+        """Totals that go on from a run's recorded ones (prompt and completion tokens
+        are on record only together)."""
+        return cls(
+            calls=summary.calls,
+            retries=summary.retries,
+            errors=summary.errors,
+            prompt_tokens=summary.tokens,
+            cost=summary.cost,
+        )
+
     def snapshot(self) -> CallSummary:
         """The totals so far, frozen (what results and progress snapshots carry)."""
         return CallSummary(self.calls, self.retries, self.errors, self.tokens, self.cost)

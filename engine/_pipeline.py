@@ -182,6 +182,11 @@ class Pipeline:
         """
         return await self._guarded(run_id, True, on_progress, progress_interval)
 
+    @property
+    def running(self) -> bool:
+        """Whether a run (or resume) of this pipeline is under way."""
+        return self._running
+
     def stop(self, *, force: bool = False) -> None:
         """Ask the running pipeline to stop reading its source and finish what it holds.
 
@@ -251,9 +256,14 @@ class Pipeline:
         try:
             async with Landscape.connect(self.landscape_url) as landscape:
                 plan = await ResumePlan.load(self.graph, landscape, run_id) if resume else None
-                status = await self._run_recorded(
-                    landscape, run_id, plan, on_progress, progress_interval
-                )
+                try:
+                    status = await self._run_recorded(
+                        landscape, run_id, plan, on_progress, progress_interval
+                    )
+                finally:
+                    if plan is not None:
+                        with anyio.CancelScope(shield=True):
+                            await plan.aclose()
         except LandscapeError as exc:
             raise AuditError(str(exc)) from exc
         except BaseExceptionGroup as group:

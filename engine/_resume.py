@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from landscape import (
     BatchStatus,
+    CallSummary,
     CanonicalizationError,
     NodeStateStatus,
     Outcome,
@@ -37,7 +37,7 @@ from landscape import (
 )
 from plugins import Source
 
-from ._calls import AnswerBook
+from ._calls import AnswerBook, CallTotals
 from ._errors import ResumeError
 from ._forks import ForkInstance
 from ._graph import NodeKind
@@ -46,8 +46,10 @@ from ._tokens import Token
 from ._watermark import RowTracker
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator
+
     from landscape import Landscape, PendingToken, RecordedState, UnfinishedRun
-    from plugins import Sink
+    from plugins import Sink, SourceRecord
 
     from ._graph import Graph, Route
     from ._run_context import RunContext
@@ -81,19 +83,28 @@ class ResumePlan:
         self,
         graph: Graph,
         unfinished: UnfinishedRun,
+        calls: CallSummary,
         payloads: dict[str, Any],
         digest: Any,
         answers: dict[str, Any],
+        records: AsyncGenerator[SourceRecord, None],
     ) -> None:
         self.graph = graph
         self.unfinished = unfinished
+        self._calls = calls
         self._payloads = payloads
         self._digest = digest
         self._answers = answers
+        #: The source's reader, at the first row the run never read.
+        self.records = records
 
     @property
     def run_id(self) -> str:
         return self.unfinished.run_id
+
+    async def aclose(self) -> None:
+        """Close the source reader (the source node closes it when it ran)."""
+        await self.records.aclose()
 
     # -- loading and refusing -----------------------------------------------------------
 
@@ -109,7 +120,25 @@ class ResumePlan:
         if unfinished.status not in _RESUMABLE:
             raise ResumeError(f"run {run_id} has status {unfinished.status!r}")
         _check_graph(graph, unfinished)
-        digest = await _check_source(graph, unfinished)
+        summary = await landscape.get_run(run_id)
+        calls = CallSummary() if summary is None else summary.calls
+        digest, records = await _reread_source(graph, unfinished)
+        try:
+            return await cls._with_payloads(graph, landscape, unfinished, calls, digest, records)
+        except BaseException:
+            await records.aclose()
+            raise
+
+    @classmethod
+    async def _with_payloads(
+        cls,
+        graph: Graph,
+        landscape: Landscape,
+        unfinished: UnfinishedRun,
+        calls: CallSummary,
+        digest: Any,
+        records: AsyncGenerator[SourceRecord, None],
+    ) -> ResumePlan:
         wanted = {s.output_hash for t in unfinished.pending for s in t.states if s.output_hash}
         wanted |= {s.input_hash for t in unfinished.pending for s in t.states if s.input_hash}
         wanted |= {
@@ -132,7 +161,7 @@ class ResumePlan:
             for request, response in unfinished.reusable_calls.items()
             if response in payloads
         }
-        return cls(graph, unfinished, payloads, digest, answers)
+        return cls(graph, unfinished, calls, payloads, digest, answers, records)
 
     # -- putting the run back -------------------------------------------------------------
 
@@ -144,12 +173,14 @@ class ResumePlan:
         run.outcomes.update(unfinished.outcomes)
         run.rows_read = run.source_start = unfinished.max_row_index + 1
         run.source_digest = self._digest
+        run.source_records = self.records
         run.rows = RowTracker(rows_admitted=run.rows_read)
         run.checkpoints.due_at_rows = (
             run.rows_read + self.graph.settings.runtime.checkpoint_every_rows
         )
         run.sink_writes = {node: seq for node, (seq, _) in unfinished.sink_positions.items()}
         run.answers = AnswerBook("reused", self._answers)
+        run.calls = CallTotals.resumed(self._calls)
         for state_id, started in unfinished.open_states:
             recorder.close_state(
                 state_id,
@@ -168,6 +199,8 @@ class ResumePlan:
             else:  # caught mid-flush: that attempt failed, its members make the next one
                 recorder.update_batch(batch.batch_id, status=BatchStatus.FAILED)
                 batch_id = recorder.new_id("b")
+                # Flushed again, for the same reason, once all its members are back.
+                run.restored_flushes[batch_id] = (len(members), batch.trigger_reason)
                 recorder.batch(
                     batch_id=batch_id,
                     node_id=batch.node_id,
@@ -358,10 +391,13 @@ def _raw_hash(raw: Any) -> str:
         return canonical_hash(repr(raw))
 
 
-async def _check_source(graph: Graph, unfinished: UnfinishedRun) -> Any:
+async def _reread_source(
+    graph: Graph, unfinished: UnfinishedRun
+) -> tuple[Any, AsyncGenerator[SourceRecord, None]]:
     """Re-read the rows the run read; refuse if any differs from what was recorded.
 
-    Returns the source digest over them, for the run's next checkpoints.
+    Returns the source digest over them (for the run's next checkpoints) and the
+    source's reader, positioned at the first row the run never read.
     """
     source_spec = next(spec for spec in graph.nodes.values() if spec.kind is NodeKind.SOURCE)
     source = source_spec.plugin
@@ -378,30 +414,33 @@ async def _check_source(graph: Graph, unfinished: UnfinishedRun) -> Any:
     after = dict(unfinished.rows_after_checkpoint)
     last = unfinished.max_row_index
     digest = hashlib.sha256()
-    index = -1
-    if last >= 0:
-        async with aclosing(source.read(start_index=0)) as records:
-            async for record in records:
-                index += 1
-                raw_hash = _raw_hash(record.raw)
-                digest.update(raw_hash.encode())
-                at_checkpoint = index + 1 == rows_read and expected_digest is not None
-                if at_checkpoint and digest.hexdigest() != expected_digest:
-                    raise _source_changed(
-                        source_spec.node_id, f"rows 0-{index} differ from the recorded rows"
-                    )
-                recorded = after.get(index)
-                if recorded is not None and recorded != raw_hash:
-                    raise _source_changed(
-                        source_spec.node_id, f"row {index} differs from the recorded row"
-                    )
-                if index == last:
-                    break
-    if index < last:
-        raise _source_changed(
-            source_spec.node_id, f"it now has {index + 1} rows, the run had read {last + 1}"
-        )
-    return digest
+    records = source.read(start_index=0)
+    try:
+        index = -1
+        while index < last:
+            try:
+                record = await anext(records)
+            except StopAsyncIteration:
+                raise _source_changed(
+                    source_spec.node_id, f"it now has {index + 1} rows, the run read {last + 1}"
+                ) from None
+            index += 1
+            raw_hash = _raw_hash(record.raw)
+            digest.update(raw_hash.encode())
+            at_checkpoint = index + 1 == rows_read and expected_digest is not None
+            if at_checkpoint and digest.hexdigest() != expected_digest:
+                raise _source_changed(
+                    source_spec.node_id, f"rows 0-{index} differ from the recorded rows"
+                )
+            recorded = after.get(index)
+            if recorded is not None and recorded != raw_hash:
+                raise _source_changed(
+                    source_spec.node_id, f"row {index} differs from the recorded row"
+                )
+    except BaseException:
+        await records.aclose()
+        raise
+    return digest, records
 
 
 def _source_changed(node_id: str, what: str) -> ResumeError:

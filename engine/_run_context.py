@@ -16,10 +16,10 @@ from ._checkpoints import Checkpointer
 from ._watermark import RowTracker
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import AsyncGenerator, Mapping
 
     from landscape import Recorder
-    from plugins import CallLog, ExternalCall
+    from plugins import CallLog, ExternalCall, SourceRecord
 
     from ._clock import Clock
     from ._forks import JoinListener
@@ -87,11 +87,15 @@ class RunContext:
         self.rows = RowTracker()
         #: Token -> the open batch a resume puts it back into (emptied as they arrive).
         self.restored_members: dict[str, str] = {}
+        #: Batch -> (members, trigger) of a flush a resume re-does once they are back.
+        self.restored_flushes: dict[str, tuple[int, str | None]] = {}
         #: Set once a resume has sent every restored token on (at once for a new run);
         #: the source reads new rows only then, so restored batches fill up first.
         self.restored = anyio.Event()
-        #: Row index the source starts reading at (above 0 when a run resumes).
+        #: Row index the source starts reading at (above 0 when a run resumes), and the
+        #: reader a resume already opened there (``None``: the source node opens one).
         self.source_start = 0
+        self.source_records: AsyncGenerator[SourceRecord, None] | None = None
         #: Sink -> writes recorded before this session (a resumed run goes on counting).
         self.sink_writes: dict[str, int] = {}
         self.stop_requested = anyio.Event()

@@ -234,6 +234,8 @@ async def _stop_on_signals(pipeline: Pipeline, drain: float, err: Console) -> No
         stopped = False
         async for signum in signals:
             name = signal.Signals(signum).name
+            if not pipeline.running:  # not started yet, or already over
+                continue
             if stopped:
                 err.print(f"{name}: cancelling in-flight work", highlight=False)
                 pipeline.stop(force=True)

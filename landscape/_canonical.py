@@ -26,6 +26,7 @@ __all__ = [
     "canonical_bytes",
     "canonical_hash",
     "canonical_json",
+    "payload_forms",
     "sha256_hex",
 ]
 
@@ -205,6 +206,27 @@ def _flat_row_bytes(row: dict[Any, Any]) -> bytes | None:
     if float in kinds and _ORJSON_ONLY_NUMBER.search(out):
         return None
     return out
+
+
+def payload_forms(value: Any) -> tuple[bytes, bytes]:
+    """``(canonical, stored)``: the RFC 8785 bytes that ``value`` is hashed by, and the
+    JSON stored under that hash.
+
+    They are the same bytes unless canonicalisation changed a value's type: RFC 8785
+    prints ``2.0`` as ``2``, so a row read back from its canonical form would carry an
+    ``int`` where it had a ``float``.  Then the stored JSON is orjson's, which keeps
+    the ``.0`` (and canonicalises to the same bytes, so the hash still names it).
+    """
+    if type(value) is dict:
+        flat = _flat_row_bytes(value)
+        if flat is not None:
+            return flat, flat
+    canonical = canonical_bytes(value)
+    try:
+        stored = orjson.dumps(value, option=_ORJSON_OPTIONS)
+    except (orjson.JSONEncodeError, TypeError):  # e.g. a Decimal: keep the canonical form
+        return canonical, canonical
+    return canonical, stored
 
 
 def canonical_json(value: Any) -> str:

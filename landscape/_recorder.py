@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from . import _schema as t
-from ._canonical import canonical_bytes, canonical_json, sha256_hex
+from ._canonical import canonical_json, payload_forms, sha256_hex
 from ._outcomes import BatchStatus, NodeStateStatus, Outcome, RunStatus
 
 if TYPE_CHECKING:
@@ -230,11 +230,13 @@ class Recorder:
     def store(self, value: Any) -> str:
         """Store ``value`` content-addressed; return its hash (SHA-256 of canonical JSON).
 
-        Raises :class:`CanonicalizationError` when ``value`` has no canonical JSON form.
+        What is stored reads back as ``value`` did (a ``2.0`` stays a float), which is
+        what a resumed run continues from.  Raises :class:`CanonicalizationError` when
+        ``value`` has no canonical JSON form.
         """
-        content = canonical_bytes(value)
-        content_hash = hashlib.sha256(content).hexdigest()
-        self._writer.payload(content_hash, content.decode("utf-8"))
+        canonical, stored = payload_forms(value)
+        content_hash = hashlib.sha256(canonical).hexdigest()
+        self._writer.payload(content_hash, stored.decode("utf-8"))
         return content_hash
 
     def source_row(

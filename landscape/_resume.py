@@ -87,6 +87,7 @@ class OpenBatch:
     attempt: int
     status: str
     group_key: str | None
+    trigger_reason: str | None
     aggregation_state_id: str | None
     members: list[str] = field(default_factory=list)
 
@@ -291,6 +292,7 @@ async def _open_batches(conn: AsyncConnection, run_id: str) -> list[OpenBatch]:
             attempt=int(row.attempt),
             status=row.status,
             group_key=row.group_key,
+            trigger_reason=row.trigger_reason,
             aggregation_state_id=row.aggregation_state_id,
         )
         for row in await conn.execute(

@@ -15,7 +15,10 @@ pipeline instead of inside it.
 
 from __future__ import annotations
 
+import ctypes
 import marshal
+import os
+import signal
 import sqlite3
 import struct
 import sys
@@ -69,8 +72,22 @@ def _commit(db: sqlite3.Connection, statements: list[tuple[str, list[tuple[Any, 
     db.execute("COMMIT")
 
 
+def _die_with_parent() -> None:
+    """Be killed with the engine process (Linux): once it is gone, nothing more may be
+    committed in its name — a resume may already be reading the Landscape."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def main(path: str) -> int:
     """Serve commits for the database at ``path`` until stdin closes."""
+    _die_with_parent()
     source, sink = sys.stdin.buffer, sys.stdout.buffer
     db = _connect(path)
     try:

@@ -138,7 +138,11 @@ class AggregationNode(NodeTask):
         if batch is None:
             batch = self._begin(key, label, now, token)
         self._join(batch, token)
-        if self.settings.trigger.count is not None and count >= self.settings.trigger.count:
+        redo = self.run_ctx.restored_flushes.get(batch.batch_id)
+        if redo is not None and len(batch.members) == redo[0]:
+            del self.run_ctx.restored_flushes[batch.batch_id]
+            await self.flush(batch, redo[1] or FlushTrigger.END_OF_SOURCE)
+        elif self.settings.trigger.count is not None and count >= self.settings.trigger.count:
             await self.flush(batch, FlushTrigger.COUNT)
         elif fire:
             await self.flush(batch, FlushTrigger.CONDITION)

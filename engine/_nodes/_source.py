@@ -48,7 +48,8 @@ class SourceNode(NodeTask):
         await run.restored.wait()
         if stop.is_set():
             return
-        async with aclosing(source.read(start_index=index)) as records:
+        reader = run.source_records or source.read(start_index=index)
+        async with aclosing(reader) as records:
             async for record in records:
                 await self.recorder.wait_writable()
                 await self.admit(index, record)

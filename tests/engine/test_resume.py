@@ -4,6 +4,7 @@ tests/integration/test_crash_resume.py)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -15,7 +16,8 @@ from sqlalchemy import select
 from engine import Pipeline, ResumeError, RunResult
 from landscape import Landscape
 from landscape import _schema as t
-from plugins import Row, RowContext, Transform
+from plugins import BatchContext, Row, RowContext, Transform
+from plugins._aggregations import CollectAggregation
 
 from .conftest import linear_config
 
@@ -274,3 +276,93 @@ async def test_resume_of_an_unknown_run_is_refused(tmp_path: Path, sqlite_url: s
     config = stall_config([{"i": 1}], tmp_path)
     with pytest.raises(ResumeError, match="not in the Landscape"):
         await Pipeline.from_dict(config, landscape_url=sqlite_url).resume("nope")
+
+
+class StallFlush(CollectAggregation):
+    """``collect``, whose first flush hangs (until cancelled) while ``stall`` is set."""
+
+    stall: ClassVar[bool] = False
+    stalled: ClassVar[anyio.Event]
+
+    async def flush(self, rows: Sequence[Row], ctx: BatchContext) -> list[Row]:
+        if StallFlush.stall:
+            StallFlush.stalled.set()
+            await anyio.sleep_forever()
+        return await super().flush(rows, ctx)
+
+
+def pooled_config(rows: list[dict[str, Any]], out: Path, **aggregation: Any) -> dict[str, Any]:
+    config = stall_config(rows, out)
+    config["transforms"][0]["on_success"] = "pool"
+    config["aggregations"] = [
+        {
+            "name": "pool",
+            "plugin": StallFlush,
+            "input": "pool",
+            "on_success": "out",
+            "trigger": {"count": 4},
+            "options": {"field": "members"},
+            **aggregation,
+        }
+    ]
+    return config
+
+
+def members_of(out: Path) -> list[list[int]]:
+    return [[m["i"] for m in row["members"]] for row in read_jsonl(out / "out.jsonl")]
+
+
+async def test_a_flush_cancelled_by_the_stop_is_redone_as_a_new_attempt_of_its_batch(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    StallFlush.stall, StallFlush.stalled = True, anyio.Event()
+    config = pooled_config([{"i": i} for i in range(10)], tmp_path)
+    pipeline = Pipeline.from_dict(config, landscape_url=sqlite_url)
+    results: list[RunResult] = []
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                results.append(await pipeline.run())
+
+            tg.start_soon(run)
+            await StallFlush.stalled.wait()
+            pipeline.stop()
+    (first,) = results
+    assert first.status == "interrupted"
+    await verified(sqlite_url, first.run_id)
+    StallFlush.stall = False
+    resumed = await Pipeline.from_dict(config, landscape_url=sqlite_url).resume(first.run_id)
+    assert resumed.status == "completed"
+    # The same batches an uninterrupted run makes.
+    assert members_of(tmp_path) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    batches = await rows_of(sqlite_url, t.batches)
+    assert sorted((b["attempt"], b["status"], b["trigger_reason"]) for b in batches) == [
+        (1, "completed", "count"),
+        (1, "completed", "end_of_source"),
+        (1, "failed", "count"),
+        (2, "completed", "count"),
+    ]
+    await verified(sqlite_url, first.run_id)
+
+
+async def test_a_draft_batch_held_at_a_forced_stop_is_restored_with_its_members(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    config = pooled_config([{"i": i} for i in range(12)], tmp_path, trigger={"count": 5})
+    Stall.stall_at = 7
+    first = await stop_when_stalled(
+        Pipeline.from_dict(config, landscape_url=sqlite_url), force=True
+    )
+    assert first.status == "interrupted"
+    drafts = await rows_of(sqlite_url, t.batches, t.batches.c.status == "draft")
+    assert len(drafts) == 1
+    await verified(sqlite_url, first.run_id)
+    Stall.stall_at = None
+    resumed = await Pipeline.from_dict(config, landscape_url=sqlite_url).resume(first.run_id)
+    assert resumed.status == "completed"
+    assert members_of(tmp_path) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11]]
+    batches = await rows_of(sqlite_url, t.batches)
+    assert len(batches) == 3
+    assert drafts[0]["batch_id"] in {b["batch_id"] for b in batches if b["status"] == "completed"}
+    await verified(sqlite_url, first.run_id)

@@ -8,12 +8,19 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
+import orjson
 import pytest
 import rfc8785
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from landscape._canonical import CanonicalizationError, canonical_hash, canonical_json, sha256_hex
+from landscape._canonical import (
+    CanonicalizationError,
+    canonical_hash,
+    canonical_json,
+    payload_forms,
+    sha256_hex,
+)
 
 _SAFE = 2**53 - 1
 
@@ -166,3 +173,23 @@ def test_flat_rows_match_the_reference_whichever_path_they_take(row: dict[str, A
 def test_flat_rows_without_a_canonical_form_are_refused(row: dict[str, Any]) -> None:
     with pytest.raises(CanonicalizationError):
         canonical_json(row)
+
+
+def _same_types(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict) and a.keys() == b.keys() and all(_same_types(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_same_types, a, b))
+    return type(a) is type(b) and (a == b or (a != a and b != b))
+
+
+@given(_json)
+@example({"amount": 1154.0, "nested": [2.0, {"x": 0.0}]})
+def test_stored_payloads_hash_canonically_and_read_back_with_their_types(value: Any) -> None:
+    canonical, stored = payload_forms(value)
+    assert canonical == rfc8785.dumps(value)
+    read_back = orjson.loads(stored)
+    assert rfc8785.dumps(read_back) == canonical  # the hash still names what is stored
+    assert _same_types(value, read_back)  # a 2.0 comes back a float, not an int

@@ -1,0 +1,181 @@
+"""What a crash costs: resuming a killed run, and checkpointing a healthy one.
+
+    python benchmarks/resume.py [--rows 200000] [--repeat 3]
+
+1. **Resume.**  The throughput benchmark's pipeline (three transforms, a gate, two
+   JSONL sinks, the full audit in SQLite) reads ``--rows`` rows from a JSONL file
+   through the ``ledgerflow`` CLI.  A fresh run is timed; a second run is killed with
+   SIGKILL at half that time; ``ledgerflow resume`` finishes it.  Prints the share of
+   rows the killed run had not finished, the resume's wall time, and the goal: the
+   fresh run's time for that share, plus 10 %.  Both times include starting Python.
+2. **Checkpoint overhead.**  The same pipeline in this process, alternately with a
+   checkpoint every 1,000 rows and with none (``--repeat`` runs each): median rows/s
+   of each and the overhead (goal: below 5 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from throughput import CONDITION, TRANSFORMS, synthetic_rows
+
+from engine import Pipeline
+
+
+def write_rows(path: Path, n: int) -> None:
+    with path.open("w") as file:
+        for row in synthetic_rows(n):
+            file.write(json.dumps(row) + "\n")
+
+
+def pipeline_config(workdir: Path, data: Path, every_rows: int) -> dict[str, Any]:
+    chain = ["raw", "t1", "t2", "scored"]
+    return {
+        "name": "resume-benchmark",
+        "landscape": {"url": f"sqlite+aiosqlite:///{workdir / 'audit.db'}"},
+        "runtime": {"checkpoint_every_rows": every_rows, "checkpoint_interval_seconds": 3600},
+        "source": {"plugin": "jsonl", "options": {"path": str(data)}, "on_success": "raw"},
+        "transforms": [
+            {
+                "name": name,
+                "plugin": plugin,
+                "input": chain[i],
+                "on_success": chain[i + 1],
+                "options": options,
+            }
+            for i, (name, plugin, options) in enumerate(TRANSFORMS)
+        ],
+        "gates": [
+            {
+                "name": "risk",
+                "input": "scored",
+                "condition": CONDITION,
+                "routes": {"true": "high", "false": "normal"},
+            }
+        ],
+        "sinks": [
+            {"name": "high", "plugin": "jsonl", "options": {"path": str(workdir / "high.jsonl")}},
+            {
+                "name": "normal",
+                "plugin": "jsonl",
+                "options": {"path": str(workdir / "normal.jsonl")},
+            },
+        ],
+    }
+
+
+def rows_of(path: Path) -> list[str]:
+    """A JSONL file's rows, keys sorted, in sorted order."""
+    lines = path.read_text().splitlines()
+    return sorted(json.dumps(json.loads(line), sort_keys=True) for line in lines)
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "engine.cli", *args]
+
+
+def timed_run(args: list[str], cwd: Path) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+    return elapsed
+
+
+def finished_rows(landscape: Path) -> tuple[str, int]:
+    """The run id, and how many of its rows have every token terminal."""
+    with sqlite3.connect(landscape) as conn:
+        (run_id,) = conn.execute("SELECT run_id FROM runs").fetchone()
+        (unfinished,) = conn.execute(
+            "SELECT COUNT(DISTINCT tk.row_id) FROM tokens tk WHERE NOT EXISTS ("
+            " SELECT 1 FROM token_outcomes o WHERE o.token_id = tk.token_id AND o.is_terminal)"
+        ).fetchone()
+        (read,) = conn.execute("SELECT COUNT(*) FROM rows").fetchone()
+    return run_id, read - unfinished
+
+
+def resume_cost(n: int, data: Path) -> None:
+    with tempfile.TemporaryDirectory() as fresh_dir, tempfile.TemporaryDirectory() as kill_dir:
+        fresh, killed = Path(fresh_dir), Path(kill_dir)
+        for workdir in (fresh, killed):
+            config = pipeline_config(workdir, data, 1000)
+            (workdir / "pipeline.yaml").write_text(yaml.safe_dump(config))
+        fresh_s = timed_run(cli("run", "pipeline.yaml", "--no-progress"), fresh)
+        process = subprocess.Popen(
+            cli("run", "pipeline.yaml", "--no-progress"),
+            cwd=killed,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(fresh_s / 2)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        run_id, done = finished_rows(killed / "audit.db")
+        resume_s = timed_run(cli("resume", run_id, "--pipeline", "pipeline.yaml"), killed)
+        for name in ("high", "normal"):
+            # Rows restored from the Landscape have their keys in canonical order.
+            a, b = (rows_of(workdir / f"{name}.jsonl") for workdir in (fresh, killed))
+            assert a == b, f"{name}: the resumed run's rows differ"
+    unfinished = (n - done) / n
+    goal = fresh_s * unfinished * 1.1
+    print(f"fresh run:        {fresh_s:6.2f} s for {n:,} rows")
+    print(f"killed at:        {fresh_s / 2:6.2f} s, {done:,} rows finished ({unfinished:.0%} left)")
+    print(f"resume:           {resume_s:6.2f} s (goal <= {goal:.2f} s: the unfinished share + 10%)")
+    print(f"resume / goal:    {resume_s / goal:6.2f}  (outputs equal the fresh run's)")
+
+
+async def throughput(data: Path, n: int, every_rows: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        pipeline = Pipeline.from_dict(pipeline_config(workdir, data, every_rows))
+        start = time.perf_counter()
+        result = await pipeline.run()
+        elapsed = time.perf_counter() - start
+        assert result.status == "completed"
+        with sqlite3.connect(workdir / "audit.db") as conn:
+            (checkpoints,) = conn.execute("SELECT COUNT(*) FROM checkpoints").fetchone()
+        assert checkpoints >= (n // every_rows), (checkpoints, n, every_rows)
+    return n / elapsed
+
+
+def checkpoint_overhead(n: int, data: Path, repeat: int) -> None:
+    every: list[float] = []
+    never: list[float] = []
+    for _ in range(repeat):
+        every.append(asyncio.run(throughput(data, n, 1000)))
+        never.append(asyncio.run(throughput(data, n, 10**9)))
+    with_cp, without = statistics.median(every), statistics.median(never)
+    print(f"checkpoint every 1,000 rows: {with_cp:8,.0f} rows/s (median of {repeat})")
+    print(f"no checkpoints:              {without:8,.0f} rows/s")
+    print(f"overhead:                    {1 - with_cp / without:8.1%}  (goal < 5%)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("NO_COLOR", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "rows.jsonl"
+        write_rows(data, args.rows)
+        resume_cost(args.rows, data)
+        checkpoint_overhead(args.rows, data, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
