@@ -4,7 +4,8 @@ A checkpoint is queued behind every audit record made before it, and the writer
 commits records in the order they were queued, so a committed checkpoint never
 claims more than the Landscape holds.  It records the watermark (see
 :mod:`engine._watermark`), how many source rows were read and a digest of them (so a
-resume can tell that the source changed), and each sink's write count.
+resume can tell that the source changed), each sink's write count, and how many
+batches and joins the aggregations and coalesces hold.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from ._graph import NodeKind
+
 if TYPE_CHECKING:
     from ._run_context import RunContext
 
 __all__ = ["Checkpointer"]
+
+_HOLDING = frozenset({NodeKind.AGGREGATION, NodeKind.COALESCE})
 
 
 class Checkpointer:
@@ -60,6 +65,13 @@ class Checkpointer:
             "source_digest": run.source_digest.hexdigest(),
             "rows_in_flight": run.rows.rows_in_flight,
             "sink_writes": dict(run.sink_writes),
+            # Draft batches and pending joins per node (a resume restores them from
+            # their records; this says how much there was).
+            "held": {
+                node_id: stats.in_flight
+                for node_id, stats in run.stats.items()
+                if stats.kind in _HOLDING and stats.in_flight
+            },
         }
         run.recorder.checkpoint(watermark_row_index=watermark, state=state)
         self.written += 1

@@ -31,6 +31,7 @@ from landscape import (
     NodeStateStatus,
     Outcome,
     RunStatus,
+    canonical_bytes,
     canonical_hash,
     canonical_json,
     sha256_hex,
@@ -76,6 +77,15 @@ class _Reentry:
     failed_state: str | None = None
 
 
+@dataclass(slots=True)
+class _SourceReread:
+    """The source as a resume found it: the digest of the rows the run read (checked
+    against the run's), and the reader, at the first row the run never read."""
+
+    digest: Any
+    records: AsyncGenerator[SourceRecord, None]
+
+
 class ResumePlan:
     """How one unfinished run goes on; built by :meth:`load`, used by the pipeline."""
 
@@ -85,18 +95,18 @@ class ResumePlan:
         unfinished: UnfinishedRun,
         calls: CallSummary,
         payloads: dict[str, Any],
-        digest: Any,
-        answers: dict[str, Any],
-        records: AsyncGenerator[SourceRecord, None],
+        source: _SourceReread,
     ) -> None:
         self.graph = graph
         self.unfinished = unfinished
         self._calls = calls
         self._payloads = payloads
-        self._digest = digest
-        self._answers = answers
-        #: The source's reader, at the first row the run never read.
-        self.records = records
+        self._source = source
+        self._answers = {
+            request: payloads[response]
+            for request, response in unfinished.reusable_calls.items()
+            if response in payloads
+        }
 
     @property
     def run_id(self) -> str:
@@ -104,7 +114,7 @@ class ResumePlan:
 
     async def aclose(self) -> None:
         """Close the source reader (the source node closes it when it ran)."""
-        await self.records.aclose()
+        await self._source.records.aclose()
 
     # -- loading and refusing -----------------------------------------------------------
 
@@ -122,46 +132,13 @@ class ResumePlan:
         _check_graph(graph, unfinished)
         summary = await landscape.get_run(run_id)
         calls = CallSummary() if summary is None else summary.calls
-        digest, records = await _reread_source(graph, unfinished)
+        source = await _reread_source(graph, unfinished)
         try:
-            return await cls._with_payloads(graph, landscape, unfinished, calls, digest, records)
+            payloads = await landscape.load_payloads(_payloads_needed(unfinished))
         except BaseException:
-            await records.aclose()
+            await source.records.aclose()
             raise
-
-    @classmethod
-    async def _with_payloads(
-        cls,
-        graph: Graph,
-        landscape: Landscape,
-        unfinished: UnfinishedRun,
-        calls: CallSummary,
-        digest: Any,
-        records: AsyncGenerator[SourceRecord, None],
-    ) -> ResumePlan:
-        wanted = {s.output_hash for t in unfinished.pending for s in t.states if s.output_hash}
-        wanted |= {s.input_hash for t in unfinished.pending for s in t.states if s.input_hash}
-        wanted |= {
-            s.output_hash
-            for states in unfinished.parent_states.values()
-            for s in states
-            if s.output_hash
-        }
-        wanted |= {
-            str(route.reason["row_hash"])
-            for t in unfinished.pending
-            for s in t.states
-            for route in s.routes
-            if route.reason and route.reason.get("row_hash")
-        }
-        wanted |= set(unfinished.reusable_calls.values())
-        payloads = await landscape.load_payloads(wanted)
-        answers = {
-            request: payloads[response]
-            for request, response in unfinished.reusable_calls.items()
-            if response in payloads
-        }
-        return cls(graph, unfinished, calls, payloads, digest, answers, records)
+        return cls(graph, unfinished, calls, payloads, source)
 
     # -- putting the run back -------------------------------------------------------------
 
@@ -172,8 +149,8 @@ class ResumePlan:
         recorder = run.recorder
         run.outcomes.update(unfinished.outcomes)
         run.rows_read = run.source_start = unfinished.max_row_index + 1
-        run.source_digest = self._digest
-        run.source_records = self.records
+        run.source_digest = self._source.digest
+        run.source_records = self._source.records
         run.rows = RowTracker(rows_admitted=run.rows_read)
         run.checkpoints.due_at_rows = (
             run.rows_read + self.graph.settings.runtime.checkpoint_every_rows
@@ -386,18 +363,31 @@ def _check_graph(graph: Graph, unfinished: UnfinishedRun) -> None:
 def _raw_hash(raw: Any) -> str:
     """The hash the source node records for a raw record (its ``repr`` if not JSON)."""
     try:
-        return canonical_hash(raw)
+        return hashlib.sha256(canonical_bytes(raw)).hexdigest()
     except CanonicalizationError:
         return canonical_hash(repr(raw))
 
 
-async def _reread_source(
-    graph: Graph, unfinished: UnfinishedRun
-) -> tuple[Any, AsyncGenerator[SourceRecord, None]]:
+def _payloads_needed(unfinished: UnfinishedRun) -> set[str]:
+    """The payloads a resume reads: the rows its tokens go on with, and reusable answers."""
+    states = [s for token in unfinished.pending for s in token.states]
+    states += [s for parent in unfinished.parent_states.values() for s in parent]
+    needed = {h for s in states for h in (s.input_hash, s.output_hash) if h is not None}
+    needed |= {
+        str(route.reason["row_hash"])
+        for s in states
+        for route in s.routes
+        if route.reason and route.reason.get("row_hash")
+    }
+    needed |= set(unfinished.reusable_calls.values())
+    return needed
+
+
+async def _reread_source(graph: Graph, unfinished: UnfinishedRun) -> _SourceReread:
     """Re-read the rows the run read; refuse if any differs from what was recorded.
 
-    Returns the source digest over them (for the run's next checkpoints) and the
-    source's reader, positioned at the first row the run never read.
+    The digest over them goes on in the run's next checkpoints; the reader goes on
+    from the first row the run never read.
     """
     source_spec = next(spec for spec in graph.nodes.values() if spec.kind is NodeKind.SOURCE)
     source = source_spec.plugin
@@ -440,7 +430,7 @@ async def _reread_source(
     except BaseException:
         await records.aclose()
         raise
-    return digest, records
+    return _SourceReread(digest, records)
 
 
 def _source_changed(node_id: str, what: str) -> ResumeError:

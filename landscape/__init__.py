@@ -9,7 +9,13 @@ This package imports neither ``engine`` nor ``plugins``.
 
 from __future__ import annotations
 
-from ._canonical import CanonicalizationError, canonical_hash, canonical_json, sha256_hex
+from ._canonical import (
+    CanonicalizationError,
+    canonical_bytes,
+    canonical_hash,
+    canonical_json,
+    sha256_hex,
+)
 from ._errors import AuditIntegrityError, LandscapeError, LandscapeUnavailable
 from ._outcomes import TERMINAL_OUTCOMES, BatchStatus, NodeStateStatus, Outcome, RunStatus
 from ._recorder import Recorder
@@ -38,6 +44,7 @@ __all__ = [
     "RunStatus",
     "RunSummary",
     "UnfinishedRun",
+    "canonical_bytes",
     "canonical_hash",
     "canonical_json",
     "redact_url",

@@ -99,25 +99,25 @@ async def stop_when_stalled(pipeline: Pipeline, *, force: bool = False) -> RunRe
 
 
 async def test_stop_cancels_work_after_the_drain_timeout_and_resume_finishes_the_run(
-    tmp_path: Path, sqlite_url: str
+    tmp_path: Path, landscape_url: str
 ) -> None:
     rows = [{"i": i} for i in range(60)]
     config = stall_config(rows, tmp_path)
     Stall.stall_at = 20
-    first = await stop_when_stalled(Pipeline.from_dict(config, landscape_url=sqlite_url))
+    first = await stop_when_stalled(Pipeline.from_dict(config, landscape_url=landscape_url))
     assert first.status == "interrupted"
     assert first.rows_processed < 60
-    report = await verified(sqlite_url, first.run_id)
+    report = await verified(landscape_url, first.run_id)
     assert report.watermark == 19  # row 20 hangs; every row before it finished
-    cancelled = await rows_of(sqlite_url, t.node_states, t.node_states.c.status == "cancelled")
+    cancelled = await rows_of(landscape_url, t.node_states, t.node_states.c.status == "cancelled")
     assert [s["node_id"] for s in cancelled] == ["tag"]
-    assert all(s["status"] != "open" for s in await rows_of(sqlite_url, t.node_states))
+    assert all(s["status"] != "open" for s in await rows_of(landscape_url, t.node_states))
     written = [r["i"] for r in read_jsonl(tmp_path / "out.jsonl")]
     assert 20 not in written
     assert len(written) == len(set(written))
 
     Stall.stall_at = None
-    second = await Pipeline.from_dict(config, landscape_url=sqlite_url).resume(first.run_id)
+    second = await Pipeline.from_dict(config, landscape_url=landscape_url).resume(first.run_id)
     assert second.run_id == first.run_id
     assert second.status == "completed"
     assert second.rows_processed == 60
@@ -125,12 +125,12 @@ async def test_stop_cancels_work_after_the_drain_timeout_and_resume_finishes_the
     out = read_jsonl(tmp_path / "out.jsonl")
     assert sorted(r["i"] for r in out) == list(range(60))
     assert all(r["tagged"] == r["i"] * 10 for r in out)
-    await verified(sqlite_url, first.run_id)
+    await verified(landscape_url, first.run_id)
     # The row cancelled by the stop was re-done as a second attempt of the same token.
-    (row20,) = await rows_of(sqlite_url, t.rows, t.rows.c.row_index == 20)
-    (token,) = await rows_of(sqlite_url, t.tokens, t.tokens.c.row_id == row20["row_id"])
+    (row20,) = await rows_of(landscape_url, t.rows, t.rows.c.row_index == 20)
+    (token,) = await rows_of(landscape_url, t.tokens, t.tokens.c.row_id == row20["row_id"])
     states = await rows_of(
-        sqlite_url,
+        landscape_url,
         t.node_states,
         t.node_states.c.token_id == token["token_id"],
         t.node_states.c.node_id == "tag",
@@ -313,11 +313,11 @@ def members_of(out: Path) -> list[list[int]]:
 
 
 async def test_a_flush_cancelled_by_the_stop_is_redone_as_a_new_attempt_of_its_batch(
-    tmp_path: Path, sqlite_url: str
+    tmp_path: Path, landscape_url: str
 ) -> None:
     StallFlush.stall, StallFlush.stalled = True, anyio.Event()
     config = pooled_config([{"i": i} for i in range(10)], tmp_path)
-    pipeline = Pipeline.from_dict(config, landscape_url=sqlite_url)
+    pipeline = Pipeline.from_dict(config, landscape_url=landscape_url)
     results: list[RunResult] = []
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
@@ -330,20 +330,20 @@ async def test_a_flush_cancelled_by_the_stop_is_redone_as_a_new_attempt_of_its_b
             pipeline.stop()
     (first,) = results
     assert first.status == "interrupted"
-    await verified(sqlite_url, first.run_id)
+    await verified(landscape_url, first.run_id)
     StallFlush.stall = False
-    resumed = await Pipeline.from_dict(config, landscape_url=sqlite_url).resume(first.run_id)
+    resumed = await Pipeline.from_dict(config, landscape_url=landscape_url).resume(first.run_id)
     assert resumed.status == "completed"
     # The same batches an uninterrupted run makes.
     assert members_of(tmp_path) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    batches = await rows_of(sqlite_url, t.batches)
+    batches = await rows_of(landscape_url, t.batches)
     assert sorted((b["attempt"], b["status"], b["trigger_reason"]) for b in batches) == [
         (1, "completed", "count"),
         (1, "completed", "end_of_source"),
         (1, "failed", "count"),
         (2, "completed", "count"),
     ]
-    await verified(sqlite_url, first.run_id)
+    await verified(landscape_url, first.run_id)
 
 
 async def test_a_draft_batch_held_at_a_forced_stop_is_restored_with_its_members(

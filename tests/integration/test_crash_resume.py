@@ -310,3 +310,47 @@ async def test_sigint_stops_gracefully_and_resume_completes_the_run(
         for member in json.loads(line)["members"]
     )
     assert members == expected_members
+
+
+@pytest.mark.timeout(300)
+async def test_a_second_sigint_cancels_in_flight_calls_at_once(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    async with MockLlmServer(MockSettings(seed=7, latency=FixedLatency(60.0)), port=0) as slow:
+        port = slow.port
+        pipeline = write_pipeline(tmp_path, slow.base_url)
+        env = {**os.environ, "NO_COLOR": "1"}
+        process = await anyio.open_process(
+            cli_command("run", str(pipeline), "--no-progress"), cwd=tmp_path, env=env
+        )
+        with anyio.fail_after(60):
+            await slow.wait_in_flight(8)
+        process.send_signal(signal.SIGINT)
+        await anyio.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        # Far below both the answers' 60 s and the 10 s drain timeout.
+        with anyio.fail_after(8):
+            code = await process.wait()
+        assert process.stdout is not None
+        output = b"".join([chunk async for chunk in process.stdout]).decode()
+        await process.aclose()
+    assert code == EXIT_INTERRUPTED, output
+    run_id = run_id_of(output)
+    with sqlite3.connect(tmp_path / "audit.db") as conn:
+        cancelled = conn.execute(
+            "SELECT COUNT(*) FROM node_states WHERE node_id = 'classify' AND status = 'cancelled'"
+        ).fetchone()[0]
+        (open_states,) = conn.execute(
+            "SELECT COUNT(*) FROM node_states WHERE status = 'open'"
+        ).fetchone()
+    assert cancelled == 8
+    assert open_states == 0
+    await check_audit(tmp_path, run_id)
+    # The endpoint answers promptly again (same address): the resume re-does the 8 rows.
+    fast = MockLlmServer(MockSettings(seed=7, latency=FixedLatency(0.02)), port=port)
+    async with fast:
+        code, output = await run_cli(tmp_path, "resume", run_id, "--pipeline", str(pipeline))
+    assert code == 0, output
+    await check_audit(tmp_path, run_id)
+    expected, _ = await reference(tmp_path_factory)
+    assert outputs(tmp_path) == expected
