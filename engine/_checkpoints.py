@@ -3,8 +3,9 @@
 A checkpoint is queued behind every audit record made before it, and the writer
 commits records in the order they were queued, so a committed checkpoint never
 claims more than the Landscape holds.  It records the watermark (see
-:mod:`engine._watermark`), how many source rows were read and a digest of them (so a
-resume can tell that the source changed), each sink's write count, and how many
+:mod:`engine._watermark`), how many source rows were read and where the source stands
+after them — a position it can seek to, or a digest of the rows (either way a resume
+can tell that the source changed), each sink's write count, and how many
 batches and joins the aggregations and coalesces hold.
 """
 
@@ -62,7 +63,6 @@ class Checkpointer:
         state: dict[str, Any] = {
             "reason": reason,
             "rows_read": run.rows_read,
-            "source_digest": run.source_digest.hexdigest(),
             "rows_in_flight": run.rows.rows_in_flight,
             "sink_writes": dict(run.sink_writes),
             # Draft batches and pending joins per node (a resume restores them from
@@ -73,5 +73,9 @@ class Checkpointer:
                 if stats.kind in _HOLDING and stats.in_flight
             },
         }
+        if run.source_position is not None:
+            state["source_position"] = run.source_position.to_json()
+        elif run.source_digest is not None:
+            state["source_digest"] = run.source_digest.hexdigest()
         run.recorder.checkpoint(watermark_row_index=watermark, state=state)
         self.written += 1

@@ -47,10 +47,10 @@ from ._tokens import Token
 from ._watermark import RowTracker
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator
+    from collections.abc import AsyncGenerator, Mapping
 
     from landscape import Landscape, PendingToken, RecordedState, UnfinishedRun
-    from plugins import Sink, SourceRecord
+    from plugins import Sink, SourcePosition, SourceRecord
 
     from ._graph import Graph, Route
     from ._run_context import RunContext
@@ -84,6 +84,8 @@ class _SourceReread:
 
     digest: Any
     records: AsyncGenerator[SourceRecord, None]
+    #: Where the source stands after the last row the run read, if it can say.
+    position: SourcePosition | None
 
 
 class ResumePlan:
@@ -151,6 +153,7 @@ class ResumePlan:
         run.rows_read = run.source_start = unfinished.max_row_index + 1
         run.source_digest = self._source.digest
         run.source_records = self._source.records
+        run.source_position = self._source.position
         run.rows = RowTracker(rows_admitted=run.rows_read)
         run.checkpoints.due_at_rows = (
             run.rows_read + self.graph.settings.runtime.checkpoint_every_rows
@@ -384,53 +387,75 @@ def _payloads_needed(unfinished: UnfinishedRun) -> set[str]:
 
 
 async def _reread_source(graph: Graph, unfinished: UnfinishedRun) -> _SourceReread:
-    """Re-read the rows the run read; refuse if any differs from what was recorded.
+    """Check that the source still holds the rows the run read; refuse if not.
 
-    The digest over them goes on in the run's next checkpoints; the reader goes on
-    from the first row the run never read.
+    A source that can seek checks its bytes up to the checkpoint's position itself and
+    reads on from there; any other source is read again from its start, each row hashed
+    into the digest the checkpoint recorded.  Rows read after the checkpoint are compared
+    one by one with their recorded hashes.  The reader then goes on from the first row
+    the run never read.
     """
     source_spec = next(spec for spec in graph.nodes.values() if spec.kind is NodeKind.SOURCE)
-    source = source_spec.plugin
+    node_id, source = source_spec.node_id, source_spec.plugin
     assert isinstance(source, Source)
     rows = getattr(source.options, "rows", None)
     if rows is not None and iter(rows) is rows:
         raise ResumeError(
-            f"source '{source_spec.node_id}' reads a one-shot iterator, which cannot be read "
-            "again to resume; pass a re-iterable (such as a list)"
+            f"source '{node_id}' reads a one-shot iterator, which cannot be read again to "
+            "resume; pass a re-iterable (such as a list)"
         )
     checkpoint = unfinished.checkpoint_state or {}
     rows_read = int(checkpoint.get("rows_read", 0))
+    position = checkpoint.get("source_position")
     expected_digest = checkpoint.get("source_digest")
+    digest: Any = None
+    if position is not None:
+        problem = await source.check_position(position)
+        if problem is not None:
+            raise _source_changed(node_id, problem)
+        records = source.read(start_index=rows_read, resume_from=position)
+        index = rows_read - 1
+        last_position: SourcePosition | None = _Recorded(position)
+    else:
+        records = source.read(start_index=0)
+        digest = hashlib.sha256()
+        index = -1
+        last_position = None
     after = dict(unfinished.rows_after_checkpoint)
     last = unfinished.max_row_index
-    digest = hashlib.sha256()
-    records = source.read(start_index=0)
     try:
-        index = -1
         while index < last:
             try:
                 record = await anext(records)
             except StopAsyncIteration:
                 raise _source_changed(
-                    source_spec.node_id, f"it now has {index + 1} rows, the run read {last + 1}"
+                    node_id, f"it now has {index + 1} rows, the run read {last + 1}"
                 ) from None
             index += 1
+            last_position = record.position
             raw_hash = _raw_hash(record.raw)
-            digest.update(raw_hash.encode())
-            at_checkpoint = index + 1 == rows_read and expected_digest is not None
-            if at_checkpoint and digest.hexdigest() != expected_digest:
-                raise _source_changed(
-                    source_spec.node_id, f"rows 0-{index} differ from the recorded rows"
-                )
+            if digest is not None:
+                digest.update(raw_hash.encode())
+                at_checkpoint = index + 1 == rows_read and expected_digest is not None
+                if at_checkpoint and digest.hexdigest() != expected_digest:
+                    raise _source_changed(node_id, f"rows 0-{index} differ from the recorded rows")
             recorded = after.get(index)
             if recorded is not None and recorded != raw_hash:
-                raise _source_changed(
-                    source_spec.node_id, f"row {index} differs from the recorded row"
-                )
+                raise _source_changed(node_id, f"row {index} differs from the recorded row")
     except BaseException:
         await records.aclose()
         raise
-    return _SourceReread(digest, records)
+    return _SourceReread(digest, records, last_position)
+
+
+@dataclass(frozen=True, slots=True)
+class _Recorded:
+    """A source position as a checkpoint recorded it."""
+
+    data: Mapping[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.data)
 
 
 def _source_changed(node_id: str, what: str) -> ResumeError:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Mapping
 
     from landscape import Recorder
-    from plugins import CallLog, ExternalCall, SourceRecord
+    from plugins import CallLog, ExternalCall, SourcePosition, SourceRecord
 
     from ._clock import Clock
     from ._forks import JoinListener
@@ -81,8 +81,11 @@ class RunContext:
         self.stop_reason: str | None = None
         self.outcomes: Counter[str] = Counter()
         self.rows_read = 0
-        #: SHA-256 over the raw hashes of the rows read, in order (a resume checks it).
-        self.source_digest = hashlib.sha256()
+        #: Where the source stands after the last row read (for sources that can seek),
+        #: and a SHA-256 over the raw hashes of the rows read, in order: what a resume
+        #: checks the source against (``None`` when a resume went on from a position).
+        self.source_position: SourcePosition | None = None
+        self.source_digest: Any = hashlib.sha256()
         #: Live tokens per row: what the watermark of a checkpoint is computed from.
         self.rows = RowTracker()
         #: Token -> the open batch a resume puts it back into (emptied as they arrive).

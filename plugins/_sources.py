@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import json
 import re
 from collections import Counter, deque
@@ -26,9 +27,10 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar
 
 import anyio
 import anyio.lowlevel
@@ -139,6 +141,11 @@ def _skip(records: Iterator[SourceRecord], count: int) -> None:
 
 def _take(records: Iterator[SourceRecord], count: int) -> list[SourceRecord]:
     return list(islice(records, count))
+
+
+def _no_position(source: Source, resume_from: Mapping[str, Any] | None) -> None:
+    if resume_from is not None:
+        raise SourceError(f"a {source.name} source cannot resume from a position")
 
 
 def _check_start(start_index: int) -> int:
@@ -295,7 +302,10 @@ class CsvSource(Source):
     Options: ClassVar[type[BaseModel] | None] = CsvSourceOptions
     options: CsvSourceOptions
 
-    def read(self, *, start_index: int = 0) -> AsyncGenerator[SourceRecord, None]:
+    def read(
+        self, *, start_index: int = 0, resume_from: Mapping[str, Any] | None = None
+    ) -> AsyncGenerator[SourceRecord, None]:
+        _no_position(self, resume_from)
         path = self.setup.resolve(self.options.path)
         return _stream(_csv_records(path, self.options), _check_start(start_index))
 
@@ -303,34 +313,92 @@ class CsvSource(Source):
 # -- jsonl --------------------------------------------------------------------------------
 
 
-def _jsonl_record(line: bytes, number: int) -> SourceRecord:
+def _jsonl_record(line: bytes, number: int, position: _LinePosition) -> SourceRecord:
     """The record of one non-blank line: a JSON object, else a malformed record."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
         raw = line.decode("utf-8", "backslashreplace").rstrip("\r\n")
         bad_byte = line[exc.start]
-        return _bad(raw, f"line {number}: invalid utf-8 (undecodable byte 0x{bad_byte:02x})")
+        error = f"line {number}: invalid utf-8 (undecodable byte 0x{bad_byte:02x})"
+        return SourceRecord(None, raw, error, position)
     try:
         value = json.loads(text, parse_constant=_reject_constant)
     except ValueError as exc:
-        return _bad(text.rstrip("\r\n"), f"line {number}: invalid JSON: {exc}")
+        return SourceRecord(
+            None, text.rstrip("\r\n"), f"line {number}: invalid JSON: {exc}", position
+        )
     if type(value) is not dict:
-        return _bad(value, f"line {number}: expected a JSON object, got {_json_type(value)}")
-    return SourceRecord(row=value, raw=value)
+        error = f"line {number}: expected a JSON object, got {_json_type(value)}"
+        return SourceRecord(None, value, error, position)
+    return SourceRecord(row=value, raw=value, position=position)
 
 
-def _jsonl_records(path: Path) -> Records:
-    """The records of a JSON Lines file, one per non-blank line."""
+@dataclass(frozen=True, slots=True)
+class _LinePosition:
+    """Just after a line of a file: its byte offset, its line number, and the SHA-256 of
+    the bytes before it (a running hash, copied; hex-digested only when recorded)."""
+
+    offset: int
+    line: int
+    prefix: Any = field(compare=False)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> _LinePosition:
+        return cls(int(data["offset"]), int(data["line"]), str(data["sha256"]))
+
+    def to_json(self) -> dict[str, Any]:
+        digest = self.prefix if isinstance(self.prefix, str) else self.prefix.hexdigest()
+        return {"offset": self.offset, "line": self.line, "sha256": digest}
+
+    def check_prefix(self, path: Path) -> str | None:
+        """Why ``path``'s first ``offset`` bytes are not the ones hashed, or ``None``."""
+        try:
+            with open(path, "rb") as file:
+                digest = _hash_bytes(file, self.offset)
+        except OSError as exc:
+            return f"cannot read {path}: {exc.strerror or exc}"
+        if digest is None:
+            return f"{path.name} is now shorter than the {self.offset} bytes read"
+        if digest.hexdigest() != self.to_json()["sha256"]:
+            return f"the first {self.line} lines of {path.name} are not the ones read"
+        return None
+
+
+_START = _LinePosition(0, 0, None)
+
+
+def _hash_bytes(file: IO[bytes], count: int) -> Any:
+    """SHA-256 of the next ``count`` bytes of ``file`` (``None`` if it has fewer)."""
+    digest = hashlib.sha256()
+    while count:
+        chunk = file.read(min(count, 1 << 20))
+        if not chunk:
+            return None
+        digest.update(chunk)
+        count -= len(chunk)
+    return digest
+
+
+def _jsonl_records(path: Path, start: _LinePosition) -> Records:
+    """The records of a JSON Lines file after ``start``, one per non-blank line, each
+    with its position."""
     try:
         file = open(path, "rb")  # noqa: SIM115
     except OSError as exc:
         raise _cannot_open(path, exc) from exc
     with file:
-        for number, line in enumerate(file, start=1):
+        digest = _hash_bytes(file, start.offset) if start.offset else hashlib.sha256()
+        if digest is None:
+            raise SourceError(f"{path} is shorter than the position resumed from")
+        offset, number = start.offset, start.line
+        for line in file:
+            number += 1
+            offset += len(line)
+            digest.update(line)
             data = line.removeprefix(codecs.BOM_UTF8) if number == 1 else line
             if data.strip():
-                yield _jsonl_record(data, number)
+                yield _jsonl_record(data, number, _LinePosition(offset, number, digest.copy()))
 
 
 class JsonlSource(Source):
@@ -344,9 +412,20 @@ class JsonlSource(Source):
     Options: ClassVar[type[BaseModel] | None] = JsonlSourceOptions
     options: JsonlSourceOptions
 
-    def read(self, *, start_index: int = 0) -> AsyncGenerator[SourceRecord, None]:
+    def read(
+        self, *, start_index: int = 0, resume_from: Mapping[str, Any] | None = None
+    ) -> AsyncGenerator[SourceRecord, None]:
+        """The file's records; with ``resume_from``, from the byte offset it names on."""
         path = self.setup.resolve(self.options.path)
-        return _stream(_jsonl_records(path), _check_start(start_index))
+        if resume_from is None:
+            return _stream(_jsonl_records(path, _START), _check_start(start_index))
+        return _stream(_jsonl_records(path, _LinePosition.from_json(resume_from)), 0)
+
+    async def check_position(self, position: Mapping[str, Any]) -> str | None:
+        """Whether the file's bytes before ``position`` are still the ones read then."""
+        path = self.setup.resolve(self.options.path)
+        at = _LinePosition.from_json(position)
+        return await anyio.to_thread.run_sync(at.check_prefix, path)
 
 
 # -- json ---------------------------------------------------------------------------------
@@ -400,7 +479,10 @@ class JsonSource(Source):
     Options: ClassVar[type[BaseModel] | None] = JsonSourceOptions
     options: JsonSourceOptions
 
-    def read(self, *, start_index: int = 0) -> AsyncGenerator[SourceRecord, None]:
+    def read(
+        self, *, start_index: int = 0, resume_from: Mapping[str, Any] | None = None
+    ) -> AsyncGenerator[SourceRecord, None]:
+        _no_position(self, resume_from)
         path = self.setup.resolve(self.options.path)
         records = _json_records(path, self.options.data_key)
         return _stream(records, _check_start(start_index))
@@ -450,7 +532,10 @@ class MemorySource(Source):
     Options: ClassVar[type[BaseModel] | None] = MemorySourceOptions
     options: MemorySourceOptions
 
-    def read(self, *, start_index: int = 0) -> AsyncGenerator[SourceRecord, None]:
+    def read(
+        self, *, start_index: int = 0, resume_from: Mapping[str, Any] | None = None
+    ) -> AsyncGenerator[SourceRecord, None]:
+        _no_position(self, resume_from)
         rows = self.options.rows
         start = _check_start(start_index)
         if isinstance(rows, AsyncIterable):

@@ -41,6 +41,7 @@ __all__ = [
     "SinkItem",
     "SinkRejection",
     "Source",
+    "SourcePosition",
     "SourceRecord",
     "Transform",
     "TransformResult",
@@ -220,6 +221,17 @@ class SourceRecord:
     row: Row | None
     raw: Any
     error: str | None = None
+    #: Where reading can pick up right after this record, for sources that can seek
+    #: (see :meth:`Source.read`); ``None`` otherwise.
+    position: SourcePosition | None = None
+
+
+class SourcePosition(Protocol):
+    """A place in a source just after one record (a file offset, say)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The position as JSON (recorded in checkpoints, handed back to ``read``)."""
+        ...
 
 
 class Source(Plugin):
@@ -227,9 +239,21 @@ class Source(Plugin):
 
     determinism: ClassVar[Determinism] = Determinism.IO_READ
 
-    def read(self, *, start_index: int = 0) -> AsyncGenerator[SourceRecord, None]:
-        """Yield the records from ``start_index`` (0-based) on, in source order."""
+    def read(
+        self, *, start_index: int = 0, resume_from: Mapping[str, Any] | None = None
+    ) -> AsyncGenerator[SourceRecord, None]:
+        """Yield the records from ``start_index`` (0-based) on, in source order.
+
+        ``resume_from`` is the JSON of the position of record ``start_index - 1`` (from
+        an earlier read of this source): reading then starts right there, without
+        reading what comes before.  Only sources whose records carry positions get one.
+        """
         raise NotImplementedError
+
+    async def check_position(self, position: Mapping[str, Any]) -> str | None:
+        """Why reading cannot resume from ``position`` — what came before it is no longer
+        what was read — or ``None`` when it can."""
+        return f"a {self.name} source cannot resume from a position"
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,9 +64,12 @@ class SourceNode(NodeTask):
         started = time.time()
         self.stats.received += 1
         raw, raw_hash, error = self._store_raw(record)
-        # Read together by checkpoints: both change here, before the row can wait anywhere.
-        self.run_ctx.source_digest.update(raw_hash.encode())
-        self.run_ctx.rows_read = index + 1
+        # Read together by checkpoints: all change here, before the row can wait anywhere.
+        run = self.run_ctx
+        if run.source_digest is not None:
+            run.source_digest.update(raw_hash.encode())
+        run.source_position = record.position
+        run.rows_read = index + 1
         row_id = f"{self.row_prefix}{index}"
         token = Token(source_token_id(row_id), row_id, index, {}, raw_hash, step=0)
         self.recorder.source_row(

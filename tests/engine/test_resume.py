@@ -366,3 +366,38 @@ async def test_a_draft_batch_held_at_a_forced_stop_is_restored_with_its_members(
     assert len(batches) == 3
     assert drafts[0]["batch_id"] in {b["batch_id"] for b in batches if b["status"] == "completed"}
     await verified(sqlite_url, first.run_id)
+
+
+def jsonl_stall_config(data: Path, out: Path) -> dict[str, Any]:
+    config = stall_config([], out)
+    config["source"] = {"plugin": "jsonl", "options": {"path": str(data)}, "on_success": "tag"}
+    return config
+
+
+async def test_a_file_source_resumes_from_its_recorded_position_and_notices_edits(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(60)))
+    config = jsonl_stall_config(data, tmp_path)
+    Stall.stall_at = 30
+    first = await stop_when_stalled(Pipeline.from_dict(config, landscape_url=sqlite_url))
+    (checkpoint, *_) = await rows_of(
+        sqlite_url, t.checkpoints, t.checkpoints.c.state_json.like('%"reason":"interrupted"%')
+    )
+    state = json.loads(checkpoint["state_json"])
+    assert state["source_position"]["line"] == state["rows_read"]
+    assert "source_digest" not in state
+    Stall.stall_at = None
+    lines = data.read_text().splitlines(keepends=True)
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join([lines[0], json.dumps({"i": 1, "edited": True}) + "\n", *lines[2:]]))
+    data.rename(tmp_path / "original.jsonl")
+    edited.rename(data)
+    with pytest.raises(ResumeError, match=r"lines of data\.jsonl are not the ones read"):
+        await Pipeline.from_dict(config, landscape_url=sqlite_url).resume(first.run_id)
+    (tmp_path / "original.jsonl").replace(data)
+    resumed = await Pipeline.from_dict(config, landscape_url=sqlite_url).resume(first.run_id)
+    assert resumed.outcomes == {"completed": 60}
+    assert sorted(r["i"] for r in read_jsonl(tmp_path / "out.jsonl")) == list(range(60))
+    await verified(sqlite_url, first.run_id)

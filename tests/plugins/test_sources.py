@@ -322,6 +322,56 @@ async def test_jsonl_resume_skips_records_counting_malformed_ones(setup: PluginS
         assert await read_all(jsonl_source(setup), start_index=start) == everything[start:]
 
 
+async def test_jsonl_reads_on_from_a_recorded_position_without_reading_before_it(
+    setup: PluginSetup,
+) -> None:
+    write(setup, "data.jsonl", b'{"i": 0}\n[]\n\n{"i": 2}\nbroken\n{"i": 4}\n')
+    everything = await read_all(jsonl_source(setup))
+    for index, record in enumerate(everything):
+        assert record.position is not None
+        position = record.position.to_json()
+        source = jsonl_source(setup)
+        assert await source.check_position(position) is None
+        async with (
+            source,
+            aclosing(
+                generator(source.read(start_index=index + 1, resume_from=position))
+            ) as records,
+        ):
+            rest = [r async for r in records]
+        assert rest == everything[index + 1 :]
+        # Line numbers in errors go on counting from the position.
+        assert errors(rest) == errors(everything[index + 1 :])
+
+
+async def test_jsonl_position_check_notices_a_changed_or_shortened_file(
+    setup: PluginSetup,
+) -> None:
+    write(setup, "data.jsonl", b'{"i": 0}\n{"i": 1}\n{"i": 2}\n')
+    third = (await read_all(jsonl_source(setup)))[1].position
+    assert third is not None
+    position = third.to_json()
+    write(setup, "data.jsonl", b'{"i": 0}\n{"i": 9}\n{"i": 2}\n')
+    problem = await jsonl_source(setup).check_position(position)
+    assert problem == "the first 2 lines of data.jsonl are not the ones read"
+    write(setup, "data.jsonl", b'{"i": 0}\n')
+    problem = await jsonl_source(setup).check_position(position)
+    assert problem == f"data.jsonl is now shorter than the {position['offset']} bytes read"
+    # Appending to the file is fine: what was read is unchanged.
+    write(setup, "data.jsonl", b'{"i": 0}\n{"i": 1}\n{"i": 2}\n{"i": 3}\n')
+    assert await jsonl_source(setup).check_position(position) is None
+
+
+async def test_sources_without_positions_refuse_one(setup: PluginSetup) -> None:
+    write(setup, "data.csv", b"a\n1\n")
+    source = csv_source(setup)
+    assert (
+        await source.check_position({"offset": 2}) == "a csv source cannot resume from a position"
+    )
+    with pytest.raises(SourceError, match="cannot resume from a position"):
+        source.read(resume_from={"offset": 2})
+
+
 # -- json ---------------------------------------------------------------------------------
 
 
