@@ -404,27 +404,33 @@ class Pipeline:
                 if on_progress is not None:
                     outer.start_soon(self._report_progress, on_progress, progress_interval)
                 outer.start_soon(run.checkpoints.run)
-                with anyio.CancelScope() as nodes_scope:
-                    outer.start_soon(self._enforce_drain, run, nodes_scope)
-                    async with anyio.create_task_group() as nodes:
-                        for task in tasks:
-                            nodes.start_soon(task.run_task, name=f"node:{task.node_id}")
-                        if resume is not None:
-                            nodes.start_soon(resume.reenter, run, reentry)
+                outer.start_soon(self._enforce_drain, run, tasks)
+                async with anyio.create_task_group() as nodes:
+                    for task in tasks:
+                        nodes.start_soon(task.run_task, name=f"node:{task.node_id}")
+                    if resume is not None:
+                        nodes.start_soon(resume.reenter, run, reentry)
                 outer.cancel_scope.cancel()
         if on_progress is not None:
             final = self.statistics()
             if final is not None:
                 on_progress(final)
 
-    async def _enforce_drain(self, run: RunContext, nodes: anyio.CancelScope) -> None:
+    async def _enforce_drain(self, run: RunContext, tasks: list[NodeTask]) -> None:
         """Once a stop is requested, give the nodes the drain timeout (unless forced),
-        then cancel what still runs."""
+        then cancel what still works.  Sinks are cancelled last: they first write what
+        reached them (their inputs end as the nodes before them stop), and get another
+        drain timeout for it."""
+        timeout = self.settings.runtime.drain_timeout_seconds
         await run.stop_requested.wait()
-        with anyio.move_on_after(self.settings.runtime.drain_timeout_seconds):
+        with anyio.move_on_after(timeout):
             await run.force_requested.wait()
-        run.drain_expired = True
-        nodes.cancel()
+        for task in tasks:
+            if task.spec.kind is not NodeKind.SINK:
+                task.cancel()
+        await anyio.sleep(timeout)
+        for task in tasks:
+            task.cancel()
 
     def _wire(self, run: RunContext) -> tuple[list[NodeTask], Outbox]:
         """One bounded stream per consuming node; each producer gets a clone of its send end.

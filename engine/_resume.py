@@ -205,6 +205,8 @@ class ResumePlan:
             self._reopen_forks(run, reentries)
             senders: dict[str, NodeTask] = {}
             for entry in reentries:
+                if run.stop_requested.is_set():
+                    break  # the rest stay as they are for the next resume
                 sender = senders.get(entry.via)
                 if sender is None:
                     spec = self.graph.nodes[entry.via]

@@ -104,8 +104,6 @@ class RunContext:
         self.stop_requested = anyio.Event()
         #: Set to cancel in-flight work now (a second signal) rather than after the drain.
         self.force_requested = anyio.Event()
-        #: Whether in-flight work was cancelled (the drain timed out or was cut short).
-        self.drain_expired = False
         self.stats = {
             node_id: NodeStats(node_id, spec.kind) for node_id, spec in graph.nodes.items()
         }

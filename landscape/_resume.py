@@ -56,6 +56,7 @@ class RecordedState:
     status: str
     step: int
     attempt: int
+    started_at: float
     input_hash: str | None
     output_hash: str | None
     context: dict[str, Any] | None
@@ -187,14 +188,12 @@ async def load_unfinished(conn: AsyncConnection, run_id: str) -> UnfinishedRun |
         pending=pending,
         parent_states=parent_states,
         open_batches=await _open_batches(conn, run_id),
+        # A state left open belongs to a token that never got further: a pending one.
         open_states=[
-            (str(s), float(a))
-            for s, a in await conn.execute(
-                select(t.node_states.c.state_id, t.node_states.c.started_at).where(
-                    t.node_states.c.run_id == run_id,
-                    t.node_states.c.status == NodeStateStatus.OPEN.value,
-                )
-            )
+            (s.state_id, s.started_at)
+            for token in pending
+            for s in token.states
+            if s.status == NodeStateStatus.OPEN.value
         ],
         sink_positions=await _sink_positions(conn, run_id),
         reusable_calls=await _reusable_calls(conn, run_id),
@@ -272,6 +271,7 @@ async def _states_of(
                     status=row.status,
                     step=int(row.step_index or 0),
                     attempt=int(row.attempt),
+                    started_at=float(row.started_at),
                     input_hash=row.input_hash,
                     output_hash=row.output_hash,
                     context=_loads(row.context_json),

@@ -7,6 +7,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any, Final
 
+import anyio
 from anyio import EndOfStream
 
 from landscape import NodeStateStatus, Outcome
@@ -53,19 +54,26 @@ class NodeTask:
         self.stats: NodeStats = run.stats[spec.node_id]
         self._waiting: CancelScope | None = None
         self._woken = False
+        self._scope = anyio.CancelScope()
 
     @property
     def node_id(self) -> str:
         return self.spec.node_id
 
     async def run_task(self) -> None:
-        """Run the node, then close its streams whatever happened."""
+        """Run the node (until :meth:`cancel`), then close its streams whatever happened."""
         try:
-            await self.run()
+            with self._scope:
+                await self.run()
         finally:
             if self.inbox is not None:
                 self.inbox.close()
             self.outbox.close()
+
+    def cancel(self) -> None:
+        """Cancel the node's work (a stop's drain timeout ran out): the nodes after it
+        see its output end."""
+        self._scope.cancel()
 
     async def run(self) -> None:
         """Process the inbox until end of input (the streams are closed by the caller)."""
@@ -123,7 +131,13 @@ class NodeTask:
             assert token.branch is not None
             token.fork.leave(token.branch, lost=True)
             token.fork = None
-        await self.outbox.send(route.target, token)
+        try:
+            await self.outbox.send(route.target, token)
+        except anyio.BrokenResourceError:
+            if not self.run_ctx.stop_requested.is_set():
+                raise
+            # The node it goes to was cancelled by the stop: the token stays where its
+            # records leave it, and a resume sends it on.
 
     async def fail_row(
         self,
