@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
+import plugins.llm as llm
 from landscape import canonical_hash
 from plugins import (
     Aggregation,
@@ -32,7 +33,6 @@ from plugins import (
     resolve_plugin,
 )
 from plugins.expressions import Expression, ExpressionSyntaxError, compile_expression
-from plugins.llm import Endpoint
 
 from ._config import (
     AggregationSettings,
@@ -202,6 +202,15 @@ def _plugin_label(cls: type) -> str:
     return name if isinstance(name, str) and name else f"{cls.__module__}:{cls.__qualname__}"
 
 
+def _endpoints(settings: PipelineSettings, base_dir: Path) -> dict[str, Any]:
+    """The clients of the configured endpoints (with none, the HTTP client is not loaded)."""
+    # `llm.Endpoint` loads the HTTP client on first use (plugins.llm is a lazy package).
+    return {
+        name: llm.Endpoint(name, endpoint, base_dir)
+        for name, endpoint in settings.endpoints.items()
+    }
+
+
 class _Builder:
     """Collects every problem instead of stopping at the first."""
 
@@ -209,10 +218,7 @@ class _Builder:
         self.settings = settings
         self.base_dir = base_dir
         self.issues: list[ConfigIssue] = []
-        self.endpoints = {
-            name: Endpoint(name, endpoint, base_dir)
-            for name, endpoint in settings.endpoints.items()
-        }
+        self.endpoints = _endpoints(settings, base_dir)
         self.consumers: dict[str, str] = {}
         #: Connection -> the coalesce branch it is, for a coalesce's branch connections.
         self.inlets: dict[str, str] = {}

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, TypeAlias
 import anyio
 from rich.console import Console
 
+import plugins.llm as llm
 from landscape import DEFAULT_URL, Landscape, LandscapeError
 from landscape._lineage import LineageNotFound
 from landscape._verify import RunNotFound
-from plugins.llm import serve, settings_from_options
 
 from ._errors import ConfigError, LedgerflowError, RunFailed
 from ._pipeline import Pipeline, RunResult
@@ -303,12 +303,13 @@ async def _verify(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 async def _mock_llm(args: argparse.Namespace, out: Console, err: Console) -> int:
-    settings = settings_from_options(
+    # plugins.llm loads the mock server (and aiohttp) on first use of its names.
+    settings = llm.settings_from_options(
         latency_ms=args.latency_ms, error_rate=args.error_rate, seed=args.seed
     )
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with anyio.create_task_group() as tg:
-            await tg.start(serve, settings, "127.0.0.1", args.port)
+            await tg.start(llm.serve, settings, "127.0.0.1", args.port)
             async for _ in signals:
                 tg.cancel_scope.cancel()
                 break

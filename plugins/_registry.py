@@ -25,7 +25,6 @@ from plugins._transforms import (
     FilterTransform,
     PassthroughTransform,
 )
-from plugins.llm import EmbeddingTransform, LlmTransform
 from plugins.protocols import Aggregation, Plugin, Sink, Source, Transform
 
 __all__ = [
@@ -46,6 +45,14 @@ _BASES: dict[str, type[Plugin]] = {
     "sink": Sink,
 }
 _ENTRIES: dict[str, dict[str, type[Plugin]]] = {kind: {} for kind in _BASES}
+
+#: Built-ins registered on first use (their modules are slow to import).
+_DEFERRED: dict[str, dict[str, str]] = {
+    "transform": {
+        "llm": "plugins.llm:LlmTransform",
+        "embedding": "plugins.llm:EmbeddingTransform",
+    }
+}
 
 
 class PluginNotFound(LookupError):
@@ -75,6 +82,7 @@ def register_plugin(kind: str, cls: type[P], *, name: str | None = None) -> type
     if not (inspect.isclass(cls) and issubclass(cls, base)):
         raise TypeError(f"{cls!r} is not a {base.__name__} subclass")
     entries = _ENTRIES[kind]
+    _DEFERRED.get(kind, {}).pop(entry, None)  # a name registered now wins over a built-in
     if entries.get(entry, cls) is not cls:
         raise ValueError(f"{kind} plugin {entry!r} is already registered as {entries[entry]!r}")
     entries[entry] = cls
@@ -89,7 +97,7 @@ def known_kinds() -> list[str]:
 def known_plugins(kind: str) -> list[str]:
     """The entry names registered for ``kind``, sorted."""
     _base(kind)
-    return sorted(_ENTRIES[kind])
+    return sorted({*_ENTRIES[kind], *_DEFERRED.get(kind, {})})
 
 
 @overload
@@ -130,6 +138,12 @@ def _base(kind: str) -> type[Plugin]:
 
 
 def _entry(kind: str, name: str) -> type[Plugin]:
+    deferred = _DEFERRED.get(kind, {}).pop(name, None)
+    if deferred is not None:
+        found = _import(kind, deferred)
+        assert inspect.isclass(found)
+        assert issubclass(found, Plugin)
+        register_plugin(kind, found, name=name)
     try:
         return _ENTRIES[kind][name]
     except KeyError:
@@ -171,8 +185,6 @@ _BUILTINS: tuple[tuple[str, type[Plugin]], ...] = (
     ("transform", ComputeTransform),
     ("transform", FilterTransform),
     ("transform", PassthroughTransform),
-    ("transform", LlmTransform),
-    ("transform", EmbeddingTransform),
     ("aggregation", BatchStatsAggregation),
     ("aggregation", CollectAggregation),
     ("sink", CsvSink),

@@ -1,0 +1,76 @@
+"""How an LLM endpoint is configured: the ``endpoints:`` section of a pipeline.
+
+Kept apart from the client (``_endpoint.py``) so that reading a pipeline file does not
+import the HTTP stack.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["BackoffSettings", "BreakerSettings", "EndpointSettings", "ModelPrice", "Provider"]
+
+Provider = Literal["openai", "azure_openai", "openrouter"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackoffSettings(_Model):
+    initial_seconds: float = Field(0.5, gt=0, description="First retry delay (then doubling).")
+    max_seconds: float = Field(30.0, gt=0, description="Longest delay between attempts.")
+
+
+class BreakerSettings(_Model):
+    failure_threshold: int = Field(10, ge=1, description="Consecutive failures that open it.")
+    reset_seconds: float = Field(30.0, gt=0, description="How long it stays open.")
+
+
+class ModelPrice(_Model):
+    input_per_1k: float = Field(0.0, ge=0, description="Price of 1,000 prompt tokens.")
+    output_per_1k: float = Field(0.0, ge=0, description="Price of 1,000 completion tokens.")
+
+
+class EndpointSettings(_Model):
+    """One OpenAI-compatible endpoint, shared by every LLM node that names it."""
+
+    provider: Provider = Field("openai", description="openai | azure_openai | openrouter.")
+    base_url: str | None = Field(
+        None, description="API base URL, e.g. http://127.0.0.1:8000/v1 (openai, openrouter)."
+    )
+    endpoint: str | None = Field(
+        None, description="azure_openai: the resource URL, e.g. https://x.openai.azure.com."
+    )
+    deployment: str | None = Field(None, description="azure_openai: the deployment name.")
+    api_version: str | None = Field(None, description="azure_openai: the api-version.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the key.")
+    api_key_file: str | None = Field(None, description="A secrets file holding the key.")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra headers (openrouter: HTTP-Referer, X-Title)."
+    )
+    max_in_flight: int = Field(64, ge=1, description="Requests at once, across all its nodes.")
+    requests_per_minute: int | None = Field(None, ge=1, description="Request rate limit.")
+    tokens_per_minute: int | None = Field(None, ge=1, description="Token rate limit.")
+    timeout_seconds: float = Field(60.0, gt=0, description="Per attempt.")
+    max_attempts: int = Field(5, ge=1, description="Attempts per call, the first included.")
+    backoff: BackoffSettings = Field(default_factory=BackoffSettings, description="Retry delays.")
+    circuit_breaker: BreakerSettings = Field(
+        default_factory=BreakerSettings, description="Fail fast while the endpoint is down."
+    )
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=dict, description="Model -> price per 1,000 tokens, for `calls.cost`."
+    )
+
+    @model_validator(mode="after")
+    def _addressable(self) -> EndpointSettings:
+        if self.provider == "azure_openai":
+            if not (self.endpoint and self.deployment and self.api_version):
+                raise ValueError("azure_openai needs endpoint, deployment and api_version")
+        elif self.provider == "openai" and not self.base_url:
+            raise ValueError("openai needs base_url")
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("give api_key_env or api_key_file, not both")
+        return self
