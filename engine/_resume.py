@@ -266,14 +266,21 @@ class ResumePlan:
         token.row, token.row_hash, token.step = self._payloads[row_hash], row_hash, step
 
     def _fork_state(self, pending: PendingToken) -> RecordedState:
-        """The fork gate state that made ``pending`` (its parent's last state)."""
+        """The fork gate state that made ``pending``."""
         for parent in pending.parents:
-            for state in reversed(self.unfinished.parent_states.get(parent, [])):
-                if state.context and "fork_to" in state.context:
-                    return state
+            state = self._fork_state_of(parent)
+            if state is not None:
+                return state
         raise ResumeError(
             f"token {pending.token_id} of row {pending.row_index} has no state and no fork"
         )
+
+    def _fork_state_of(self, parent_id: str) -> RecordedState | None:
+        """The state in which token ``parent_id`` was forked, if it was."""
+        for state in reversed(self.unfinished.parent_states.get(parent_id, [])):
+            if state.context and "fork_to" in state.context:
+                return state
+        return None
 
     def _is_flush(self, state: RecordedState) -> bool:
         """An aggregation's flush state (recorded on a batch's first member)."""
@@ -299,14 +306,7 @@ class ResumePlan:
             if len(parents) == 1:
                 by_parent.setdefault(parents[0], []).append(token)
         for parent_id, tokens in by_parent.items():
-            fork_state = next(
-                (
-                    s
-                    for s in reversed(self.unfinished.parent_states.get(parent_id, []))
-                    if s.context and "fork_to" in s.context
-                ),
-                None,
-            )
+            fork_state = self._fork_state_of(parent_id)
             if fork_state is None:
                 continue
             join = run.joins.get(fork_state.node_id)
