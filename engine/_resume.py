@@ -150,7 +150,7 @@ class ResumePlan:
         unfinished = self.unfinished
         recorder = run.recorder
         run.outcomes.update(unfinished.outcomes)
-        run.rows_read = run.source_start = unfinished.max_row_index + 1
+        run.rows_read = unfinished.max_row_index + 1  # where the source reads on
         run.source_digest = self._source.digest
         run.source_records = self._source.records
         run.source_position = self._source.position
@@ -161,12 +161,12 @@ class ResumePlan:
         run.sink_writes = {node: seq for node, (seq, _) in unfinished.sink_positions.items()}
         run.answers = AnswerBook("reused", self._answers)
         run.calls = CallTotals.resumed(self._calls)
-        for state_id, started in unfinished.open_states:
+        for state in unfinished.open_states:
             recorder.close_state(
-                state_id,
+                state.state_id,
                 status=NodeStateStatus.CANCELLED,
-                started_at=started,
-                completed_at=started,
+                started_at=state.started_at,
+                completed_at=state.started_at,
                 error={"type": "Interrupted", "message": "the run stopped during this work"},
             )
         pending = {token.token_id for token in unfinished.pending}

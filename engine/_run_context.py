@@ -95,9 +95,8 @@ class RunContext:
         #: Set once a resume has sent every restored token on (at once for a new run);
         #: the source reads new rows only then, so restored batches fill up first.
         self.restored = anyio.Event()
-        #: Row index the source starts reading at (above 0 when a run resumes), and the
-        #: reader a resume already opened there (``None``: the source node opens one).
-        self.source_start = 0
+        #: The reader a resume opened at row ``rows_read`` (``None``: the source node
+        #: opens one there).
         self.source_records: AsyncGenerator[SourceRecord, None] | None = None
         #: Sink -> writes recorded before this session (a resumed run goes on counting).
         self.sink_writes: dict[str, int] = {}

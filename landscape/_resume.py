@@ -114,13 +114,22 @@ class UnfinishedRun:
     #: Parent tokens' states, for pending tokens that have parents.
     parent_states: dict[str, list[RecordedState]]
     open_batches: list[OpenBatch]
-    #: Node states left ``open`` (by a crash): a resume closes them ``cancelled``.
-    open_states: list[tuple[str, float]]
     #: sink node id -> (last write's sequence number, position after it).
     sink_positions: dict[str, tuple[int, Any]]
     #: request hash -> response payload hash, of successful calls made for node states
     #: that never completed.
     reusable_calls: dict[str, str]
+
+    @property
+    def open_states(self) -> list[RecordedState]:
+        """Node states a crash left ``open`` (a resume closes them ``cancelled``); each
+        belongs to a token that never got further, so to a pending one."""
+        return [
+            state
+            for token in self.pending
+            for state in token.states
+            if state.status == NodeStateStatus.OPEN.value
+        ]
 
 
 def _loads(text: str | None) -> Any:
@@ -188,13 +197,6 @@ async def load_unfinished(conn: AsyncConnection, run_id: str) -> UnfinishedRun |
         pending=pending,
         parent_states=parent_states,
         open_batches=await _open_batches(conn, run_id),
-        # A state left open belongs to a token that never got further: a pending one.
-        open_states=[
-            (s.state_id, s.started_at)
-            for token in pending
-            for s in token.states
-            if s.status == NodeStateStatus.OPEN.value
-        ],
         sink_positions=await _sink_positions(conn, run_id),
         reusable_calls=await _reusable_calls(conn, run_id),
     )

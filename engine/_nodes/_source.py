@@ -44,7 +44,7 @@ class SourceNode(NodeTask):
         run = self.run_ctx
         stop = run.stop_requested
         checkpoints = run.checkpoints
-        index = run.source_start
+        index = run.rows_read  # above 0 when a run resumes
         await run.restored.wait()
         if stop.is_set():
             return
@@ -66,9 +66,10 @@ class SourceNode(NodeTask):
         raw, raw_hash, error = self._store_raw(record)
         # Read together by checkpoints: all change here, before the row can wait anywhere.
         run = self.run_ctx
-        if run.source_digest is not None:
-            run.source_digest.update(raw_hash.encode())
         run.source_position = record.position
+        if record.position is None and run.source_digest is not None:
+            # Only a source that cannot say where it is needs its rows digested.
+            run.source_digest.update(raw_hash.encode())
         run.rows_read = index + 1
         row_id = f"{self.row_prefix}{index}"
         token = Token(source_token_id(row_id), row_id, index, {}, raw_hash, step=0)

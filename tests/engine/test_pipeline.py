@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -14,15 +13,12 @@ from sqlalchemy import func, select
 from engine import Pipeline, PipelineStateError, RunFailed
 from landscape import Landscape
 from landscape import _schema as t
+from tests._read import read_jsonl
 
 from .conftest import linear_config
 from .sample_plugins import CollectingSink, SlowTag
 
 Run = Callable[..., Any]
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 async def count(url: str, table: Any, *where: Any) -> int:

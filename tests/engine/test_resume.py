@@ -11,13 +11,13 @@ from typing import Any, ClassVar
 import anyio
 import anyio.lowlevel
 import pytest
-from sqlalchemy import select
 
 from engine import Pipeline, ResumeError, RunResult
 from landscape import Landscape
 from landscape import _schema as t
 from plugins import BatchContext, Row, RowContext, Transform
 from plugins._aggregations import CollectAggregation
+from tests._read import read_jsonl, table_rows
 
 from .conftest import linear_config
 
@@ -43,20 +43,11 @@ def _reset_stall() -> None:
     Stall.stalled = anyio.Event()
 
 
-async def rows_of(url: str, table: Any, *where: Any) -> list[dict[str, Any]]:
-    async with Landscape.connect(url) as landscape, landscape.engine.connect() as conn:
-        return [dict(r) for r in (await conn.execute(select(table).where(*where))).mappings()]
-
-
 async def verified(url: str, run_id: str) -> Any:
     async with Landscape.connect(url) as landscape:
         report = await landscape.verify(run_id)
     assert report.ok, [str(v) for v in report.violations]
     return report
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def stall_config(rows: list[dict[str, Any]], out: Path, **runtime: Any) -> dict[str, Any]:
@@ -109,9 +100,11 @@ async def test_stop_cancels_work_after_the_drain_timeout_and_resume_finishes_the
     assert first.rows_processed < 60
     report = await verified(landscape_url, first.run_id)
     assert report.watermark == 19  # row 20 hangs; every row before it finished
-    cancelled = await rows_of(landscape_url, t.node_states, t.node_states.c.status == "cancelled")
+    cancelled = await table_rows(
+        landscape_url, t.node_states, t.node_states.c.status == "cancelled"
+    )
     assert [s["node_id"] for s in cancelled] == ["tag"]
-    assert all(s["status"] != "open" for s in await rows_of(landscape_url, t.node_states))
+    assert all(s["status"] != "open" for s in await table_rows(landscape_url, t.node_states))
     written = [r["i"] for r in read_jsonl(tmp_path / "out.jsonl")]
     assert 20 not in written
     assert len(written) == len(set(written))
@@ -127,9 +120,9 @@ async def test_stop_cancels_work_after_the_drain_timeout_and_resume_finishes_the
     assert all(r["tagged"] == r["i"] * 10 for r in out)
     await verified(landscape_url, first.run_id)
     # The row cancelled by the stop was re-done as a second attempt of the same token.
-    (row20,) = await rows_of(landscape_url, t.rows, t.rows.c.row_index == 20)
-    (token,) = await rows_of(landscape_url, t.tokens, t.tokens.c.row_id == row20["row_id"])
-    states = await rows_of(
+    (row20,) = await table_rows(landscape_url, t.rows, t.rows.c.row_index == 20)
+    (token,) = await table_rows(landscape_url, t.tokens, t.tokens.c.row_id == row20["row_id"])
+    states = await table_rows(
         landscape_url,
         t.node_states,
         t.node_states.c.token_id == token["token_id"],
@@ -174,9 +167,9 @@ async def test_cancelling_the_callers_scope_stops_gracefully_then_lets_the_cance
     result = pipeline.last_result
     assert result is not None
     assert result.status == "interrupted"
-    (run,) = await rows_of(sqlite_url, t.runs)
+    (run,) = await table_rows(sqlite_url, t.runs)
     assert run["status"] == "interrupted"
-    (checkpoint, *_) = await rows_of(
+    (checkpoint, *_) = await table_rows(
         sqlite_url, t.checkpoints, t.checkpoints.c.state_json.like('%"reason":"interrupted"%')
     )
     assert checkpoint["watermark_row_index"] == 9
@@ -212,7 +205,7 @@ async def test_checkpoints_are_written_every_n_rows_with_a_low_water_mark(
 ) -> None:
     config = stall_config([{"i": i} for i in range(40)], tmp_path, checkpoint_every_rows=10)
     result = await Pipeline.from_dict(config, landscape_url=sqlite_url).run()
-    checkpoints = await rows_of(sqlite_url, t.checkpoints)
+    checkpoints = await table_rows(sqlite_url, t.checkpoints)
     states = [json.loads(c["state_json"]) for c in checkpoints]
     assert [s["reason"] for s in states][-1] == "completed"
     assert states[-1]["rows_read"] == 40
@@ -240,7 +233,7 @@ async def test_resume_refuses_a_changed_pipeline(tmp_path: Path, sqlite_url: str
     changed["transforms"][0]["concurrency"] = 2
     with pytest.raises(ResumeError, match="nodes changed: tag"):
         await Pipeline.from_dict(changed, landscape_url=sqlite_url).resume(first.run_id)
-    (run,) = await rows_of(sqlite_url, t.runs)
+    (run,) = await table_rows(sqlite_url, t.runs)
     assert run["status"] == "interrupted"  # refused before anything ran
 
 
@@ -336,7 +329,7 @@ async def test_a_flush_cancelled_by_the_stop_is_redone_as_a_new_attempt_of_its_b
     assert resumed.status == "completed"
     # The same batches an uninterrupted run makes.
     assert members_of(tmp_path) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    batches = await rows_of(landscape_url, t.batches)
+    batches = await table_rows(landscape_url, t.batches)
     assert sorted((b["attempt"], b["status"], b["trigger_reason"]) for b in batches) == [
         (1, "completed", "count"),
         (1, "completed", "end_of_source"),
@@ -355,14 +348,14 @@ async def test_a_draft_batch_held_at_a_forced_stop_is_restored_with_its_members(
         Pipeline.from_dict(config, landscape_url=sqlite_url), force=True
     )
     assert first.status == "interrupted"
-    drafts = await rows_of(sqlite_url, t.batches, t.batches.c.status == "draft")
+    drafts = await table_rows(sqlite_url, t.batches, t.batches.c.status == "draft")
     assert len(drafts) == 1
     await verified(sqlite_url, first.run_id)
     Stall.stall_at = None
     resumed = await Pipeline.from_dict(config, landscape_url=sqlite_url).resume(first.run_id)
     assert resumed.status == "completed"
     assert members_of(tmp_path) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11]]
-    batches = await rows_of(sqlite_url, t.batches)
+    batches = await table_rows(sqlite_url, t.batches)
     assert len(batches) == 3
     assert drafts[0]["batch_id"] in {b["batch_id"] for b in batches if b["status"] == "completed"}
     await verified(sqlite_url, first.run_id)
@@ -382,7 +375,7 @@ async def test_a_file_source_resumes_from_its_recorded_position_and_notices_edit
     config = jsonl_stall_config(data, tmp_path)
     Stall.stall_at = 30
     first = await stop_when_stalled(Pipeline.from_dict(config, landscape_url=sqlite_url))
-    (checkpoint, *_) = await rows_of(
+    (checkpoint, *_) = await table_rows(
         sqlite_url, t.checkpoints, t.checkpoints.c.state_json.like('%"reason":"interrupted"%')
     )
     state = json.loads(checkpoint["state_json"])

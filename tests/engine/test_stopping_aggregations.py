@@ -8,19 +8,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
-from sqlalchemy import select
 
 from engine import Pipeline, RunResult
 from landscape import Landscape
 from landscape import _schema as t
 from plugins import Aggregation, BatchContext, Row
+from tests._read import table_rows
 
 from .conftest import linear_config
-
-
-async def table_rows(url: str, table: Any, *where: Any) -> list[dict[str, Any]]:
-    async with Landscape.connect(url) as landscape, landscape.engine.connect() as conn:
-        return [dict(r) for r in (await conn.execute(select(table).where(*where))).mappings()]
 
 
 def collect_into(out: str, **extra: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from engine import Pipeline
 from engine._render import render_lineage
 from landscape import Landscape
 from landscape import _schema as t
+from tests._read import read_jsonl
 
 from .conftest import ROOT, run_id_of
 
@@ -47,10 +48,6 @@ def render_text(lineage: Any) -> str:
     console = Console(width=200, record=True, file=io.StringIO())
     console.print(render_lineage(lineage))
     return console.export_text()
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 async def test_order_summary_forks_joins_and_summarises_per_country(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -14,16 +13,11 @@ from engine import ManualClock, Pipeline
 from landscape import Landscape
 from landscape import _schema as t
 from plugins.llm import Fault, MockLlmServer, MockSettings, UniformLatency
+from tests._read import read_jsonl
 
 from .conftest import llm_node, pipeline, tickets
 
 Run = Callable[..., Any]
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def received(pipeline: Pipeline, node_id: str) -> int:

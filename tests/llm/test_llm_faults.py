@@ -32,6 +32,7 @@ from plugins.llm import (
     MockSettings,
 )
 from plugins.protocols import CallList, ExternalCall
+from tests._read import read_jsonl
 
 from .conftest import CLASSIFY_SCHEMA, llm_node, pipeline, tickets
 
@@ -39,12 +40,6 @@ Run = Callable[..., Any]
 
 #: A breaker that never opens, for tests about retries alone.
 NO_BREAKER = {"failure_threshold": 10_000}
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def ids(path: Path) -> list[int]:

@@ -8,7 +8,6 @@ driven alone on trio's virtual clock, where their arithmetic can be checked exac
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -31,16 +30,11 @@ from plugins.llm import (
     UniformLatency,
 )
 from plugins.llm._limits import TokenBucket
+from tests._read import read_jsonl
 
 from .conftest import llm_node, pipeline, tickets
 
 Run = Callable[..., Any]
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def ids(path: Path) -> list[int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -15,16 +14,11 @@ from engine import ConfigError, Pipeline
 from landscape import Landscape
 from landscape import _schema as t
 from plugins.llm import Fault, FixedLatency, MockLlmServer, MockSettings, UniformLatency
+from tests._read import read_jsonl
 
 from .conftest import llm_node, pipeline, tickets
 
 Run = Callable[..., Any]
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 async def calls_of(url: str, run_id: str) -> list[dict[str, Any]]:
