@@ -5,8 +5,8 @@ commits records in the order they were queued, so a committed checkpoint never
 claims more than the Landscape holds.  It records the watermark (see
 :mod:`engine._watermark`), how many source rows were read and where the source stands
 after them — a position it can seek to, or a digest of the rows (either way a resume
-can tell that the source changed), each sink's write count, and how many
-batches and joins the aggregations and coalesces hold.
+can tell that the source changed), each sink's write count, how many
+batches and joins the aggregations and coalesces hold, and the external jobs pending.
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ class Checkpointer:
                 if stats.kind in _HOLDING and stats.in_flight
             },
         }
+        if run.pending_jobs:  # batches whose jobs run on at the provider
+            state["pending_jobs"] = dict(run.pending_jobs)
         if run.source_position is not None:
             state["source_position"] = run.source_position.to_json()
         elif run.source_digest is not None:

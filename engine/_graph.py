@@ -24,6 +24,7 @@ import plugins.llm as llm
 from landscape import canonical_hash
 from plugins import (
     Aggregation,
+    ExternalJobAggregation,
     Plugin,
     PluginNotFound,
     PluginSetup,
@@ -493,6 +494,11 @@ def _aggregation_spec(b: _Builder, a: AggregationSettings, i: int) -> NodeSpec |
             group_by = compile_expression(source)
         except ExpressionSyntaxError as exc:
             b.fail(f"{path}.group_by", str(exc))
+    if isinstance(plugin, ExternalJobAggregation) and a.output_mode == "single":
+        b.fail(
+            f"{path}.output_mode",
+            "an external-job aggregation answers each row: use passthrough or transform",
+        )
     if plugin is None or ok is None:
         return None
     return NodeSpec(

@@ -43,6 +43,7 @@ from ._errors import ResumeError
 from ._forks import ForkInstance
 from ._graph import NodeKind
 from ._nodes import NodeTask
+from ._run_context import RecordedJob
 from ._tokens import Token
 from ._watermark import RowTracker
 
@@ -172,10 +173,29 @@ class ResumePlan:
         pending = {token.token_id for token in unfinished.pending}
         for token in unfinished.pending:
             run.rows.add(token.row_index)
+        flush_states = {
+            state.state_id: (token.token_id, state)
+            for token in unfinished.pending
+            for state in token.states
+            if state.status == NodeStateStatus.PENDING.value
+        }
         for batch in unfinished.open_batches:
             members = [m for m in batch.members if m in pending]
             if batch.status == BatchStatus.DRAFT.value:
                 batch_id = batch.batch_id
+            elif batch.status == BatchStatus.PENDING.value and batch.external_job_id:
+                # Its job runs on at the provider: wait for it again, never resubmit.
+                batch_id = batch.batch_id
+                anchor, state = flush_states[str(batch.aggregation_state_id)]
+                run.restored_jobs[batch_id] = RecordedJob(
+                    job_id=batch.external_job_id,
+                    members=len(members),
+                    state_id=state.state_id,
+                    anchor_token_id=anchor,
+                    started_at=state.started_at,
+                    attempt=batch.attempt,
+                    trigger=batch.trigger_reason or "end_of_source",
+                )
             else:  # caught mid-flush: that attempt failed, its members make the next one
                 recorder.update_batch(batch.batch_id, status=BatchStatus.FAILED)
                 batch_id = recorder.new_id("b")

@@ -27,7 +27,22 @@ if TYPE_CHECKING:
     from ._streams import Inbox
     from ._tokens import Token
 
-__all__ = ["NodeStatistics", "NodeStats", "RunContext"]
+__all__ = ["NodeStatistics", "NodeStats", "RecordedJob", "RunContext"]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedJob:
+    """An external job a stopped run left ``pending``: a resume waits for it again once
+    the batch's ``members`` are back, never submitting it twice."""
+
+    job_id: str
+    members: int
+    #: The flush state waiting for it, recorded on the token ``anchor_token_id``.
+    state_id: str
+    anchor_token_id: str
+    started_at: float
+    attempt: int
+    trigger: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +107,11 @@ class RunContext:
         self.restored_members: dict[str, str] = {}
         #: Batch -> (members, trigger) of a flush a resume re-does once they are back.
         self.restored_flushes: dict[str, tuple[int, str | None]] = {}
+        #: Batch -> the job a resume waits for once its members are back.
+        self.restored_jobs: dict[str, RecordedJob] = {}
+        #: Batch -> the external job it waits for now (at most ``max_pending_jobs`` per
+        #: node); what checkpoints report as held at the provider.
+        self.pending_jobs: dict[str, str] = {}
         #: Set once a resume has sent every restored token on (at once for a new run);
         #: the source reads new rows only then, so restored batches fill up first.
         self.restored = anyio.Event()

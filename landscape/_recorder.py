@@ -57,6 +57,7 @@ _TUPLE_LAYOUTS = {
         "error_json",
         "context_json",
         "step_index",
+        "external_job_id",
     ),
     t.calls: (
         "call_id",
@@ -310,6 +311,7 @@ class Recorder:
                 None if error is None else _json(error),
                 None if context is None else _json(context),
                 step_index,
+                None,  # external_job_id: set by mark_pending
             ),
         )
 
@@ -335,6 +337,15 @@ class Recorder:
         if context is not None:
             values["context_json"] = _json(context)
         self._writer.update(t.node_states, {"state_id": state_id}, values)
+
+    def mark_pending(self, state_id: str, *, external_job_id: str) -> None:
+        """An ``open`` state now waits for an external job (it stays ``pending`` until
+        the job ends, across stops and crashes)."""
+        self._writer.update(
+            t.node_states,
+            {"state_id": state_id},
+            {"status": NodeStateStatus.PENDING.value, "external_job_id": external_job_id},
+        )
 
     def token_parent(self, *, token_id: str, parent_token_id: str, ordinal: int) -> None:
         """Add a parent to a token made earlier (a straggler coalesced into a join)."""
@@ -375,9 +386,13 @@ class Recorder:
         status: BatchStatus,
         trigger_reason: str | None = None,
         aggregation_state_id: str | None = None,
+        external_job_id: str | None = None,
     ) -> None:
-        """Move a batch on: ``executing`` (with its flush state), ``completed``, ``failed``."""
+        """Move a batch on: ``executing`` (with its flush state), ``pending`` (with its
+        external job), ``completed``, ``failed``."""
         values: dict[str, Any] = {"status": status.value}
+        if external_job_id is not None:
+            values["external_job_id"] = external_job_id
         if trigger_reason is not None:
             values["trigger_reason"] = trigger_reason
         if aggregation_state_id is not None:

@@ -90,6 +90,8 @@ class OpenBatch:
     group_key: str | None
     trigger_reason: str | None
     aggregation_state_id: str | None
+    #: The provider's job a ``pending`` batch waits for.
+    external_job_id: str | None = None
     members: list[str] = field(default_factory=list)
 
 
@@ -296,6 +298,7 @@ async def _open_batches(conn: AsyncConnection, run_id: str) -> list[OpenBatch]:
             group_key=row.group_key,
             trigger_reason=row.trigger_reason,
             aggregation_state_id=row.aggregation_state_id,
+            external_job_id=row.external_job_id,
         )
         for row in await conn.execute(
             select(B).where(B.c.run_id == run_id, B.c.status.not_in(done)).order_by(B.c.batch_id)

@@ -119,6 +119,8 @@ node_states = Table(
     Column("error_json", Text),
     Column("context_json", Text),
     Column("step_index", Integer),
+    #: The provider's id of the job a ``pending`` state waits for (kept once it ends).
+    Column("external_job_id", Text),
     Index("ix_node_states_token", "token_id"),
 )
 

@@ -227,9 +227,9 @@ async def _check_node_states(c: _Collector, scope: _Scope) -> None:
         t.batches.c.aggregation_state_id == NS.c.state_id,
         t.batches.c.external_job_id.is_not(None),
     )
-    pending = base.add_columns(NS.c.context_json, has_job.label("batch_job")).where(
-        NS.c.status == NodeStateStatus.PENDING.value
-    )
+    pending = base.add_columns(
+        NS.c.context_json, NS.c.external_job_id, has_job.label("batch_job")
+    ).where(NS.c.status == NodeStateStatus.PENDING.value)
     rows = (await c.conn.execute(pending)).mappings().all()
     found = [
         Violation(
@@ -239,7 +239,7 @@ async def _check_node_states(c: _Collector, scope: _Scope) -> None:
             row["row_index"],
         )
         for row in rows
-        if not row["batch_job"] and not _has_job_id(row["context_json"])
+        if not (row["batch_job"] or row["external_job_id"] or _has_job_id(row["context_json"]))
     ]
     c.add_capped(Invariant.NODE_STATE, found)
 

@@ -32,9 +32,13 @@ __all__ = [
     "Determinism",
     "Discard",
     "ExternalCall",
+    "ExternalJobAggregation",
+    "JobFailed",
+    "MemberResult",
     "Plugin",
     "PluginSetup",
     "RecordedAnswer",
+    "ReplayMiss",
     "Row",
     "RowContext",
     "Sink",
@@ -119,13 +123,27 @@ class RecordedAnswer:
     response: Any
 
 
+class ReplayMiss(Exception):
+    """A replayed run met a request the recorded run never made: no answer is on record,
+    and a replay never calls out.  It is the row's error (``replay_miss``)."""
+
+    def __init__(self, request_hash: str, run_id: str) -> None:
+        super().__init__(f"replay_miss: run {run_id} recorded no answer for request {request_hash}")
+        self.request_hash = request_hash
+        self.run_id = run_id
+
+
 class CallLog(Protocol):
     """Where a plugin reports its external calls (the engine records them)."""
 
     def record(self, call: ExternalCall) -> None: ...
 
     def recorded_answer(self, request: Any) -> RecordedAnswer | None:
-        """The answer on record for ``request``, if the call need not be made."""
+        """The answer on record for ``request``, if the call need not be made.
+
+        Raises :class:`ReplayMiss` when the run replays an earlier one that has no
+        answer for ``request`` (the call must then not be made at all).
+        """
         ...
 
 
@@ -310,6 +328,8 @@ class BatchContext:
     state_id: str
     grouped: bool = False
     calls: CallLog = field(default_factory=CallList)
+    #: The members' token ids, in member order (stable names for a job's requests).
+    members: Sequence[str] = ()
 
 
 class Aggregation(Plugin):
@@ -323,6 +343,64 @@ class Aggregation(Plugin):
 
     async def flush(self, rows: Sequence[Row], ctx: BatchContext) -> list[Row]:
         raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class MemberResult:
+    """What an external job made of one member of a batch: its enriched row, or the
+    error that member's request ended in (routed by the node's ``on_error``), and the
+    calls made for that member alone (recorded on the member's node state)."""
+
+    row: Row | None
+    error: Exception | None = None
+    calls: Sequence[ExternalCall] = ()
+
+
+class JobFailed(Exception):
+    """An external job ended without answers (``expired``, ``cancelled``, ``failed``,
+    or waited for longer than allowed): the batch attempt fails as a whole."""
+
+    def __init__(self, job_id: str, status: str, message: str) -> None:
+        super().__init__(f"job {job_id} {status}: {message}")
+        self.job_id = job_id
+        self.status = status
+
+
+class ExternalJobAggregation(Aggregation):
+    """An aggregation whose flush is a job run by an external service for hours (a
+    provider's batch API), so that "still running" is a recorded status, not a coroutine
+    kept waiting.
+
+    The engine calls :meth:`submit` for a flush.  Answers already on record (a replay's)
+    may come back at once as results; otherwise the plugin starts the job and returns its
+    id, the engine records the flush ``pending`` with that id, then awaits :meth:`wait`
+    alongside the node's other work — up to :attr:`max_pending_jobs` jobs at once.  After a
+    crash or stop, a resume calls :meth:`wait` with the recorded id: a job is never
+    submitted twice.  Results are one :class:`MemberResult` per member, in member order;
+    in ``transform`` mode the outputs are the rows of the members that succeeded.
+    """
+
+    #: Jobs of one node that may be pending at once (a flush beyond waits for a slot).
+    max_pending_jobs: int = 16
+
+    async def submit(self, rows: Sequence[Row], ctx: BatchContext) -> str | list[MemberResult]:
+        """Start the job for ``rows``: its id, or the results when no job is needed."""
+        raise NotImplementedError
+
+    async def wait(self, job_id: str, rows: Sequence[Row], ctx: BatchContext) -> list[MemberResult]:
+        """The results of job ``job_id`` once it ends; :class:`JobFailed` when it ended
+        without them."""
+        raise NotImplementedError
+
+    async def flush(self, rows: Sequence[Row], ctx: BatchContext) -> list[Row]:
+        """Submit and wait in one go (outside the engine); a member's error is raised."""
+        results = await self.submit(rows, ctx)
+        if not isinstance(results, list):
+            results = await self.wait(results, rows, ctx)
+        for result in results:
+            if result.error is not None:
+                raise result.error
+        return [result.row for result in results if result.row is not None]
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,21 +5,24 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 
 from landscape import BatchStatus, CanonicalizationError, NodeStateStatus, Outcome, canonical_json
-from plugins import Aggregation, BatchContext
+from plugins import Aggregation, BatchContext, ExternalJobAggregation, MemberResult
 from plugins.expressions import ExpressionEvaluationError
 
 from .._tokens import Token, derived_token_id
 from ._base import WAKE, NodeTask, error_info
 
 if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
     from plugins import Row
 
     from .._config import AggregationSettings
+    from .._run_context import RecordedJob
 
 __all__ = ["AggregationNode", "FlushTrigger"]
 
@@ -60,6 +63,15 @@ class _FlushFailed(Exception):
         self.error = error
 
 
+@dataclass(slots=True)
+class _Flush:
+    """One attempt at flushing a batch: its node state, open until the plugin is done."""
+
+    state_id: str
+    started: float
+    ctx: BatchContext
+
+
 class AggregationNode(NodeTask):
     """Batches rows (one draft batch per ``group_by`` value) and flushes each batch
     through its plugin when a trigger fires: ``count``, ``timeout_seconds`` after the
@@ -76,6 +88,14 @@ class AggregationNode(NodeTask):
     is tried again as a new batch attempt, else its members take ``on_error`` (or end
     ``failed``).  A row whose ``group_by`` or trigger condition cannot be evaluated is
     that row's error.
+
+    An :class:`~plugins.ExternalJobAggregation` (a provider's batch job) flushes in a
+    task of its own, so the node goes on collecting while up to ``max_pending_jobs``
+    jobs run: once the job is started its flush state and batch are recorded
+    ``pending`` with the job's id (and committed) before the node waits for the job;
+    a stop that cancels the wait leaves them so, and a resume waits for the same job.
+    Each member then gets its own result: its row, or its error (routed by
+    ``on_error``), with the calls made for it.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -86,8 +106,22 @@ class AggregationNode(NodeTask):
         self.timeout = math.inf if timeout is None else timeout
         #: Draft batches by group, in the order they began (which is deadline order).
         self.drafts: dict[str | None, _Batch] = {}
+        self.job_plugin = self.plugin if isinstance(self.plugin, ExternalJobAggregation) else None
+        #: Slots for pending jobs (a flush beyond them waits: back-pressure).
+        self.job_slots = (
+            None if self.job_plugin is None else anyio.Semaphore(self.job_plugin.max_pending_jobs)
+        )
+        self._jobs: TaskGroup | None = None
+        #: Batches a resume re-flushes or waits for the job of, by id, while their
+        #: members come back (they are not drafts: no token joins them anew).
+        self.restoring: dict[str, _Batch] = {}
 
     async def run(self) -> None:
+        async with anyio.create_task_group() as jobs:
+            self._jobs = jobs
+            await self._collect()
+
+    async def _collect(self) -> None:
         while True:
             await self._expire()
             first = next(iter(self.drafts.values()), None)
@@ -122,6 +156,10 @@ class AggregationNode(NodeTask):
             except (ExpressionEvaluationError, CanonicalizationError) as exc:
                 await self._reject(token, {**error_info(exc), "group_by": self.settings.group_by})
                 return
+        restored = self.run_ctx.restored_members.get(token.token_id)
+        if restored is not None and self._held(restored):
+            await self._restore(token, restored, key, label)
+            return
         now = self.run_ctx.clock.now()
         batch = self.drafts.get(label)
         count = 1 if batch is None else len(batch.members) + 1
@@ -138,14 +176,38 @@ class AggregationNode(NodeTask):
         if batch is None:
             batch = self._begin(key, label, now, token)
         self._join(batch, token)
-        redo = self.run_ctx.restored_flushes.get(batch.batch_id)
-        if redo is not None and len(batch.members) == redo[0]:
-            del self.run_ctx.restored_flushes[batch.batch_id]
-            await self.flush(batch, redo[1] or FlushTrigger.END_OF_SOURCE)
-        elif self.settings.trigger.count is not None and count >= self.settings.trigger.count:
+        if self.settings.trigger.count is not None and count >= self.settings.trigger.count:
             await self.flush(batch, FlushTrigger.COUNT)
         elif fire:
             await self.flush(batch, FlushTrigger.CONDITION)
+
+    def _held(self, batch_id: str) -> bool:
+        """Whether a resume holds ``batch_id`` for a flush or a job (any number of those
+        may share a group) rather than restoring it as the group's draft."""
+        run = self.run_ctx
+        return batch_id in run.restored_flushes or batch_id in run.restored_jobs
+
+    async def _restore(self, token: Token, batch_id: str, key: Any, label: str | None) -> None:
+        """Put ``token`` back into a batch a resume re-flushes or waits for the job of,
+        and go on with that batch once all its members are back."""
+        del self.run_ctx.restored_members[token.token_id]
+        batch = self.restoring.get(batch_id)
+        if batch is None:
+            now = self.run_ctx.clock.now()
+            batch = self.restoring[batch_id] = _Batch(batch_id, key, label, now, math.inf)
+        batch.members.append(_Member(token, time.time()))
+        redo = self.run_ctx.restored_flushes.get(batch_id)
+        job = self.run_ctx.restored_jobs.get(batch_id)
+        expected = redo[0] if redo is not None else job.members if job is not None else 0
+        if len(batch.members) < expected:
+            return
+        del self.restoring[batch_id]
+        if redo is not None:
+            del self.run_ctx.restored_flushes[batch_id]
+            await self.flush(batch, redo[1] or FlushTrigger.END_OF_SOURCE)
+        elif job is not None:
+            del self.run_ctx.restored_jobs[batch_id]
+            await self._start_job(batch, job.trigger, job)
 
     def _begin(self, key: Any, label: str | None, now: float, first: Token) -> _Batch:
         restored = self.run_ctx.restored_members.get(first.token_id)
@@ -193,8 +255,10 @@ class AggregationNode(NodeTask):
 
     async def flush(self, batch: _Batch, trigger: str) -> None:
         """Flush ``batch`` (tried ``retries + 1`` times) and pass its results on."""
-        del self.drafts[batch.group_label]
-        self.stats.in_flight = len(self.drafts)
+        if self.job_plugin is not None:
+            await self._start_job(batch, trigger, None)
+            return
+        self._undraft(batch)
         rows = [member.token.row for member in batch.members]
         attempts = self.settings.retries + 1
         for attempt in range(1, attempts + 1):
@@ -209,6 +273,11 @@ class AggregationNode(NodeTask):
             else:
                 await self._pass_on(batch, outputs, state_id)
                 return
+
+    def _undraft(self, batch: _Batch) -> None:
+        if self.drafts.get(batch.group_label) is batch:
+            del self.drafts[batch.group_label]
+            self.stats.in_flight = len(self.drafts)
 
     def _retry_batch(self, batch: _Batch, attempt: int) -> str:
         batch_id = self.recorder.new_id("b")
@@ -233,13 +302,34 @@ class AggregationNode(NodeTask):
         Returns the output rows with their hashes and the flush state's id; raises
         :class:`_FlushFailed` after recording a failed attempt.
         """
+        flush = self._open_flush(batch, trigger, attempt)
+        try:
+            outputs = self._checked(await self.plugin.flush(list(rows), flush.ctx), len(rows))
+            stored = [(row, self.recorder.store(row)) for row in outputs]
+        except anyio.get_cancelled_exc_class():
+            # The run is being cancelled: the state says so instead of staying open.
+            self._close_flush(batch, flush, NodeStateStatus.CANCELLED)
+            raise
+        except Exception as exc:
+            self._fail_flush(batch, flush, exc)
+        self._close_flush(
+            batch,
+            flush,
+            NodeStateStatus.COMPLETED,
+            output_hash=self.recorder.store([row_hash for _, row_hash in stored]),
+        )
+        return stored, flush.state_id
+
+    def _open_flush(self, batch: _Batch, trigger: str, attempt: int) -> _Flush:
+        """Record the flush state (``open``, on the batch's first member) and the batch
+        ``executing``; the context the plugin is handed."""
         anchor = batch.members[0].token
         state_id = self.recorder.new_id("s")
         started = time.time()
         context = {
             "batch_id": batch.batch_id,
             "trigger": trigger,
-            "members": len(rows),
+            "members": len(batch.members),
             "group_key": batch.group_label,
         }
         input_hash = self.recorder.store([m.token.row_hash for m in batch.members])
@@ -263,7 +353,10 @@ class AggregationNode(NodeTask):
             trigger_reason=trigger,
             aggregation_state_id=state_id,
         )
-        ctx = BatchContext(
+        return _Flush(state_id, started, self._context(batch, trigger, attempt, state_id))
+
+    def _context(self, batch: _Batch, trigger: str, attempt: int, state_id: str) -> BatchContext:
+        return BatchContext(
             run_id=self.run_ctx.run_id,
             node_name=self.node_id,
             batch_id=batch.batch_id,
@@ -274,40 +367,165 @@ class AggregationNode(NodeTask):
             state_id=state_id,
             grouped=self.spec.group_by is not None,
             calls=self.run_ctx.calls_for(state_id),
+            members=tuple(member.token.token_id for member in batch.members),
         )
-        try:
-            outputs = self._checked(await self.plugin.flush(list(rows), ctx), len(rows))
-            stored = [(row, self.recorder.store(row)) for row in outputs]
-        except anyio.get_cancelled_exc_class():
-            # The run is being cancelled: the state says so instead of staying open.
-            self.recorder.close_state(
-                state_id,
-                status=NodeStateStatus.CANCELLED,
-                started_at=started,
-                completed_at=time.time(),
-            )
-            raise
-        except Exception as exc:
-            error = error_info(exc)
-            self.recorder.close_state(
-                state_id,
-                status=NodeStateStatus.FAILED,
-                started_at=started,
-                completed_at=time.time(),
-                error=error,
-            )
-            self.recorder.update_batch(batch.batch_id, status=BatchStatus.FAILED)
-            raise _FlushFailed(error) from exc
-        output_hash = self.recorder.store([row_hash for _, row_hash in stored])
+
+    def _close_flush(
+        self,
+        batch: _Batch,
+        flush: _Flush,
+        status: NodeStateStatus,
+        *,
+        output_hash: str | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        """Close the flush state with ``status``, and the batch as it says."""
         self.recorder.close_state(
-            state_id,
-            status=NodeStateStatus.COMPLETED,
-            started_at=started,
+            flush.state_id,
+            status=status,
+            started_at=flush.started,
             completed_at=time.time(),
             output_hash=output_hash,
+            error=error,
         )
-        self.recorder.update_batch(batch.batch_id, status=BatchStatus.COMPLETED)
-        return stored, state_id
+        if status is NodeStateStatus.COMPLETED:
+            self.recorder.update_batch(batch.batch_id, status=BatchStatus.COMPLETED)
+        elif status is NodeStateStatus.FAILED:
+            self.recorder.update_batch(batch.batch_id, status=BatchStatus.FAILED)
+
+    def _fail_flush(self, batch: _Batch, flush: _Flush, exc: Exception) -> NoReturn:
+        """Record the attempt failed with ``exc``; raise :class:`_FlushFailed`."""
+        error = error_info(exc)
+        self._close_flush(batch, flush, NodeStateStatus.FAILED, error=error)
+        raise _FlushFailed(error) from exc
+
+    # -- external jobs ---------------------------------------------------------------
+
+    async def _start_job(self, batch: _Batch, trigger: str, recorded: RecordedJob | None) -> None:
+        """Hand ``batch`` to a task of its own once a job slot is free (``recorded``: a
+        job a resumed run had started for it)."""
+        assert self.job_slots is not None
+        assert self._jobs is not None
+        self._undraft(batch)
+        await self.job_slots.acquire()
+        self._jobs.start_soon(self._flush_job, batch, trigger, recorded)
+
+    async def _flush_job(self, batch: _Batch, trigger: str, recorded: RecordedJob | None) -> None:
+        """Flush ``batch`` through external jobs (tried ``retries + 1`` times in all)."""
+        assert self.job_slots is not None
+        try:
+            first = 1 if recorded is None else recorded.attempt
+            last = first + self.settings.retries
+            for attempt in range(first, last + 1):
+                if attempt > first:
+                    batch.batch_id = self._retry_batch(batch, attempt)
+                try:
+                    if attempt == first and recorded is not None:
+                        results, state_id = await self._job_recorded(batch, recorded)
+                    else:
+                        results, state_id = await self._job_once(batch, trigger, attempt)
+                except _FlushFailed as failed:
+                    if attempt == last:
+                        await self._fail_members(batch, failed.error)
+                        return
+                else:
+                    await self._pass_on_members(batch, results, state_id)
+                    return
+        finally:
+            self.job_slots.release()
+
+    async def _job_once(
+        self, batch: _Batch, trigger: str, attempt: int
+    ) -> tuple[list[MemberResult], str]:
+        """Submit a job for ``batch`` and wait for it; its results and the flush state."""
+        assert self.job_plugin is not None
+        rows = [member.token.row for member in batch.members]
+        flush = self._open_flush(batch, trigger, attempt)
+        try:
+            submitted = await self.job_plugin.submit(rows, flush.ctx)
+        except anyio.get_cancelled_exc_class():
+            self._close_flush(batch, flush, NodeStateStatus.CANCELLED)
+            raise
+        except Exception as exc:
+            self._fail_flush(batch, flush, exc)
+        if isinstance(submitted, str):
+            # On record before waiting: whatever happens next, no one submits it again.
+            self.recorder.mark_pending(flush.state_id, external_job_id=submitted)
+            self.recorder.update_batch(
+                batch.batch_id, status=BatchStatus.PENDING, external_job_id=submitted
+            )
+            await self.recorder.flush()
+            submitted = await self._wait_job(batch, flush, submitted)
+        return self._finish_job(batch, flush, submitted), flush.state_id
+
+    async def _job_recorded(
+        self, batch: _Batch, recorded: RecordedJob
+    ) -> tuple[list[MemberResult], str]:
+        """Wait for the job a resumed run had started for ``batch``."""
+        ctx = self._context(batch, recorded.trigger, recorded.attempt, recorded.state_id)
+        flush = _Flush(recorded.state_id, recorded.started_at, ctx)
+        for member in batch.members:  # the flush state holds the step of its first member
+            if member.token.token_id == recorded.anchor_token_id:
+                member.token.step += 1
+        results = await self._wait_job(batch, flush, recorded.job_id)
+        return self._finish_job(batch, flush, results), flush.state_id
+
+    async def _wait_job(self, batch: _Batch, flush: _Flush, job_id: str) -> list[MemberResult]:
+        """The job's results; cancellation leaves its state and batch ``pending``."""
+        assert self.job_plugin is not None
+        rows = [member.token.row for member in batch.members]
+        pending = self.run_ctx.pending_jobs
+        pending[batch.batch_id] = job_id
+        try:
+            return await self.job_plugin.wait(job_id, rows, flush.ctx)
+        except Exception as exc:
+            self._fail_flush(batch, flush, exc)
+        finally:
+            del pending[batch.batch_id]
+
+    def _finish_job(
+        self, batch: _Batch, flush: _Flush, results: list[MemberResult]
+    ) -> list[MemberResult]:
+        if len(results) != len(batch.members):
+            error = ValueError(f"the job has {len(results)} results for {len(batch.members)} rows")
+            self._fail_flush(batch, flush, error)
+        hashes = [None if r.row is None else self.recorder.store(r.row) for r in results]
+        self._close_flush(
+            batch, flush, NodeStateStatus.COMPLETED, output_hash=self.recorder.store(hashes)
+        )
+        return results
+
+    async def _pass_on_members(
+        self, batch: _Batch, results: list[MemberResult], state_id: str
+    ) -> None:
+        """Route the members whose requests failed by ``on_error``; pass the others on
+        as the output mode says, with the calls made for each on its state."""
+        now = time.time()
+        context = {"batch_id": batch.batch_id, "flush_state_id": state_id}
+        succeeded: list[tuple[_Member, Row]] = []
+        for member, result in zip(batch.members, results, strict=True):
+            if result.row is not None and result.error is None:
+                succeeded.append((member, result.row))
+                continue
+            failure = {**error_info(result.error or ValueError("no result")), **context}
+            failed_state = self.recorder.new_id("s")
+            self._record_calls(failed_state, result)
+            self.record_state(
+                member.token, failed_state, member.at, now, output_hash=None, error=failure,
+                context=context,
+            )  # fmt: skip
+            await self.fail_row(member.token, failure, failed_state)
+        if not succeeded:
+            return
+        calls = {id(m): r for m, r in zip(batch.members, results, strict=True)}
+        outputs = [(row, self.recorder.store(row)) for _, row in succeeded]
+        members = [member for member, _ in succeeded]
+        await self._pass_on(batch, outputs, state_id, members, calls)
+
+    def _record_calls(self, state_id: str, result: MemberResult) -> None:
+        log = self.run_ctx.calls_for(state_id)
+        for call in result.calls:
+            log.record(call)
 
     def _checked(self, outputs: Any, members: int) -> list[Row]:
         """The plugin's result, if it is what the output mode promises."""
@@ -323,29 +541,43 @@ class AggregationNode(NodeTask):
             )
         return outputs
 
-    async def _pass_on(self, batch: _Batch, outputs: list[tuple[Row, str]], state_id: str) -> None:
+    async def _pass_on(
+        self,
+        batch: _Batch,
+        outputs: list[tuple[Row, str]],
+        state_id: str,
+        members: list[_Member] | None = None,
+        results: dict[int, MemberResult] | None = None,
+    ) -> None:
+        """Pass the outputs of the flush of ``members`` (default: the whole batch) on;
+        ``results`` (by ``id`` of member) hold the calls made for each member."""
+        members = batch.members if members is None else members
         now = time.time()
         route = self.spec.routes["success"]
         context = {"batch_id": batch.batch_id, "flush_state_id": state_id}
+
+        def member_state(member: _Member, output_hash: str | None) -> None:
+            member_state_id = self.recorder.new_id("s")
+            if results is not None:
+                self._record_calls(member_state_id, results[id(member)])
+            self.record_state(
+                member.token, member_state_id, member.at, now, output_hash=output_hash,
+                context=context,
+            )  # fmt: skip
+
         if self.settings.output_mode == "passthrough":
             # Every member's state is on record before the first one moves on: a crash
             # cannot leave a member of a completed batch waiting for another batch.
-            for member, (row, row_hash) in zip(batch.members, outputs, strict=True):
-                token = member.token
-                state_id = self.recorder.new_id("s")
-                self.record_state(
-                    token, state_id, member.at, now, output_hash=row_hash, context=context
-                )
-                token.row, token.row_hash = row, row_hash
-            for member in batch.members:
+            for member, (row, row_hash) in zip(members, outputs, strict=True):
+                member_state(member, row_hash)
+                member.token.row, member.token.row_hash = row, row_hash
+            for member in members:
                 await self.deliver(member.token, route)
             return
-        members = [m.token for m in batch.members]
-        for member in batch.members:
+        tokens = [m.token for m in members]
+        for member in members:
             token = member.token
-            self.record_state(
-                token, self.recorder.new_id("s"), member.at, now, output_hash=None, context=context
-            )
+            member_state(member, None)
             self.run_ctx.record_outcome(
                 token,
                 Outcome.CONSUMED_IN_BATCH,
@@ -353,9 +585,9 @@ class AggregationNode(NodeTask):
                 batch_id=batch.batch_id,
                 context={"node": self.node_id, "batch_id": batch.batch_id},
             )
-        first = members[0]
-        step = max(t.step for t in members)
-        parents = [t.token_id for t in members]
+        first = tokens[0]
+        step = max(t.step for t in tokens)
+        parents = [t.token_id for t in tokens]
         made = []
         # Every output is on record before the first one moves on, so a crash cannot
         # lose the outputs of a batch whose members are already consumed.
@@ -371,7 +603,7 @@ class AggregationNode(NodeTask):
                 status=NodeStateStatus.COMPLETED,
                 input_hash=None,
                 output_hash=row_hash,
-                started_at=batch.members[0].at,
+                started_at=members[0].at,
                 completed_at=now,
                 step_index=step,
                 context=context,
