@@ -17,6 +17,7 @@ and appear in no record or message.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import time
@@ -33,12 +34,12 @@ from tenacity import (
     stop_after_attempt,
 )
 
-from plugins.protocols import ExternalCall, resolve_path
+from plugins.protocols import ExternalCall, ReplayMiss, resolve_path
 
 from ._limits import CircuitBreaker, CircuitOpen, EndpointLimiter
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from pathlib import Path
 
     from plugins.protocols import CallLog
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CallFailed",
     "Endpoint",
+    "HttpRequest",
 ]
 
 _OPENROUTER_URL = "https://openrouter.ai/api/v1"
@@ -73,9 +75,33 @@ class CallFailed(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """One API request: a JSON body, a multipart form (a file upload), or neither.
+
+    ``record`` is what the call ledger stores as its request (the JSON body when not
+    given); ``raw`` asks for the answer's bytes rather than a JSON object.
+    """
+
+    method: str
+    path: str
+    json: dict[str, Any] | None = None
+    #: Makes the form of each attempt (aiohttp sends a form only once).
+    form: Callable[[], aiohttp.FormData] | None = None
+    record: Any = None
+    raw: bool = False
+
+    @property
+    def recorded(self) -> Any:
+        return self.json if self.record is None else self.record
+
+
+@dataclass(frozen=True, slots=True)
 class _Attempt:
-    body: dict[str, Any]
+    body: Any  # a JSON object, or bytes for a raw request
     http_status: int
+
+
+_JSON_HEADERS = {"content-type": "application/json"}
 
 
 class Endpoint:
@@ -116,7 +142,7 @@ class Endpoint:
             await session.close()
 
     def _headers(self) -> dict[str, str]:
-        headers = {"content-type": "application/json", **self.settings.headers}
+        headers = dict(self.settings.headers)
         key = self._api_key()
         if key is not None:
             if self.settings.provider == "azure_openai":
@@ -178,41 +204,84 @@ class Endpoint:
         """POST ``body`` to ``path`` until an attempt succeeds or attempts run out.
 
         Every attempt is reported to ``calls``.  An answer ``calls`` has on record for
-        this very request is taken instead of calling (recorded as its status says).
-        Raises :class:`CallFailed` (the last attempt's error) or :class:`CircuitOpen`
-        (recorded as an ``error`` call).
+        this very request is taken instead of calling (recorded as its status says); a
+        replay without one raises :class:`~plugins.ReplayMiss` (recorded as an ``error``
+        call, nothing sent).  Raises :class:`CallFailed` (the last attempt's error) or
+        :class:`CircuitOpen` (recorded as an ``error`` call).
         """
+        try:
+            recorded = calls.recorded_answer(body)
+        except ReplayMiss as miss:
+            error = {"type": "ReplayMiss", "message": str(miss), "replay_miss": True}
+            calls.record(self._answered(body, call_type, call_index, "error", None, error))
+            raise
+        if recorded is not None:
+            response = recorded.response
+            calls.record(self._answered(body, call_type, call_index, recorded.status, response))
+            return dict(response)
+        answer: dict[str, Any] = await self.call(
+            HttpRequest("POST", path, json=body),
+            calls=calls,
+            call_type=call_type,
+            call_index=call_index,
+            estimated_tokens=estimated_tokens,
+            timeout_seconds=timeout_seconds,
+            max_attempts=max_attempts,
+        )
+        return answer
+
+    def _answered(
+        self,
+        body: dict[str, Any],
+        call_type: str,
+        call_index: int,
+        status: str,
+        response: Any,
+        error: dict[str, Any] | None = None,
+    ) -> ExternalCall:
+        """The record of a call answered (or refused) without calling."""
+        return ExternalCall(
+            call_type=call_type,
+            provider=self.settings.provider,
+            model=body.get("model"),
+            attempt=1,
+            status=status,
+            request=body,
+            response=response,
+            latency_ms=0.0,
+            call_index=call_index,
+            cost=0.0,
+            error=error,
+        )
+
+    async def call(
+        self,
+        request: HttpRequest,
+        *,
+        calls: CallLog,
+        call_type: str,
+        call_index: int = 0,
+        estimated_tokens: int = 0,
+        timeout_seconds: float | None = None,
+        max_attempts: int | None = None,
+    ) -> Any:
+        """Make ``request`` until an attempt succeeds or attempts run out (retrying as
+        :meth:`post` does), each attempt reported to ``calls``; the answer (a JSON object,
+        or bytes for a raw request)."""
         attempts = max_attempts or self.settings.max_attempts
         timeout = timeout_seconds or self.settings.timeout_seconds
+        model = request.json.get("model") if request.json is not None else None
         common = {
             "call_type": call_type,
             "provider": self.settings.provider,
-            "model": body.get("model"),
-            "request": body,
+            "model": model,
+            "request": request.recorded,
             "call_index": call_index,
         }
 
-        recorded = calls.recorded_answer(body)
-        if recorded is not None:
-            calls.record(
-                ExternalCall(
-                    call_type=call_type,
-                    provider=self.settings.provider,
-                    model=body.get("model"),
-                    attempt=1,
-                    status=recorded.status,
-                    request=body,
-                    response=recorded.response,
-                    latency_ms=0.0,
-                    call_index=call_index,
-                    cost=0.0,
-                )
-            )
-            return dict(recorded.response)
-
-        async def attempt(number: int) -> dict[str, Any]:
+        async def attempt(number: int) -> Any:
             return await self._attempt(
-                path, body, timeout, estimated_tokens, calls, {**common, "attempt": number}
+                request, timeout, estimated_tokens, calls, {**common, "attempt": number}
             )
 
         # Most calls succeed at once: the first attempt goes without the retry machinery,
@@ -254,13 +323,12 @@ class Endpoint:
 
     async def _attempt(
         self,
-        path: str,
-        body: dict[str, Any],
+        request: HttpRequest,
         limit_seconds: float,
         estimated_tokens: int,
         calls: CallLog,
         common: dict[str, Any],
-    ) -> dict[str, Any]:
+    ) -> Any:
         """One attempt, recorded whatever its end: an answer, an error, or cancellation."""
         # The breaker is asked once a slot is held, before any rate allowance is taken:
         # calls queued behind max_in_flight when it opens fail fast too, half-open lets
@@ -269,7 +337,7 @@ class Endpoint:
             async with self.limiter.slot(estimated_tokens, self.breaker.before_call) as usage:
                 started = time.perf_counter()
                 answer, http_status = await self._exchange(
-                    path, body, limit_seconds, calls, common, started
+                    request, limit_seconds, calls, common, started
                 )
                 prompt, completion = _usage(answer)
                 if prompt is not None or completion is not None:
@@ -286,7 +354,7 @@ class Endpoint:
             ExternalCall(
                 **common,
                 status="success",
-                response=answer,
+                response=_recorded_answer(answer),
                 latency_ms=latency,
                 http_status=http_status,
                 prompt_tokens=prompt,
@@ -298,16 +366,15 @@ class Endpoint:
 
     async def _exchange(
         self,
-        path: str,
-        body: dict[str, Any],
+        request: HttpRequest,
         limit_seconds: float,
         calls: CallLog,
         common: dict[str, Any],
         started: float,
-    ) -> tuple[dict[str, Any], int]:
+    ) -> tuple[Any, int]:
         """Send the request; a failed exchange is told to the breaker and recorded."""
         try:
-            result = await self._send(path, body, limit_seconds)
+            result = await self._send(request, limit_seconds)
         except CallFailed as exc:
             if exc.retryable:
                 self.breaker.failed()
@@ -341,13 +408,20 @@ class Endpoint:
         except Exception as exc:
             failure.add_note(f"the failed attempt could not be recorded: {exc!r}")
 
-    async def _send(self, path: str, body: dict[str, Any], limit_seconds: float) -> _Attempt:
+    async def _send(self, request: HttpRequest, limit_seconds: float) -> _Attempt:
         session = self._session
         if session is None:
             raise RuntimeError(f"endpoint '{self.name}' is not open")
+        if request.json is not None:
+            data: Any = orjson.dumps(request.json)
+            headers: dict[str, str] | None = _JSON_HEADERS
+        else:
+            data, headers = None if request.form is None else request.form(), None
         try:
             with anyio.fail_after(limit_seconds):
-                async with session.post(self.url(path), data=orjson.dumps(body)) as response:
+                async with session.request(
+                    request.method, self.url(request.path), data=data, headers=headers
+                ) as response:
                     content = await response.read()
                     status = response.status
                     retry_after = _retry_after(response.headers)
@@ -365,6 +439,8 @@ class Endpoint:
             raise CallFailed(
                 error, retryable=retryable, http_status=status, retry_after=retry_after
             )
+        if request.raw:
+            return _Attempt(content, status)
         try:
             parsed = orjson.loads(content)
         except orjson.JSONDecodeError:
@@ -377,9 +453,17 @@ class Endpoint:
         return _Attempt(parsed, status)
 
 
-def _usage(answer: dict[str, Any]) -> tuple[int | None, int | None]:
+def _recorded_answer(answer: Any) -> Any:
+    """What the ledger stores of an answer: the JSON, or a digest of raw bytes (a
+    downloaded file, whose lines are recorded one by one where they are used)."""
+    if isinstance(answer, bytes):
+        return {"bytes": len(answer), "sha256": hashlib.sha256(answer).hexdigest()}
+    return answer
+
+
+def _usage(answer: Any) -> tuple[int | None, int | None]:
     """Prompt and completion tokens the answer reports (``None`` where it reports none)."""
-    reported = answer.get("usage")
+    reported = answer.get("usage") if isinstance(answer, dict) else None
     tokens: dict[str, Any] = reported if isinstance(reported, dict) else {}
     prompt, completion = tokens.get("prompt_tokens"), tokens.get("completion_tokens")
     return (
