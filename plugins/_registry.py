@@ -51,7 +51,8 @@ _DEFERRED: dict[str, dict[str, str]] = {
     "transform": {
         "llm": "plugins.llm:LlmTransform",
         "embedding": "plugins.llm:EmbeddingTransform",
-    }
+    },
+    "aggregation": {"llm_batch": "plugins.llm:LlmBatchAggregation"},
 }
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ._settings import BackoffSettings, BreakerSettings, EndpointSettings, ModelPrice
 
 if TYPE_CHECKING:
+    from ._batch import BatchRequestFailed, LlmBatchAggregation, LlmBatchOptions
     from ._embedding import EmbeddingOptions, EmbeddingTransform
     from ._endpoint import CallFailed, Endpoint
     from ._limits import CircuitBreaker, CircuitOpen, EndpointLimiter
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AnswerError",
     "BackoffSettings",
+    "BatchRequestFailed",
     "BreakerSettings",
     "CallFailed",
     "CircuitBreaker",
@@ -45,6 +47,8 @@ __all__ = [
     "Fault",
     "FixedLatency",
     "Latency",
+    "LlmBatchAggregation",
+    "LlmBatchOptions",
     "LlmOptions",
     "LlmTransform",
     "LogNormalLatency",
@@ -61,6 +65,9 @@ __all__ = [
 
 #: Where each lazily loaded name lives.
 _LAZY = {
+    "BatchRequestFailed": "._batch",
+    "LlmBatchAggregation": "._batch",
+    "LlmBatchOptions": "._batch",
     "EmbeddingOptions": "._embedding",
     "EmbeddingTransform": "._embedding",
     "CallFailed": "._endpoint",

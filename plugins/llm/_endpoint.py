@@ -339,7 +339,7 @@ class Endpoint:
                 answer, http_status = await self._exchange(
                     request, limit_seconds, calls, common, started
                 )
-                prompt, completion = _usage(answer)
+                prompt, completion = reported_usage(answer)
                 if prompt is not None or completion is not None:
                     usage.actual((prompt or 0) + (completion or 0))
         except CircuitOpen as exc:
@@ -461,7 +461,7 @@ def _recorded_answer(answer: Any) -> Any:
     return answer
 
 
-def _usage(answer: Any) -> tuple[int | None, int | None]:
+def reported_usage(answer: Any) -> tuple[int | None, int | None]:
     """Prompt and completion tokens the answer reports (``None`` where it reports none)."""
     reported = answer.get("usage") if isinstance(answer, dict) else None
     tokens: dict[str, Any] = reported if isinstance(reported, dict) else {}
