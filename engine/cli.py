@@ -141,8 +141,8 @@ def _add_mock_llm(commands: Commands) -> None:
         description=(
             "Serve an OpenAI-compatible mock LLM on 127.0.0.1 (chat completions with text, "
             "json and json_schema answers derived from the prompt and the seed; embeddings; "
-            "GET /stats) with injectable latency and errors. Prints its base URL; runs "
-            "until interrupted."
+            "batch jobs through /v1/files and /v1/batches; GET /stats) with injectable "
+            "latency and errors. Prints its base URL; runs until interrupted."
         ),
     )
     mock.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
@@ -151,6 +151,12 @@ def _add_mock_llm(commands: Commands) -> None:
         "--error-rate", type=float, default=0.0, help="share of requests answered 429/500/503"
     )
     mock.add_argument("--seed", type=int, default=0, help="seed of answers and faults")
+    mock.add_argument(
+        "--batch-delay-seconds",
+        type=float,
+        default=0.0,
+        help="how long a batch job takes from creation to completion (default 0)",
+    )
 
 
 def _landscape_option(parser: argparse.ArgumentParser, default_help: str = DEFAULT_URL) -> None:
@@ -305,7 +311,10 @@ async def _verify(args: argparse.Namespace, out: Console, err: Console) -> int:
 async def _mock_llm(args: argparse.Namespace, out: Console, err: Console) -> int:
     # plugins.llm loads the mock server (and aiohttp) on first use of its names.
     settings = llm.settings_from_options(
-        latency_ms=args.latency_ms, error_rate=args.error_rate, seed=args.seed
+        latency_ms=args.latency_ms,
+        error_rate=args.error_rate,
+        seed=args.seed,
+        batch_delay_seconds=args.batch_delay_seconds,
     )
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with anyio.create_task_group() as tg:

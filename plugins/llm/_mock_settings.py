@@ -132,7 +132,9 @@ class MockSettings:
 
     ``faults`` maps each :class:`Fault` (or its string value) to the probability that a
     request suffers it.  The rates of :data:`REQUEST_FAULTS` together may not exceed 1;
-    the two batch faults have a rate each and apply only to batch requests.
+    the two batch faults have a rate each and apply only to batch requests.  Neither the
+    latency nor the faults touch the Batch API (files and batch jobs): its settings are the
+    ``batch_*`` fields.
     """
 
     seed: int = 0
@@ -146,6 +148,12 @@ class MockSettings:
     embedding_dimensions: int = 8
     #: When set, requests must carry ``Authorization: Bearer <key>`` or ``api-key: <key>``.
     api_key: str | None = field(default=None, repr=False)
+    #: How long after its creation a batch job ends (completes or expires).
+    batch_delay_seconds: float = 0.0
+    #: Probability that a request inside a batch job fails (a 500 in the error file).
+    batch_failure_rate: float = 0.0
+    #: The first this many batch jobs created expire instead of completing.
+    batch_expire_jobs: int = 0
 
     def __post_init__(self) -> None:
         rates = {Fault(kind): float(rate) for kind, rate in self.faults.items()}
@@ -159,6 +167,13 @@ class MockSettings:
         _check_seconds("hang_seconds", self.hang_seconds)
         if self.embedding_dimensions < 1:
             raise ValueError("embedding_dimensions must be at least 1")
+        _check_seconds("batch_delay_seconds", self.batch_delay_seconds)
+        if not 0.0 <= self.batch_failure_rate <= 1.0:
+            raise ValueError(
+                f"batch_failure_rate {self.batch_failure_rate!r} is not between 0 and 1"
+            )
+        if self.batch_expire_jobs < 0:
+            raise ValueError("batch_expire_jobs must be at least 0")
 
     def rate(self, fault: Fault) -> float:
         """The configured probability of ``fault`` (0 when not configured)."""
@@ -166,11 +181,16 @@ class MockSettings:
 
 
 def settings_from_options(
-    *, latency_ms: float = 0.0, error_rate: float = 0.0, seed: int = 0
+    *,
+    latency_ms: float = 0.0,
+    error_rate: float = 0.0,
+    seed: int = 0,
+    batch_delay_seconds: float = 0.0,
 ) -> MockSettings:
     """Settings for the ``ledgerflow mock-llm`` options.
 
-    The latency is fixed; ``error_rate`` is split evenly between 429, 500 and 503.
+    The latency is fixed; ``error_rate`` is split evenly between 429, 500 and 503 (batch
+    jobs are not affected by it).
     """
     if not 0.0 <= error_rate <= 1.0:
         raise ValueError(f"error rate {error_rate!r} is not between 0 and 1")
@@ -179,4 +199,5 @@ def settings_from_options(
         seed=seed,
         latency=FixedLatency(latency_ms / 1000),
         faults={Fault.RATE_LIMITED: share, Fault.SERVER_ERROR: share, Fault.UNAVAILABLE: share},
+        batch_delay_seconds=batch_delay_seconds,
     )

@@ -1,8 +1,10 @@
 """What the mock LLM server has seen: live counters and the frozen record ``/stats`` reports.
 
-Only API requests (chat completions, embeddings) are counted, never ``/stats`` itself.
-A request is *in flight* from the moment its headers are parsed until its response is
-sent or its connection is gone, so hanging requests count for as long as they hang.
+Only API requests (chat completions, embeddings, files and batches) are counted, never
+``/stats`` itself.  A request is *in flight* from the moment its headers are parsed until
+its response is sent or its connection is gone, so hanging requests count for as long as
+they hang.  The requests inside a batch job are not requests to the server (nor
+responses by status); their chat answers count in the prompt counters like any other.
 """
 
 from __future__ import annotations
@@ -36,12 +38,18 @@ class MockStats:
     #: Chat requests whose prompt was a batch, and the rows they held together.
     batch_requests: int
     batch_rows: int
-    #: Batch jobs by status; reserved for the batch-job API, empty until it exists.
+    #: The batch jobs the server holds, by their current status.  Like ``in_flight`` this
+    #: describes the server now, so a reset leaves it alone.
     batch_jobs: Mapping[str, int]
     #: Distinct chat prompts (their messages) answered 200, and 200 answers to a prompt
     #: answered before (what a resumed run that re-asks would show).
     prompts_answered: int = 0
     repeated_answers: int = 0
+    #: Batch jobs created and files uploaded (not the output files the server writes).
+    batches_created: int = 0
+    files_uploaded: int = 0
+    #: Requests inside batch jobs answered 200 (the lines of their output files).
+    batch_requests_answered: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document of ``GET /stats`` (statuses become string keys)."""
@@ -57,6 +65,9 @@ class MockStats:
             "batch_jobs": dict(self.batch_jobs),
             "prompts_answered": self.prompts_answered,
             "repeated_answers": self.repeated_answers,
+            "batches_created": self.batches_created,
+            "files_uploaded": self.files_uploaded,
+            "batch_requests_answered": self.batch_requests_answered,
         }
 
     @classmethod
@@ -78,6 +89,9 @@ class MockStats:
             batch_jobs=MappingProxyType(dict(data["batch_jobs"])),
             prompts_answered=data.get("prompts_answered", 0),
             repeated_answers=data.get("repeated_answers", 0),
+            batches_created=data.get("batches_created", 0),
+            files_uploaded=data.get("files_uploaded", 0),
+            batch_requests_answered=data.get("batch_requests_answered", 0),
         )
 
 
@@ -86,11 +100,13 @@ class StatsCounter:
 
     def __init__(self) -> None:
         self.in_flight = 0
+        #: Jobs by status, kept up to date by the batch store as jobs move on.
+        self.batch_jobs: Counter[str] = Counter()
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.reset()
 
     def reset(self) -> None:
-        """Zero every counter; requests now in flight stay in flight."""
+        """Zero every counter; requests in flight and batch jobs held stay counted."""
         self.requests = 0
         self.by_path: Counter[str] = Counter()
         self.by_status: Counter[int] = Counter()
@@ -98,7 +114,9 @@ class StatsCounter:
         self.faults: Counter[Fault] = Counter()
         self.batch_requests = 0
         self.batch_rows = 0
-        self.batch_jobs: Counter[str] = Counter()
+        self.batches_created = 0
+        self.files_uploaded = 0
+        self.batch_requests_answered = 0
         # A digest per distinct prompt: a test server's memory, grown by what it is asked.
         self.answered: set[bytes] = set()
         self.repeated_answers = 0
@@ -152,7 +170,10 @@ class StatsCounter:
             faults_injected=MappingProxyType(dict(self.faults)),
             batch_requests=self.batch_requests,
             batch_rows=self.batch_rows,
-            batch_jobs=MappingProxyType(dict(self.batch_jobs)),
+            batch_jobs=MappingProxyType({k: n for k, n in self.batch_jobs.items() if n}),
             prompts_answered=len(self.answered),
             repeated_answers=self.repeated_answers,
+            batches_created=self.batches_created,
+            files_uploaded=self.files_uploaded,
+            batch_requests_answered=self.batch_requests_answered,
         )

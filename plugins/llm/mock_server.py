@@ -1,19 +1,27 @@
 """An OpenAI-compatible mock LLM server for tests, dry runs and benchmarks.
 
-Routes (JSON in, JSON out)::
+Routes (JSON in, JSON out, except where noted)::
 
     POST /v1/chat/completions                                 chat answers
     POST /v1/embeddings                                       unit vectors
     POST /openai/deployments/{name}/chat/completions?api-version=...   Azure style
     POST /openai/deployments/{name}/embeddings?api-version=...
+    POST /v1/files                                            upload a batch file (multipart)
+    GET  /v1/files/{id}/content                               a file's bytes
+    POST /v1/batches                                          create a batch job
+    GET  /v1/batches/{id}                                     the job as it is now
+    POST /v1/batches/{id}/cancel                              cancel the job
     GET  /stats                                               counters (MockStats.to_json)
     POST /stats/reset                                         zero the counters
 
 Answers are deterministic in the prompt, the model and the seed (see ``_mock_answers``).
 An API request is handled in this order: it is counted and in flight; without the
 configured key it gets a 401; its fate is drawn (``_mock_faults``); a hanging request hangs,
-any other waits its latency, then gets its injected fault or its answer.  ``/stats`` needs
-no key and is never delayed or faulted.
+any other waits its latency, then gets its injected fault or its answer.  Files and batch
+requests are counted and need the key too, but are never delayed or faulted: batch jobs
+have their own delay and failures (``_mock_batches``), and a request inside a job is
+answered exactly as ``/v1/chat/completions`` answers its body.  ``/stats`` needs no key
+and is never delayed or faulted.
 
 In tests::
 
@@ -25,24 +33,27 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import hashlib
 import hmac
 import itertools
 import math
 import time
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeAlias
 
 import anyio
 import orjson
 from aiohttp import web
 
 from ._mock_answers import Answerer, ChatAnswer
+from ._mock_batches import BatchError, BatchStore, read_upload
 from ._mock_faults import Dice, Fate, close_after, malformed, reset, send_truncated
 from ._mock_schema import BadRequest
 from ._mock_settings import Fault, MockSettings
 from ._mock_stats import MockStats, StatsCounter
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
     from types import TracebackType
 
     from anyio.abc import TaskStatus
@@ -62,6 +73,17 @@ _OPENAI_ROUTES = {"/v1/" + endpoint.value: endpoint for endpoint in _Endpoint}
 _AZURE_ROUTES = {endpoint.value: endpoint for endpoint in _Endpoint}
 
 
+class _BatchOp(enum.Enum):
+    UPLOAD = "upload"
+    CONTENT = "content"
+    CREATE = "create"
+    RETRIEVE = "retrieve"
+    CANCEL = "cancel"
+
+
+_Serve: TypeAlias = "Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]"
+
+
 def _route(path: str) -> tuple[_Endpoint, str | None] | None:
     """The API endpoint of ``path`` and, for an Azure path, its deployment name."""
     endpoint = _OPENAI_ROUTES.get(path)
@@ -74,6 +96,22 @@ def _route(path: str) -> tuple[_Endpoint, str | None] | None:
     return (endpoint, deployment) if endpoint is not None and deployment else None
 
 
+def _batch_route(path: str) -> tuple[str, _BatchOp, str] | None:
+    """The method, operation and file or batch id (``""`` if none) of a Batch API path."""
+    match path.split("/"):
+        case ["", "v1", "files"]:
+            return "POST", _BatchOp.UPLOAD, ""
+        case ["", "v1", "files", file_id, "content"] if file_id:
+            return "GET", _BatchOp.CONTENT, file_id
+        case ["", "v1", "batches"]:
+            return "POST", _BatchOp.CREATE, ""
+        case ["", "v1", "batches", batch_id] if batch_id:
+            return "GET", _BatchOp.RETRIEVE, batch_id
+        case ["", "v1", "batches", batch_id, "cancel"] if batch_id:
+            return "POST", _BatchOp.CANCEL, batch_id
+    return None
+
+
 def _error_body(message: str, kind: str, code: str | None = None) -> dict[str, Any]:
     """An error document shaped like OpenAI's."""
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
@@ -84,6 +122,7 @@ def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> w
     return web.Response(body=body, status=status, headers=headers, content_type="application/json")
 
 
+_CALM = Fate(latency=0.0)
 _FAULT_REPLIES = {
     Fault.RATE_LIMITED: (429, _error_body("Rate limit reached.", "requests", "rate_limited")),
     Fault.SERVER_ERROR: (500, _error_body("The server had an error.", "server_error")),
@@ -138,6 +177,7 @@ class MockLlmServer:
         self._dice = Dice(self.settings)
         self._answerer = Answerer(self.settings.seed, self.settings.embedding_dimensions)
         self._numbers = itertools.count(1)
+        self._batches = BatchStore(self.settings, self._stats, self._answer_batched)
         self._closing = asyncio.Event()
         self._runner: web.ServerRunner | None = None
         self._port = 0
@@ -192,6 +232,7 @@ class MockLlmServer:
 
     def statistics(self) -> MockStats:
         """The counters as they are now (the same record ``GET /stats`` reports)."""
+        self._batches.advance_all()
         return self._stats.snapshot()
 
     async def wait_in_flight(self, count: int) -> None:
@@ -207,32 +248,45 @@ class MockLlmServer:
             raise RuntimeError(f"the mock LLM server is {self._state.value}; use `async with`")
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        route = _route(request.path)
-        if route is None:
+        found = self._find_route(request.path)
+        if found is None:
             return self._control(request)
-        if request.method != "POST":
-            return _json(405, _error_body("Use POST.", "invalid_request_error"))
+        method, serve = found
+        if request.method != method:
+            return _json(405, _error_body(f"Use {method}.", "invalid_request_error"))
         self._stats.begin(request.path)
         try:
-            return await self._serve_api(request, *route)
+            return await serve(request)
         finally:
             self._stats.end()
+
+    def _find_route(self, path: str) -> tuple[str, _Serve] | None:
+        """The method an API path takes and the coroutine function that serves it."""
+        route = _route(path)
+        if route is not None:
+            return "POST", functools.partial(
+                self._serve_api, endpoint=route[0], deployment=route[1]
+            )
+        batch_route = _batch_route(path)
+        if batch_route is not None:
+            method, op, ident = batch_route
+            return method, functools.partial(self._serve_batches, op=op, ident=ident)
+        return None
 
     def _control(self, request: web.BaseRequest) -> web.Response:
         """``/stats`` and ``/stats/reset``; anything else is not found."""
         if (request.method, request.path) == ("GET", "/stats"):
-            return _json(200, self._stats.snapshot().to_json())
+            return _json(200, self.statistics().to_json())
         if (request.method, request.path) == ("POST", "/stats/reset"):
             self._stats.reset()
-            return _json(200, self._stats.snapshot().to_json())
+            return _json(200, self.statistics().to_json())
         return _json(404, _error_body(f"No route {request.path}.", "invalid_request_error"))
 
     async def _serve_api(
         self, request: web.BaseRequest, endpoint: _Endpoint, deployment: str | None
     ) -> web.StreamResponse:
         if not self._authorized(request):
-            message = "Incorrect API key provided."
-            return self._reply(401, _error_body(message, "authentication_error", "invalid_api_key"))
+            return self._unauthorized()
         if deployment is not None and "api-version" not in request.query:
             message = "The api-version query parameter is required."
             return self._reply(400, _error_body(message, "invalid_request_error"))
@@ -270,12 +324,53 @@ class MockLlmServer:
             return await send_truncated(request, data)
         return self._reply(status, malformed(data) if fate.fault is Fault.MALFORMED_JSON else data)
 
+    async def _serve_batches(
+        self, request: web.BaseRequest, op: _BatchOp, ident: str
+    ) -> web.Response:
+        """A Batch API request: never delayed or faulted; refusals are OpenAI error bodies."""
+        if not self._authorized(request):
+            return self._unauthorized()
+        try:
+            return await self._batch_reply(request, op, ident)
+        except BatchError as exc:
+            return self._reply(exc.status, _error_body(str(exc), "invalid_request_error", exc.code))
+
+    async def _batch_reply(
+        self, request: web.BaseRequest, op: _BatchOp, ident: str
+    ) -> web.Response:
+        match op:
+            case _BatchOp.UPLOAD:
+                return self._reply(200, self._batches.upload(await read_upload(request)))
+            case _BatchOp.CONTENT:
+                content = self._batches.content(ident)
+                self._stats.by_status[200] += 1
+                return web.Response(body=content, content_type="application/octet-stream")
+            case _BatchOp.CREATE:
+                return self._reply(200, self._batches.create(await request.read()))
+            case _BatchOp.RETRIEVE:
+                return self._reply(200, self._batches.retrieve(ident))
+            case _BatchOp.CANCEL:
+                return self._reply(200, self._batches.cancel(ident))
+
+    def _answer_batched(self, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """The answer to a request inside a batch job: the online chat answer to its body."""
+        return self._answer_document(request, _Endpoint.CHAT, None, _CALM)
+
     def _answer(
         self, body: bytes, endpoint: _Endpoint, deployment: str | None, fate: Fate
     ) -> tuple[int, dict[str, Any]]:
         """The status and document answering ``body``: 200, or 400 for a bad request."""
         try:
             request = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return 400, _error_body("The body is not valid JSON.", "invalid_request_error")
+        return self._answer_document(request, endpoint, deployment, fate)
+
+    def _answer_document(
+        self, request: Any, endpoint: _Endpoint, deployment: str | None, fate: Fate
+    ) -> tuple[int, dict[str, Any]]:
+        """The status and document answering the parsed body ``request``."""
+        try:
             if not isinstance(request, dict):
                 raise BadRequest("The body must be a JSON object.")
             model = request.get("model") or deployment
@@ -288,8 +383,6 @@ class MockLlmServer:
             answer = self._answerer.chat(request, model, fate.disorder)
             prompt = orjson.dumps(request.get("messages"), option=orjson.OPT_SORT_KEYS)
             self._stats.answered_prompt(hashlib.sha1(prompt, usedforsecurity=False).digest())
-        except orjson.JSONDecodeError:
-            return 400, _error_body("The body is not valid JSON.", "invalid_request_error")
         except BadRequest as exc:
             return 400, _error_body(str(exc), "invalid_request_error")
         if answer.batch_rows:
@@ -304,6 +397,10 @@ class MockLlmServer:
     ) -> web.Response:
         self._stats.by_status[status] += 1
         return _json(status, payload, headers)
+
+    def _unauthorized(self) -> web.Response:
+        message = "Incorrect API key provided."
+        return self._reply(401, _error_body(message, "authentication_error", "invalid_api_key"))
 
     def _authorized(self, request: web.BaseRequest) -> bool:
         """Whether the request carries the configured key (always, when none is set)."""
