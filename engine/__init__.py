@@ -19,6 +19,7 @@ from ._errors import (
     LedgerflowError,
     PipelineStateError,
     PluginError,
+    ReplayError,
     ResumeError,
     RunFailed,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "Pipeline",
     "PipelineStateError",
     "PluginError",
+    "ReplayError",
     "ResumeError",
     "RunFailed",
     "RunResult",

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from landscape import CallSummary, canonical_hash
-from plugins import RecordedAnswer
+from plugins import RecordedAnswer, ReplayMiss
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -61,16 +61,37 @@ class CallTotals:
 
 @dataclass(frozen=True, slots=True)
 class AnswerBook:
-    """Answers on record by request hash, and what a call answered from it is recorded as."""
+    """Answers on record by request hash, and what a call answered from it is recorded as.
+
+    A request it has no answer for is looked up in ``fallback``; when a replay is the
+    last word (``replay_of``, the run replayed), a request nobody answered is a
+    :class:`~plugins.ReplayMiss`, never a call.
+    """
 
     status: str
     answers: Mapping[str, Any]
+    fallback: AnswerBook | None = None
+    replay_of: str | None = None
+
+    @classmethod
+    def replaying(cls, run_id: str, answers: Mapping[str, Any]) -> AnswerBook:
+        """The answers of run ``run_id``, for a run that replays it."""
+        return cls("replayed", answers, replay_of=run_id)
 
     def lookup(self, request: Any) -> RecordedAnswer | None:
-        if not self.answers:
-            return None
-        response = self.answers.get(canonical_hash(request))
-        return None if response is None else RecordedAnswer(self.status, response)
+        if not self.answers and self.fallback is None and self.replay_of is None:
+            return None  # the common case: nothing on record, and no hashing for it
+        return self._lookup(canonical_hash(request))
+
+    def _lookup(self, request_hash: str) -> RecordedAnswer | None:
+        response = self.answers.get(request_hash)
+        if response is not None:
+            return RecordedAnswer(self.status, response)
+        if self.fallback is not None:
+            return self.fallback._lookup(request_hash)
+        if self.replay_of is not None:
+            raise ReplayMiss(request_hash, self.replay_of)
+        return None
 
 
 class StateCalls:

@@ -26,6 +26,7 @@ __all__ = [
     "LedgerflowError",
     "PipelineStateError",
     "PluginError",
+    "ReplayError",
     "ResumeError",
     "RunFailed",
 ]
@@ -82,6 +83,10 @@ class RunFailed(LedgerflowError):
 
 class ResumeError(LedgerflowError):
     """A run cannot be resumed as asked."""
+
+
+class ReplayError(LedgerflowError):
+    """A run cannot be replayed as asked (there is no such recorded run)."""
 
 
 class PipelineStateError(LedgerflowError):

@@ -27,6 +27,7 @@ from ._nodes import (
     SourceNode,
     TransformNode,
 )
+from ._replay import load_replay
 from ._resume import ResumePlan
 from ._run_context import NodeStatistics, RunContext
 from ._streams import Inbox, Outbox
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from landscape import Recorder
     from plugins import Plugin
 
+    from ._calls import AnswerBook
     from ._tokens import Token
 
 __all__ = ["Pipeline", "RunResult", "RunStatistics"]
@@ -92,6 +94,14 @@ ProgressCallback = Callable[[RunStatistics], None]
 def new_run_id() -> str:
     """A run id that sorts by start time: ``20261126T184512-a3f9c2``."""
     return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Start:
+    """How a run starts: afresh, resuming a run (its id is the run's), or replaying one."""
+
+    resume: bool = False
+    replay: str | None = None
 
 
 class Pipeline:
@@ -150,9 +160,18 @@ class Pipeline:
     # -- running -------------------------------------------------------------------------
 
     async def run(
-        self, *, on_progress: ProgressCallback | None = None, progress_interval: float = 0.5
+        self,
+        *,
+        replay: str | None = None,
+        on_progress: ProgressCallback | None = None,
+        progress_interval: float = 0.5,
     ) -> RunResult:
         """Run the pipeline to the end of its source and return how it went.
+
+        With ``replay`` (a run id), every external call is answered from that run's
+        recorded answers, matched by request hash, and nothing goes over the network:
+        a request it never made is the row's error (``replay_miss``).  Raises
+        :class:`~engine.ReplayError` before anything runs when there is no such run.
 
         Raises :class:`~engine.RunFailed` (after recording the run ``failed``) when a node
         fails outside a row — rows' own errors never do — and :class:`~engine.AuditError`
@@ -162,7 +181,8 @@ class Pipeline:
         is written — and then the cancellation goes on to the caller
         (:attr:`last_result` says how the run ended).
         """
-        return await self._guarded(new_run_id(), False, on_progress, progress_interval)
+        start = _Start(replay=replay)
+        return await self._guarded(new_run_id(), start, on_progress, progress_interval)
 
     async def resume(
         self,
@@ -180,7 +200,7 @@ class Pipeline:
         completed, or when the pipeline or the source changed since the run began;
         otherwise behaves as :meth:`run`.
         """
-        return await self._guarded(run_id, True, on_progress, progress_interval)
+        return await self._guarded(run_id, _Start(resume=True), on_progress, progress_interval)
 
     @property
     def running(self) -> bool:
@@ -204,7 +224,7 @@ class Pipeline:
     async def _guarded(
         self,
         run_id: str,
-        resume: bool,
+        start: _Start,
         on_progress: ProgressCallback | None,
         progress_interval: float,
     ) -> RunResult:
@@ -222,7 +242,7 @@ class Pipeline:
             try:
                 with anyio.CancelScope(shield=True):
                     self.last_result = await self._execute(
-                        run_id, resume, on_progress, progress_interval
+                        run_id, start, on_progress, progress_interval
                     )
             except Exception as exc:  # handed to the caller as is, not in a group
                 failure.append(exc)
@@ -248,17 +268,21 @@ class Pipeline:
     async def _execute(
         self,
         run_id: str,
-        resume: bool,
+        start: _Start,
         on_progress: ProgressCallback | None,
         progress_interval: float,
     ) -> RunResult:
         self._started = time.monotonic()
         try:
             async with Landscape.connect(self.landscape_url) as landscape:
-                plan = await ResumePlan.load(self.graph, landscape, run_id) if resume else None
+                plan = replay = None
+                if start.resume:
+                    plan = await ResumePlan.load(self.graph, landscape, run_id)
+                if start.replay is not None:
+                    replay = await load_replay(landscape, start.replay)
                 try:
                     status = await self._run_recorded(
-                        landscape, run_id, plan, on_progress, progress_interval
+                        landscape, run_id, plan, replay, on_progress, progress_interval
                     )
                 finally:
                     if plan is not None:
@@ -305,6 +329,7 @@ class Pipeline:
         landscape: Landscape,
         run_id: str,
         resume: ResumePlan | None,
+        replay: AnswerBook | None,
         on_progress: ProgressCallback | None,
         progress_interval: float,
     ) -> RunStatus:
@@ -316,13 +341,15 @@ class Pipeline:
             run = self._run = RunContext(run_id, self.graph, recorder, self.clock)
             if resume is not None:
                 resume.prepare(run)
+            if replay is not None:
+                run.answers = replay
             if self._stop_early:
                 run.request_stop(None, force=self._force_stop)
             async with anyio.create_task_group() as tg:
                 await tg.start(writer.run)
                 try:
                     if resume is None:
-                        self._record_graph(recorder)
+                        self._record_graph(recorder, None if replay is None else replay.replay_of)
                     else:
                         recorder.resume_run()
                     await self._run_nodes(run, resume, on_progress, progress_interval)
@@ -347,7 +374,7 @@ class Pipeline:
             raise RunFailed(run_id, _describe(failure)) from _unwrap(failure)
         return status
 
-    def _record_graph(self, recorder: Recorder) -> None:
+    def _record_graph(self, recorder: Recorder, replayed_from: str | None) -> None:
         graph = self.graph
         recorder.begin_run(
             config_hash=graph.config_hash,
@@ -357,6 +384,7 @@ class Pipeline:
             },
             engine_version=ENGINE_VERSION,
             pipeline_name=self.settings.name,
+            replayed_from=replayed_from,
         )
         for node_id, spec in graph.nodes.items():
             plugin = spec.plugin

@@ -43,6 +43,7 @@ from ._errors import ResumeError
 from ._forks import ForkInstance
 from ._graph import NodeKind
 from ._nodes import NodeTask
+from ._replay import load_replay
 from ._run_context import RecordedJob
 from ._tokens import Token
 from ._watermark import RowTracker
@@ -99,17 +100,20 @@ class ResumePlan:
         calls: CallSummary,
         payloads: dict[str, Any],
         source: _SourceReread,
+        replay: AnswerBook | None = None,
     ) -> None:
         self.graph = graph
         self.unfinished = unfinished
         self._calls = calls
         self._payloads = payloads
         self._source = source
-        self._answers = {
+        own = {
             request: payloads[response]
             for request, response in unfinished.reusable_calls.items()
             if response in payloads
         }
+        #: The run's own answers, then (for a replaying run) the replayed run's.
+        self.answers = AnswerBook("reused", own, fallback=replay)
 
     @property
     def run_id(self) -> str:
@@ -135,13 +139,16 @@ class ResumePlan:
         _check_graph(graph, unfinished)
         summary = await landscape.get_run(run_id)
         calls = CallSummary() if summary is None else summary.calls
+        replay = None
+        if unfinished.replayed_from is not None:
+            replay = await load_replay(landscape, unfinished.replayed_from)
         source = await _reread_source(graph, unfinished)
         try:
             payloads = await landscape.load_payloads(_payloads_needed(unfinished))
         except BaseException:
             await source.records.aclose()
             raise
-        return cls(graph, unfinished, calls, payloads, source)
+        return cls(graph, unfinished, calls, payloads, source, replay)
 
     # -- putting the run back -------------------------------------------------------------
 
@@ -160,7 +167,7 @@ class ResumePlan:
             run.rows_read + self.graph.settings.runtime.checkpoint_every_rows
         )
         run.sink_writes = {node: seq for node, (seq, _) in unfinished.sink_positions.items()}
-        run.answers = AnswerBook("reused", self._answers)
+        run.answers = self.answers
         run.calls = CallTotals.resumed(self._calls)
         for state in unfinished.open_states:
             recorder.close_state(

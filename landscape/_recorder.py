@@ -141,6 +141,7 @@ class Recorder:
         settings: Mapping[str, Any],
         engine_version: str,
         pipeline_name: str | None,
+        replayed_from: str | None = None,
     ) -> None:
         self._writer.insert(
             t.runs,
@@ -156,6 +157,7 @@ class Recorder:
                 "rows_processed": None,
                 "outcomes_json": None,
                 "error": None,
+                "replayed_from": replayed_from,
             },
         )
 

@@ -121,6 +121,8 @@ class UnfinishedRun:
     #: request hash -> response payload hash, of successful calls made for node states
     #: that never completed.
     reusable_calls: dict[str, str]
+    #: The run this one replays (its answers answer this one's calls), if any.
+    replayed_from: str | None = None
 
     @property
     def open_states(self) -> list[RecordedState]:
@@ -201,6 +203,7 @@ async def load_unfinished(conn: AsyncConnection, run_id: str) -> UnfinishedRun |
         open_batches=await _open_batches(conn, run_id),
         sink_positions=await _sink_positions(conn, run_id),
         reusable_calls=await _reusable_calls(conn, run_id),
+        replayed_from=run.replayed_from,
     )
 
 

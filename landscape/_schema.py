@@ -42,6 +42,8 @@ runs = Table(
     Column("rows_processed", Integer),
     Column("outcomes_json", Text),
     Column("error", Text),
+    #: The run whose recorded answers this one replays (no network), if any.
+    Column("replayed_from", _ID),
 )
 
 nodes = Table(

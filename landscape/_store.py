@@ -18,6 +18,7 @@ from ._committers import Committer, SqliteProcessCommitter
 from ._errors import LandscapeError, LandscapeUnavailable
 from ._lineage import Lineage, explain
 from ._recorder import Recorder
+from ._replay import load_answers
 from ._resume import UnfinishedRun, load_payloads, load_unfinished
 from ._verify import VerifyReport, verify
 from ._writer import GroupCommitWriter
@@ -200,6 +201,12 @@ class Landscape:
         """What resuming ``run_id`` needs to know (``None`` if there is no such run)."""
         async with self.engine.connect() as conn:
             return await load_unfinished(conn, run_id)
+
+    async def recorded_answers(self, run_id: str) -> dict[str, Any] | None:
+        """Request hash -> answer, of every answered call of ``run_id`` (what a replay of
+        it is answered from); ``None`` if there is no such run."""
+        async with self.engine.connect() as conn:
+            return await load_answers(conn, run_id)
 
     async def load_payloads(self, hashes: Iterable[str]) -> dict[str, Any]:
         """The values stored under ``hashes`` (absent ones are left out)."""
