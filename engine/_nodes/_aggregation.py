@@ -477,11 +477,14 @@ class AggregationNode(NodeTask):
         pending = self.run_ctx.pending_jobs
         pending[batch.batch_id] = job_id
         try:
-            return await self.job_plugin.wait(job_id, rows, flush.ctx)
+            results = await self.job_plugin.wait(job_id, rows, flush.ctx)
+        except anyio.get_cancelled_exc_class():
+            raise  # still pending: the final checkpoint names it
         except Exception as exc:
-            self._fail_flush(batch, flush, exc)
-        finally:
             del pending[batch.batch_id]
+            self._fail_flush(batch, flush, exc)
+        del pending[batch.batch_id]
+        return results
 
     def _finish_job(
         self, batch: _Batch, flush: _Flush, results: list[MemberResult]
