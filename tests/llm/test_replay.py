@@ -1,0 +1,152 @@
+"""Replaying a recorded run: every call answered from its record, nothing sent."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from engine import Pipeline, ReplayError
+from landscape import Landscape
+from landscape import _schema as t
+from plugins.llm import MockLlmServer, MockSettings
+from tests._read import read_jsonl
+
+from .conftest import llm_node, pipeline, tickets
+from .test_llm_batch import batch_pipeline
+
+Run = Callable[..., Any]
+
+
+async def replay_verified(config: dict[str, Any], replayed: str, url: str, base_dir: Path) -> Any:
+    """Run ``config`` replaying run ``replayed``; assert its audit trail verifies."""
+    result = await Pipeline.from_dict(config, base_dir=base_dir, landscape_url=url).run(
+        replay=replayed
+    )
+    async with Landscape.connect(url) as landscape:
+        report = await landscape.verify(result.run_id)
+    assert report.ok, [str(v) for v in report.violations]
+    return result
+
+
+async def calls_of(url: str, run_id: str) -> list[dict[str, Any]]:
+    async with Landscape.connect(url) as landscape, landscape.engine.connect() as conn:
+        query = select(t.calls).where(t.calls.c.run_id == run_id)
+        return [dict(row) for row in (await conn.execute(query)).mappings()]
+
+
+async def replayed_from(url: str, run_id: str) -> str | None:
+    async with Landscape.connect(url) as landscape, landscape.engine.connect() as conn:
+        query = select(t.runs.c.replayed_from).where(t.runs.c.run_id == run_id)
+        return (await conn.execute(query)).scalar_one()
+
+
+def fresh(base: Path, name: str) -> Path:
+    path = base / name
+    path.mkdir()
+    return path
+
+
+async def test_a_replay_gives_the_recorded_answers_without_calling(
+    run_verified: Run, tmp_path: Path, sqlite_url: str
+) -> None:
+    first, again = fresh(tmp_path, "first"), fresh(tmp_path, "again")
+    async with MockLlmServer(MockSettings(seed=21)) as server:
+        recorded = await run_verified(pipeline(server.base_url, tickets(30), first))
+        before = server.statistics().requests
+        result = await replay_verified(
+            pipeline(server.base_url, tickets(30), again), recorded.run_id, sqlite_url, tmp_path
+        )
+        assert server.statistics().requests == before  # nothing went over the network
+    assert read_jsonl(again / "out.jsonl") == read_jsonl(first / "out.jsonl")
+    calls = await calls_of(sqlite_url, result.run_id)
+    assert len(calls) == 30
+    assert {c["status"] for c in calls} == {"replayed"}
+    assert {c["cost"] for c in calls} == {0.0}
+    recorded_calls = await calls_of(sqlite_url, recorded.run_id)
+    assert {c["response_hash"] for c in calls} == {c["response_hash"] for c in recorded_calls}
+    assert await replayed_from(sqlite_url, result.run_id) == recorded.run_id
+    assert await replayed_from(sqlite_url, recorded.run_id) is None
+
+
+async def test_a_request_the_recorded_run_never_made_is_the_rows_replay_miss(
+    run_verified: Run, tmp_path: Path, sqlite_url: str
+) -> None:
+    first, again = fresh(tmp_path, "first"), fresh(tmp_path, "again")
+    prompt = "{% if row.id < LIMIT %}Urgent. {% endif %}Ticket {{ row.id }}: {{ row.text }}"
+    async with MockLlmServer(MockSettings(seed=22)) as server:
+        node = llm_node(options={"prompt": prompt.replace("LIMIT", "5")})
+        recorded = await run_verified(
+            pipeline(server.base_url, tickets(10), first, transforms=[node])
+        )
+        changed = llm_node(options={"prompt": prompt.replace("LIMIT", "3")})
+        before = server.statistics().requests
+        result = await replay_verified(
+            pipeline(server.base_url, tickets(10), again, transforms=[changed]),
+            recorded.run_id,
+            sqlite_url,
+            tmp_path,
+        )
+        assert server.statistics().requests == before
+    errors = read_jsonl(again / "errors.jsonl")
+    assert sorted(row["id"] for row in errors) == [3, 4]  # only their prompts changed
+    assert all("replay_miss" in row["_error"] for row in errors)
+    assert [row["id"] for row in read_jsonl(again / "out.jsonl")] == [0, 1, 2, 5, 6, 7, 8, 9]
+    calls = await calls_of(sqlite_url, result.run_id)
+    missed = [c for c in calls if c["status"] == "error"]
+    assert len(missed) == 2
+    assert all('"replay_miss":true' in c["error_json"] for c in missed)
+    assert sum(c["status"] == "replayed" for c in calls) == 8
+
+
+async def test_replaying_an_unknown_run_is_refused_before_anything_runs(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    config = pipeline("http://127.0.0.1:9/v1", tickets(3), tmp_path)
+    with pytest.raises(ReplayError, match="no-such-run"):
+        await Pipeline.from_dict(config, base_dir=tmp_path, landscape_url=sqlite_url).run(
+            replay="no-such-run"
+        )
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+async def test_a_batch_job_run_replays_without_starting_a_job(
+    run_verified: Run, tmp_path: Path, sqlite_url: str
+) -> None:
+    first, again = fresh(tmp_path, "first"), fresh(tmp_path, "again")
+    async with MockLlmServer(MockSettings(seed=23)) as server:
+        recorded = await run_verified(batch_pipeline(server.base_url, tickets(12), first, count=5))
+        created = server.statistics().batches_created
+        result = await replay_verified(
+            batch_pipeline(server.base_url, tickets(12), again, count=5),
+            recorded.run_id,
+            sqlite_url,
+            tmp_path,
+        )
+        assert server.statistics().batches_created == created
+    assert read_jsonl(again / "out.jsonl") == read_jsonl(first / "out.jsonl")
+    calls = await calls_of(sqlite_url, result.run_id)
+    assert {c["status"] for c in calls} == {"replayed"}
+    assert len(calls) == 12
+
+
+async def test_an_online_run_answers_a_batch_job_replay(
+    run_verified: Run, tmp_path: Path, sqlite_url: str
+) -> None:
+    """The requests of ``llm`` and ``llm_batch`` are the same, so either replays the other."""
+    first, again = fresh(tmp_path, "first"), fresh(tmp_path, "again")
+    async with MockLlmServer(MockSettings(seed=24)) as server:
+        recorded = await run_verified(pipeline(server.base_url, tickets(6), first))
+        await replay_verified(
+            batch_pipeline(server.base_url, tickets(6), again, count=3),
+            recorded.run_id,
+            sqlite_url,
+            tmp_path,
+        )
+        assert server.statistics().batches_created == 0
+    assert sorted(read_jsonl(again / "out.jsonl"), key=lambda r: r["id"]) == read_jsonl(
+        first / "out.jsonl"
+    )
