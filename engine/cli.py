@@ -13,7 +13,7 @@ import anyio
 from rich.console import Console
 
 import plugins.llm as llm
-from landscape import DEFAULT_URL, Landscape, LandscapeError
+from landscape import DEFAULT_URL, Landscape, LandscapeError, diff_runs
 from landscape._lineage import LineageNotFound
 from landscape._verify import RunNotFound
 
@@ -21,6 +21,7 @@ from ._errors import ConfigError, LedgerflowError, RunFailed
 from ._pipeline import Pipeline, RunResult
 from ._progress import LiveProgress
 from ._render import render_lineage, render_runs, render_verify
+from ._render_diff import render_diff
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_resume,
         _add_validate,
         _add_explain,
+        _add_diff,
         _add_runs,
         _add_verify,
         _add_mock_llm,
@@ -113,6 +115,32 @@ def _add_explain(commands: Commands) -> None:
     which.add_argument("--token-id", metavar="ID", help="token id")
     explain.add_argument("--json", action="store_true", help="print JSON instead of a tree")
     _landscape_option(explain)
+
+
+def _add_diff(commands: Commands) -> None:
+    diff = commands.add_parser(
+        "diff",
+        help="compare two runs row by row",
+        description=(
+            "Compare two runs of the same source, rows matched by row index: counts of "
+            "identical and differing rows, rows only in one run and rows whose source data "
+            "differs; for each differing row its outcomes and sinks in each run, the fields "
+            "of its final rows that differ and the first node where its lineages diverge, "
+            "with what each run decided there (a gate's condition and value, an LLM's "
+            "answer). Exit code 0 whether or not the runs differ, 1 for an unknown run."
+        ),
+    )
+    diff.add_argument("run_a", metavar="RUN_A", help="the run compared against")
+    diff.add_argument("run_b", metavar="RUN_B", help="the run compared")
+    diff.add_argument(
+        "--limit",
+        type=int,
+        default=50,
+        metavar="N",
+        help="differing rows analysed and shown (default 50; 0 for all); counts are complete",
+    )
+    diff.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _landscape_option(diff)
 
 
 def _add_runs(commands: Commands) -> None:
@@ -291,6 +319,23 @@ async def _explain(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
+async def _diff(args: argparse.Namespace, out: Console, err: Console) -> int:
+    if args.limit < 0:
+        err.print("[bold red]error[/]: --limit must be 0 or more", highlight=False)
+        return EXIT_FAILED
+    async with Landscape.connect(args.landscape or DEFAULT_URL) as landscape:
+        try:
+            diff = await diff_runs(landscape, args.run_a, args.run_b, limit=args.limit or None)
+        except RunNotFound as exc:
+            err.print(f"[bold red]not found[/]: {exc}", highlight=False)
+            return EXIT_FAILED
+    if args.json:
+        print(json.dumps(diff.to_dict(), indent=2, default=str))
+    else:
+        out.print(render_diff(diff))
+    return 0
+
+
 async def _runs(args: argparse.Namespace, out: Console, err: Console) -> int:
     async with Landscape.connect(args.landscape or DEFAULT_URL) as landscape:
         out.print(render_runs(await landscape.list_runs()))
@@ -330,6 +375,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Console, Console], Awaitable[
     "resume": _resume,
     "validate": _validate,
     "explain": _explain,
+    "diff": _diff,
     "runs": _runs,
     "verify": _verify,
     "mock-llm": _mock_llm,

@@ -16,6 +16,7 @@ from ._canonical import (
     canonical_json,
     sha256_hex,
 )
+from ._diff import Divergence, RowDiff, RunDiff, diff_runs
 from ._errors import AuditIntegrityError, LandscapeError, LandscapeUnavailable
 from ._outcomes import TERMINAL_OUTCOMES, BatchStatus, NodeStateStatus, Outcome, RunStatus
 from ._recorder import Recorder
@@ -30,6 +31,7 @@ __all__ = [
     "BatchStatus",
     "CallSummary",
     "CanonicalizationError",
+    "Divergence",
     "GroupCommitWriter",
     "Landscape",
     "LandscapeError",
@@ -41,12 +43,15 @@ __all__ = [
     "RecordedRoute",
     "RecordedState",
     "Recorder",
+    "RowDiff",
+    "RunDiff",
     "RunStatus",
     "RunSummary",
     "UnfinishedRun",
     "canonical_bytes",
     "canonical_hash",
     "canonical_json",
+    "diff_runs",
     "redact_url",
     "sha256_hex",
 ]
