@@ -51,7 +51,10 @@ class ReleaseWindow(Generic[T]):
         """Wait for room in the window; return the next sequence number."""
         if self._closed:
             raise RuntimeError("admit() after close()")
-        await self._slots.acquire()
+        try:  # no scheduler round-trip while there is room (see engine._streams)
+            self._slots.acquire_nowait()
+        except anyio.WouldBlock:
+            await self._slots.acquire()
         seq = self._admitted
         self._admitted += 1
         return seq

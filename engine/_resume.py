@@ -41,7 +41,7 @@ from plugins import Source
 from ._calls import AnswerBook, CallTotals
 from ._errors import ResumeError
 from ._forks import ForkInstance
-from ._graph import NodeKind
+from ._graph import Arrival, EdgeMode, NodeKind, Route
 from ._nodes import NodeTask
 from ._replay import load_replay
 from ._run_context import RecordedJob
@@ -54,7 +54,8 @@ if TYPE_CHECKING:
     from landscape import Landscape, PendingToken, RecordedState, UnfinishedRun
     from plugins import Sink, SourcePosition, SourceRecord
 
-    from ._graph import Graph, Route
+    from ._config import TransformSettings
+    from ._graph import Graph, NodeSpec
     from ._run_context import RunContext
     from ._streams import Outbox
 
@@ -108,7 +109,7 @@ class ResumePlan:
         self._payloads = payloads
         self._source = source
         own = {
-            request: payloads[response]
+            request: (response, payloads[response])
             for request, response in unfinished.reusable_calls.items()
             if response in payloads
         }
@@ -266,6 +267,12 @@ class ResumePlan:
             spec = self.graph.nodes[base.node_id]
             route = spec.routes[str(pending.branch)]
         self._take_row(token, base.output_hash, base.step + 1)
+        if _releases_in_order(spec):
+            # Back through the node's release window, done: it keeps its place in the
+            # node's order behind the rows the node still has to (re)do.
+            token.settled_at = spec.node_id
+            route = Route("resume", spec.node_id, None, EdgeMode.MOVE, Arrival.NORMAL)
+            return _Reentry(token, base.node_id, route)
         target = route.target
         token.attempt = 1 + sum(
             1 for s in states if s.node_id == target and s.status not in (_COMPLETED, _FAILED)
@@ -349,6 +356,16 @@ class ResumePlan:
             )
             for token in tokens:
                 token.fork = fork
+
+
+def _releases_in_order(spec: NodeSpec) -> bool:
+    """Whether ``spec`` is a transform that works on several rows at once and releases
+    them in arrival order (a row it completed may have waited there for an earlier one)."""
+    if spec.kind is not NodeKind.TRANSFORM:
+        return False
+    settings: TransformSettings = spec.settings  # type: ignore[assignment]
+    parallel = settings.concurrency > 1 or settings.batch_size > 1
+    return parallel and settings.ordered
 
 
 async def _send(sender: NodeTask, entry: _Reentry) -> None:

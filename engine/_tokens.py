@@ -60,3 +60,6 @@ class Token:
     fork: ForkInstance | None = None
     #: The coalesce branch of the connection the token arrived on, at a coalesce.
     inlet: str | None = None
+    #: The node whose work on the token a resume found on record: that node passes it
+    #: on as recorded, in its place in the node's release order, without redoing it.
+    settled_at: str | None = None

@@ -88,7 +88,8 @@ class TransformNode(NodeTask):
         while (token := await self.inbox.receive()) is not None:
             self.stats.received += 1
             seq = await window.admit()
-            await jobs.send([(seq, token)])
+            if not self._settled(seq, token, window):
+                await _hand_over(jobs, [(seq, token)])
 
     async def _feed_batches(
         self,
@@ -110,18 +111,30 @@ class TransformNode(NodeTask):
                 assert isinstance(token, Token)
                 self.stats.received += 1
                 if batch and not window.has_room():
-                    await jobs.send(batch)
+                    await _hand_over(jobs, batch)
                     batch, deadline = [], math.inf
-                batch.append((await window.admit(), token))
+                seq = await window.admit()
+                if self._settled(seq, token, window):
+                    continue
+                batch.append((seq, token))
                 if len(batch) == 1:
                     deadline = self.run_ctx.clock.now() + wait
                 if len(batch) < settings.batch_size:
                     continue
             if batch:
-                await jobs.send(batch)
+                await _hand_over(jobs, batch)
             batch, deadline = [], math.inf
         if batch:
-            await jobs.send(batch)
+            await _hand_over(jobs, batch)
+
+    def _settled(self, seq: int, token: Token, window: ReleaseWindow[_Processed]) -> bool:
+        """Complete ``seq`` at once if a resume found this node's work on ``token`` on
+        record (it is released in its turn, as recorded)."""
+        if token.settled_at != self.node_id:
+            return False
+        token.settled_at = None
+        window.complete(seq, _Processed(token, ""))
+        return True
 
     async def _work(
         self,
@@ -130,7 +143,7 @@ class TransformNode(NodeTask):
         batched: bool,
     ) -> None:
         async with jobs:
-            async for job in jobs:
+            while (job := await _next_job(jobs)) is not None:
                 self.stats.in_flight += len(job)
                 try:
                     if batched:
@@ -257,3 +270,31 @@ class TransformNode(NodeTask):
             )
         else:
             await self.deliver(token, self.spec.routes["success"])
+
+
+async def _hand_over(
+    jobs: MemoryObjectSendStream[list[tuple[int, Token]]], job: list[tuple[int, Token]]
+) -> None:
+    """Give ``job`` to a worker: at once to one that waits (no scheduler round-trip, see
+    :mod:`engine._streams`), else once one is free."""
+    try:
+        jobs.send_nowait(job)
+    except anyio.WouldBlock:
+        await jobs.send(job)
+
+
+async def _next_job(
+    jobs: MemoryObjectReceiveStream[list[tuple[int, Token]]],
+) -> list[tuple[int, Token]] | None:
+    """The next job (taken at once when the feeder is waiting to hand one over), or
+    ``None`` once the feeder is done."""
+    try:
+        return jobs.receive_nowait()
+    except anyio.WouldBlock:
+        pass
+    except anyio.EndOfStream:
+        return None
+    try:
+        return await jobs.receive()
+    except anyio.EndOfStream:
+        return None
