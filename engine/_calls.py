@@ -69,12 +69,13 @@ class AnswerBook:
     """
 
     status: str
-    answers: Mapping[str, Any]
+    #: Request hash -> (the answer's hash, the answer).
+    answers: Mapping[str, tuple[str, Any]]
     fallback: AnswerBook | None = None
     replay_of: str | None = None
 
     @classmethod
-    def replaying(cls, run_id: str, answers: Mapping[str, Any]) -> AnswerBook:
+    def replaying(cls, run_id: str, answers: Mapping[str, tuple[str, Any]]) -> AnswerBook:
         """The answers of run ``run_id``, for a run that replays it."""
         return cls("replayed", answers, replay_of=run_id)
 
@@ -84,9 +85,10 @@ class AnswerBook:
         return self._lookup(canonical_hash(request))
 
     def _lookup(self, request_hash: str) -> RecordedAnswer | None:
-        response = self.answers.get(request_hash)
-        if response is not None:
-            return RecordedAnswer(self.status, response)
+        answer = self.answers.get(request_hash)
+        if answer is not None:
+            response_hash, response = answer
+            return RecordedAnswer(self.status, response, request_hash, response_hash)
         if self.fallback is not None:
             return self.fallback._lookup(request_hash)
         if self.replay_of is not None:
@@ -143,10 +145,12 @@ class SharedCalls:
 
 
 def _store_payloads(run: RunContext, call: ExternalCall) -> tuple[str, str | None]:
-    """Store the call's request and response; their hashes."""
+    """Store the call's request and response (unless they are on record); their hashes."""
     recorder = run.recorder
-    request_hash = recorder.store(call.request)
-    response_hash = None if call.response is None else recorder.store(call.response)
+    request_hash = call.request_hash or recorder.store(call.request)
+    response_hash = call.response_hash
+    if response_hash is None and call.response is not None:
+        response_hash = recorder.store(call.response)
     return request_hash, response_hash
 
 

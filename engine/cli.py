@@ -69,6 +69,15 @@ def _add_run(commands: Commands) -> None:
     run.add_argument("pipeline", metavar="PIPELINE.yaml", help="the pipeline file")
     _landscape_option(run, "default: the pipeline's landscape.url, else " + DEFAULT_URL)
     run.add_argument("--no-progress", action="store_true", help="no live progress display")
+    run.add_argument(
+        "--replay",
+        metavar="RUN_ID",
+        help=(
+            "answer every external call from the calls recorded in run RUN_ID (matched by "
+            "request hash; no network); a request it never made is the row's error "
+            "(replay_miss)"
+        ),
+    )
 
 
 def _add_resume(commands: Commands) -> None:
@@ -225,7 +234,7 @@ def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 async def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     pipeline = Pipeline.from_yaml(args.pipeline, landscape_url=args.landscape)
-    return await _drive(pipeline, None, args, out, err)
+    return await _drive(pipeline, None, args, out, err, replay=args.replay)
 
 
 async def _resume(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -239,8 +248,10 @@ async def _drive(
     args: argparse.Namespace,
     out: Console,
     err: Console,
+    *,
+    replay: str | None = None,
 ) -> int:
-    """Run (or resume) with progress, stopping on signals; print how it ended."""
+    """Run (or resume, or replay) with progress, stopping on signals; print how it ended."""
     show_progress = not args.no_progress and out.is_terminal
     drain = pipeline.settings.runtime.drain_timeout_seconds
     async with anyio.create_task_group() as tg:
@@ -248,7 +259,7 @@ async def _drive(
         with LiveProgress(out) if show_progress else nullcontext() as live:
             on_progress = None if live is None else live.update
             if resume_id is None:
-                result = await pipeline.run(on_progress=on_progress)
+                result = await pipeline.run(replay=replay, on_progress=on_progress)
             else:
                 result = await pipeline.resume(resume_id, on_progress=on_progress)
         tg.cancel_scope.cancel()

@@ -18,9 +18,11 @@ __all__ = ["ANSWERED_STATUSES", "load_answers"]
 ANSWERED_STATUSES = ("success", "reused", "replayed")
 
 
-async def load_answers(conn: AsyncConnection, run_id: str) -> dict[str, Any] | None:
-    """Request hash -> the answer run ``run_id`` received for that request (``None`` if
-    there is no such run).
+async def load_answers(
+    conn: AsyncConnection, run_id: str
+) -> dict[str, tuple[str, Any]] | None:
+    """Request hash -> (answer hash, answer) of what run ``run_id`` received for that
+    request (``None`` if there is no such run).
 
     When one request was answered more than once (an unusable answer asked for again),
     the last answer is the one kept: it is the one the run went on with.
@@ -30,7 +32,7 @@ async def load_answers(conn: AsyncConnection, run_id: str) -> dict[str, Any] | N
         return None
     C, P = t.calls, t.payloads
     query = (
-        select(C.c.request_hash, P.c.content)
+        select(C.c.request_hash, C.c.response_ref, P.c.content)
         .join(P, P.c.hash == C.c.response_ref)
         .where(
             C.c.run_id == run_id,
@@ -39,4 +41,7 @@ async def load_answers(conn: AsyncConnection, run_id: str) -> dict[str, Any] | N
         )
         .order_by(C.c.created_at, C.c.call_index)
     )
-    return {str(request): json.loads(content) for request, content in await conn.execute(query)}
+    return {
+        str(request): (str(response), json.loads(content))
+        for request, response, content in await conn.execute(query)
+    }

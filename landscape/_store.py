@@ -202,9 +202,9 @@ class Landscape:
         async with self.engine.connect() as conn:
             return await load_unfinished(conn, run_id)
 
-    async def recorded_answers(self, run_id: str) -> dict[str, Any] | None:
-        """Request hash -> answer, of every answered call of ``run_id`` (what a replay of
-        it is answered from); ``None`` if there is no such run."""
+    async def recorded_answers(self, run_id: str) -> dict[str, tuple[str, Any]] | None:
+        """Request hash -> (answer hash, answer), of every answered call of ``run_id``
+        (what a replay of it is answered from); ``None`` if there is no such run."""
         async with self.engine.connect() as conn:
             return await load_answers(conn, run_id)
 

@@ -109,6 +109,10 @@ class ExternalCall:
     cost: float | None = None
     #: Which call of this row's visit it is (a plugin may make several).
     call_index: int = 0
+    #: The hashes ``request`` and ``response`` are stored under already, when the call
+    #: was answered from the record (see :class:`RecordedAnswer`): nothing to store.
+    request_hash: str | None = None
+    response_hash: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +125,10 @@ class RecordedAnswer:
 
     status: str
     response: Any
+    #: The hashes the request and the answer are on record under (a call recorded
+    #: with them need not store or hash them again).
+    request_hash: str | None = None
+    response_hash: str | None = None
 
 
 class ReplayMiss(Exception):

@@ -171,7 +171,10 @@ class LlmBatchAggregation(ExternalJobAggregation):
                 )
                 continue
             if recorded is not None:
-                call = self._call(body, recorded.status, recorded.response, cost=0.0)
+                call = self._call(
+                    body, recorded.status, recorded.response, cost=0.0,
+                    request_hash=recorded.request_hash, response_hash=recorded.response_hash,
+                )  # fmt: skip
                 plan.done[custom_id] = self._answer(row, recorded.response, call)
         return plan
 

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from pathlib import Path
 
-    from plugins.protocols import CallLog
+    from plugins.protocols import CallLog, RecordedAnswer
 
     from ._settings import EndpointSettings
 
@@ -213,12 +213,11 @@ class Endpoint:
             recorded = calls.recorded_answer(body)
         except ReplayMiss as miss:
             error = {"type": "ReplayMiss", "message": str(miss), "replay_miss": True}
-            calls.record(self._answered(body, call_type, call_index, "error", None, error))
+            calls.record(self._answered(body, call_type, call_index, None, error))
             raise
         if recorded is not None:
-            response = recorded.response
-            calls.record(self._answered(body, call_type, call_index, recorded.status, response))
-            return dict(response)
+            calls.record(self._answered(body, call_type, call_index, recorded))
+            return dict(recorded.response)
         answer: dict[str, Any] = await self.call(
             HttpRequest("POST", path, json=body),
             calls=calls,
@@ -235,23 +234,25 @@ class Endpoint:
         body: dict[str, Any],
         call_type: str,
         call_index: int,
-        status: str,
-        response: Any,
+        recorded: RecordedAnswer | None,
         error: dict[str, Any] | None = None,
     ) -> ExternalCall:
-        """The record of a call answered (or refused) without calling."""
+        """The record of a call answered from the record (or, ``recorded`` being
+        ``None``, refused) without calling."""
         return ExternalCall(
             call_type=call_type,
             provider=self.settings.provider,
             model=body.get("model"),
             attempt=1,
-            status=status,
+            status="error" if recorded is None else recorded.status,
             request=body,
-            response=response,
+            response=None if recorded is None else recorded.response,
             latency_ms=0.0,
             call_index=call_index,
             cost=0.0,
             error=error,
+            request_hash=None if recorded is None else recorded.request_hash,
+            response_hash=None if recorded is None else recorded.response_hash,
         )
 
     async def call(

@@ -322,7 +322,7 @@ class LlmTransform(Transform):
         return value
 
     def _validate(self, value: Any) -> None:
-        if self.validator is None:
+        if self.validator is None or self.validator.is_valid(value):
             return
         errors = sorted(self.validator.iter_errors(value), key=lambda e: list(e.path))
         if errors:
