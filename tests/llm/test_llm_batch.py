@@ -230,3 +230,36 @@ async def test_the_batch_api_calls_are_in_the_flush_states_ledger(
     assert len({c["state_id"] for c in control}) == 1
     polls = [c for c in control if c["call_type"] == "batch_poll"]
     assert len(polls) >= 2  # still running at first, then done
+
+
+async def test_jobs_and_their_replay_on_each_landscape(
+    run_verified: Run, tmp_path: Path, landscape_url: str
+) -> None:
+    first, again = tmp_path / "first", tmp_path / "again"
+    first.mkdir()
+    again.mkdir()
+    settings = MockSettings(seed=8, batch_delay_seconds=0.1, batch_failure_rate=0.2)
+    async with MockLlmServer(settings) as server:
+        recorded = await run_verified(
+            batch_pipeline(server.base_url, tickets(20), first, count=7), url=landscape_url
+        )
+        created = server.statistics().batches_created
+        pipeline = Pipeline.from_dict(
+            batch_pipeline(server.base_url, tickets(20), again, count=7),
+            base_dir=tmp_path,
+            landscape_url=landscape_url,
+        )
+        replayed = await pipeline.run(replay=recorded.run_id)
+        assert server.statistics().batches_created == created == 3
+    async with Landscape.connect(landscape_url) as landscape:
+        report = await landscape.verify(replayed.run_id)
+    assert report.ok, [str(v) for v in report.violations]
+    assert read_jsonl(again / "out.jsonl") == read_jsonl(first / "out.jsonl")
+    # Rows whose requests failed in the job have no answer on record: replay misses.
+    failed = sorted(row["id"] for row in read_jsonl(first / "errors.jsonl"))
+    assert failed
+    missed = read_jsonl(again / "errors.jsonl")
+    assert sorted(row["id"] for row in missed) == failed
+    assert all("replay_miss" in row["_error"] for row in missed)
+    batches = await table(landscape_url, t.batches, recorded.run_id)
+    assert {b["status"] for b in batches} == {"completed"}
