@@ -42,9 +42,9 @@ from ._calls import AnswerBook, CallTotals
 from ._errors import ResumeError
 from ._forks import ForkInstance
 from ._graph import Arrival, EdgeMode, NodeKind, Route
-from ._nodes import NodeTask
+from ._nodes import FlushTrigger, NodeTask
 from ._replay import load_replay
-from ._run_context import RecordedJob
+from ._run_context import HeldBatch, RecordedJob
 from ._tokens import Token
 from ._watermark import RowTracker
 
@@ -189,26 +189,26 @@ class ResumePlan:
         }
         for batch in unfinished.open_batches:
             members = [m for m in batch.members if m in pending]
+            trigger = batch.trigger_reason or FlushTrigger.END_OF_SOURCE
             if batch.status == BatchStatus.DRAFT.value:
                 batch_id = batch.batch_id
             elif batch.status == BatchStatus.PENDING.value and batch.external_job_id:
                 # Its job runs on at the provider: wait for it again, never resubmit.
                 batch_id = batch.batch_id
                 anchor, state = flush_states[str(batch.aggregation_state_id)]
-                run.restored_jobs[batch_id] = RecordedJob(
+                job = RecordedJob(
                     job_id=batch.external_job_id,
-                    members=len(members),
                     state_id=state.state_id,
                     anchor_token_id=anchor,
                     started_at=state.started_at,
                     attempt=batch.attempt,
-                    trigger=batch.trigger_reason or "end_of_source",
                 )
+                run.held_batches[batch_id] = HeldBatch(len(members), trigger, job)
             else:  # caught mid-flush: that attempt failed, its members make the next one
                 recorder.update_batch(batch.batch_id, status=BatchStatus.FAILED)
                 batch_id = recorder.new_id("b")
                 # Flushed again, for the same reason, once all its members are back.
-                run.restored_flushes[batch_id] = (len(members), batch.trigger_reason)
+                run.held_batches[batch_id] = HeldBatch(len(members), trigger)
                 recorder.batch(
                     batch_id=batch_id,
                     node_id=batch.node_id,

@@ -27,22 +27,31 @@ if TYPE_CHECKING:
     from ._streams import Inbox
     from ._tokens import Token
 
-__all__ = ["NodeStatistics", "NodeStats", "RecordedJob", "RunContext"]
+__all__ = ["HeldBatch", "NodeStatistics", "NodeStats", "RecordedJob", "RunContext"]
 
 
 @dataclass(frozen=True, slots=True)
 class RecordedJob:
-    """An external job a stopped run left ``pending``: a resume waits for it again once
-    the batch's ``members`` are back, never submitting it twice."""
+    """An external job a stopped run left ``pending``: a resume waits for it again,
+    never submitting it twice."""
 
     job_id: str
-    members: int
     #: The flush state waiting for it, recorded on the token ``anchor_token_id``.
     state_id: str
     anchor_token_id: str
     started_at: float
     attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeldBatch:
+    """A batch a stopped run left mid-flush: once its ``members`` are back, a resume
+    flushes it again for ``trigger`` (as a new attempt) or, when its external ``job``
+    had started, waits for that job."""
+
+    members: int
     trigger: str
+    job: RecordedJob | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,10 +114,8 @@ class RunContext:
         self.rows = RowTracker()
         #: Token -> the open batch a resume puts it back into (emptied as they arrive).
         self.restored_members: dict[str, str] = {}
-        #: Batch -> (members, trigger) of a flush a resume re-does once they are back.
-        self.restored_flushes: dict[str, tuple[int, str | None]] = {}
-        #: Batch -> the job a resume waits for once its members are back.
-        self.restored_jobs: dict[str, RecordedJob] = {}
+        #: Batches a resume flushes again, or waits for the job of, by batch id.
+        self.held_batches: dict[str, HeldBatch] = {}
         #: Batch -> the external job it waits for now (at most ``max_pending_jobs`` per
         #: node); what checkpoints report as held at the provider.
         self.pending_jobs: dict[str, str] = {}

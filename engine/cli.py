@@ -7,7 +7,7 @@ import json
 import signal
 import sys
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
 from rich.console import Console
@@ -25,6 +25,8 @@ from ._render_diff import render_diff
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
+
+    from rich.console import RenderableType
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_INTERRUPTED", "build_parser", "main"]
 
@@ -323,10 +325,7 @@ async def _explain(args: argparse.Namespace, out: Console, err: Console) -> int:
         except LineageNotFound as exc:
             err.print(f"[bold red]not found[/]: {exc}", highlight=False)
             return EXIT_FAILED
-    if args.json:
-        print(json.dumps(lineage.to_dict(), indent=2, default=str))
-    else:
-        out.print(render_lineage(lineage))
+    _show(out, lineage.to_dict() if args.json else render_lineage(lineage))
     return 0
 
 
@@ -340,11 +339,16 @@ async def _diff(args: argparse.Namespace, out: Console, err: Console) -> int:
         except RunNotFound as exc:
             err.print(f"[bold red]not found[/]: {exc}", highlight=False)
             return EXIT_FAILED
-    if args.json:
-        print(json.dumps(diff.to_dict(), indent=2, default=str))
-    else:
-        out.print(render_diff(diff))
+    _show(out, diff.to_dict() if args.json else render_diff(diff))
     return 0
+
+
+def _show(out: Console, result: dict[str, Any] | RenderableType) -> None:
+    """Print ``result``: a dict as JSON (for ``--json``), anything else drawn by rich."""
+    if isinstance(result, dict):
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        out.print(result)
 
 
 async def _runs(args: argparse.Namespace, out: Console, err: Console) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._aggregation import AggregationNode
+from ._aggregation import AggregationNode, FlushTrigger
 from ._base import NodeTask
 from ._coalesce import CoalesceNode
 from ._gate import GateNode
@@ -13,6 +13,7 @@ from ._transform import TransformNode
 __all__ = [
     "AggregationNode",
     "CoalesceNode",
+    "FlushTrigger",
     "GateNode",
     "NodeTask",
     "SinkNode",

@@ -184,8 +184,7 @@ class AggregationNode(NodeTask):
     def _held(self, batch_id: str) -> bool:
         """Whether a resume holds ``batch_id`` for a flush or a job (any number of those
         may share a group) rather than restoring it as the group's draft."""
-        run = self.run_ctx
-        return batch_id in run.restored_flushes or batch_id in run.restored_jobs
+        return batch_id in self.run_ctx.held_batches
 
     async def _restore(self, token: Token, batch_id: str, key: Any, label: str | None) -> None:
         """Put ``token`` back into a batch a resume re-flushes or waits for the job of,
@@ -196,18 +195,15 @@ class AggregationNode(NodeTask):
             now = self.run_ctx.clock.now()
             batch = self.restoring[batch_id] = _Batch(batch_id, key, label, now, math.inf)
         batch.members.append(_Member(token, time.time()))
-        redo = self.run_ctx.restored_flushes.get(batch_id)
-        job = self.run_ctx.restored_jobs.get(batch_id)
-        expected = redo[0] if redo is not None else job.members if job is not None else 0
-        if len(batch.members) < expected:
+        held = self.run_ctx.held_batches[batch_id]
+        if len(batch.members) < held.members:
             return
         del self.restoring[batch_id]
-        if redo is not None:
-            del self.run_ctx.restored_flushes[batch_id]
-            await self.flush(batch, redo[1] or FlushTrigger.END_OF_SOURCE)
-        elif job is not None:
-            del self.run_ctx.restored_jobs[batch_id]
-            await self._start_job(batch, job.trigger, job)
+        del self.run_ctx.held_batches[batch_id]
+        if held.job is None:
+            await self.flush(batch, held.trigger)
+        else:
+            await self._start_job(batch, held.trigger, held.job)
 
     def _begin(self, key: Any, label: str | None, now: float, first: Token) -> _Batch:
         restored = self.run_ctx.restored_members.get(first.token_id)
@@ -421,7 +417,7 @@ class AggregationNode(NodeTask):
                     batch.batch_id = self._retry_batch(batch, attempt)
                 try:
                     if attempt == first and recorded is not None:
-                        results, state_id = await self._job_recorded(batch, recorded)
+                        results, state_id = await self._job_recorded(batch, trigger, recorded)
                     else:
                         results, state_id = await self._job_once(batch, trigger, attempt)
                 except _FlushFailed as failed:
@@ -459,10 +455,10 @@ class AggregationNode(NodeTask):
         return self._finish_job(batch, flush, submitted), flush.state_id
 
     async def _job_recorded(
-        self, batch: _Batch, recorded: RecordedJob
+        self, batch: _Batch, trigger: str, recorded: RecordedJob
     ) -> tuple[list[MemberResult], str]:
         """Wait for the job a resumed run had started for ``batch``."""
-        ctx = self._context(batch, recorded.trigger, recorded.attempt, recorded.state_id)
+        ctx = self._context(batch, trigger, recorded.attempt, recorded.state_id)
         flush = _Flush(recorded.state_id, recorded.started_at, ctx)
         for member in batch.members:  # the flush state holds the step of its first member
             if member.token.token_id == recorded.anchor_token_id:

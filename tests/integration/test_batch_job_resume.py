@@ -5,7 +5,6 @@ and never submits it again."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 from pathlib import Path
@@ -17,7 +16,7 @@ from landscape import Landscape
 from plugins.llm import MockLlmServer, MockSettings
 
 from .conftest import run_id_of
-from .test_crash_resume import cli_command, run_cli, single_run_id
+from .test_crash_resume import run_cli, single_run_id, start_run
 
 EXIT_INTERRUPTED = 3
 
@@ -107,11 +106,7 @@ async def test_kill_9_while_a_job_is_pending_then_resume_attaches_to_the_same_jo
 ) -> None:
     async with MockLlmServer(MockSettings(seed=3, batch_delay_seconds=3.0)) as server:
         pipeline = write_pipeline(tmp_path, server.base_url, rows=10)
-        process = await anyio.open_process(
-            cli_command("run", str(pipeline), "--no-progress"),
-            cwd=tmp_path,
-            env={**os.environ, "NO_COLOR": "1"},
-        )
+        process = await start_run(tmp_path, pipeline)
         await wait_for_pending_jobs(tmp_path, 1)
         process.kill()
         await process.wait()
@@ -130,11 +125,7 @@ async def test_kill_9_while_a_job_is_pending_then_resume_attaches_to_the_same_jo
 async def test_sigint_checkpoints_pending_jobs_without_waiting_for_them(tmp_path: Path) -> None:
     async with MockLlmServer(MockSettings(seed=4, batch_delay_seconds=4.0)) as server:
         pipeline = write_pipeline(tmp_path, server.base_url, rows=20)
-        process = await anyio.open_process(
-            cli_command("run", str(pipeline), "--no-progress"),
-            cwd=tmp_path,
-            env={**os.environ, "NO_COLOR": "1"},
-        )
+        process = await start_run(tmp_path, pipeline)
         await wait_for_pending_jobs(tmp_path, 2)
         process.send_signal(signal.SIGINT)
         with anyio.fail_after(1 + 10):  # the drain timeout plus a margin, not the jobs' 4 s

@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio
 import pytest
+from anyio.abc import Process
 
 from landscape import Landscape
 from plugins.llm import FixedLatency, MockLlmServer, MockSettings
@@ -149,6 +150,14 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "engine.cli", *args]
 
 
+async def start_run(work: Path, pipeline: Path) -> Process:
+    """``ledgerflow run PIPELINE --no-progress`` started in ``work`` (not awaited)."""
+    env = {**os.environ, "NO_COLOR": "1"}
+    return await anyio.open_process(
+        cli_command("run", str(pipeline), "--no-progress"), cwd=work, env=env
+    )
+
+
 async def run_cli(work: Path, *args: str) -> tuple[int, str]:
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "160"}
     done = await anyio.run_process(cli_command(*args), cwd=work, env=env, check=False)
@@ -223,10 +232,7 @@ async def test_kill_9_at_a_random_moment_then_resume(
     rng = random.Random(seed)
     async with mock_server() as server:
         pipeline = write_pipeline(tmp_path, server.base_url)
-        env = {**os.environ, "NO_COLOR": "1"}
-        process = await anyio.open_process(
-            cli_command("run", str(pipeline), "--no-progress"), cwd=tmp_path, env=env
-        )
+        process = await start_run(tmp_path, pipeline)
         # From during start-up to about the end of the run.
         await anyio.sleep(rng.uniform(0.05, 0.9) * seconds)
         with contextlib.suppress(ProcessLookupError):  # it may have finished already
@@ -262,10 +268,7 @@ async def test_sigint_stops_gracefully_and_resume_completes_the_run(
     async with mock_server() as server:
         # The pool batches only at the end, so it holds rows when the signal comes.
         pipeline = write_pipeline(tmp_path, server.base_url, pool_count=10_000)
-        env = {**os.environ, "NO_COLOR": "1"}
-        process = await anyio.open_process(
-            cli_command("run", str(pipeline), "--no-progress"), cwd=tmp_path, env=env
-        )
+        process = await start_run(tmp_path, pipeline)
         # Interrupt once rows are flowing: the endpoint's whole window is in flight.
         with anyio.fail_after(60):
             await server.wait_in_flight(8)
@@ -319,10 +322,7 @@ async def test_a_second_sigint_cancels_in_flight_calls_at_once(
     async with MockLlmServer(MockSettings(seed=7, latency=FixedLatency(60.0)), port=0) as slow:
         port = slow.port
         pipeline = write_pipeline(tmp_path, slow.base_url)
-        env = {**os.environ, "NO_COLOR": "1"}
-        process = await anyio.open_process(
-            cli_command("run", str(pipeline), "--no-progress"), cwd=tmp_path, env=env
-        )
+        process = await start_run(tmp_path, pipeline)
         with anyio.fail_after(60):
             await slow.wait_in_flight(8)
         process.send_signal(signal.SIGINT)
