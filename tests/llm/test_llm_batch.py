@@ -263,3 +263,22 @@ async def test_jobs_and_their_replay_on_each_landscape(
     assert all("replay_miss" in row["_error"] for row in missed)
     batches = await table(landscape_url, t.batches, recorded.run_id)
     assert {b["status"] for b in batches} == {"completed"}
+
+
+async def test_a_job_past_max_wait_is_cancelled_and_fails_its_batch(
+    run_verified: Run, tmp_path: Path, sqlite_url: str
+) -> None:
+    async with MockLlmServer(MockSettings(batch_delay_seconds=600)) as server:
+        config = batch_pipeline(
+            server.base_url, tickets(3), tmp_path, count=3, max_wait_seconds=0.3
+        )
+        result = await run_verified(config)
+        stats = server.statistics()
+    assert dict(stats.batch_jobs) == {"cancelled": 1}
+    errors = read_jsonl(tmp_path / "errors.jsonl")
+    assert sorted(row["id"] for row in errors) == [0, 1, 2]
+    assert all("timed out" in row["_error"] for row in errors)
+    (batch,) = await table(sqlite_url, t.batches, result.run_id)
+    assert batch["status"] == "failed"
+    calls = await table(sqlite_url, t.calls, result.run_id)
+    assert [c["call_type"] for c in calls if c["call_type"] == "batch_cancel"] == ["batch_cancel"]
