@@ -21,6 +21,7 @@ from sqlalchemy import and_, select
 
 from . import _schema as t
 from ._errors import LandscapeError
+from ._sql import loads_json
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -230,10 +231,6 @@ class Lineage:
 # -- querying --------------------------------------------------------------------------
 
 
-def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
 async def _rows(conn: AsyncConnection, query: Any) -> Sequence[Row[Any]]:
     return (await conn.execute(query)).all()
 
@@ -401,7 +398,7 @@ def _route(row: Row[Any]) -> RouteRecord:
         from_node=row.from_node_id,
         to_node=row.to_node_id,
         mode=row.mode,
-        reason=_loads(row.reason_json),
+        reason=loads_json(row.reason_json),
     )
 
 
@@ -411,7 +408,7 @@ def _call(row: Row[Any], payloads: Mapping[str, Any]) -> CallRecord:
     columns.pop("error", None)
     return CallRecord(
         **columns,
-        error=_loads(m["error_json"]),
+        error=loads_json(m["error_json"]),
         request=payloads.get(m["request_ref"]) if m["request_ref"] else None,
         response=payloads.get(m["response_ref"]) if m["response_ref"] else None,
     )
@@ -430,8 +427,8 @@ def _state(row: Row[Any], records: _Records) -> NodeStateRecord:
         started_at=row.started_at,
         completed_at=row.completed_at,
         duration_ms=row.duration_ms,
-        error=_loads(row.error_json),
-        context=_loads(row.context_json),
+        error=loads_json(row.error_json),
+        context=loads_json(row.context_json),
         output=records.payloads.get(row.output_hash) if row.output_hash else None,
         routes=tuple(_route(r) for r in records.routes.get(row.state_id, ())),
         calls=tuple(_call(c, records.payloads) for c in records.calls.get(row.state_id, ())),
@@ -461,7 +458,7 @@ def _outcome(row: Row[Any]) -> OutcomeRecord:
         is_terminal=bool(row.is_terminal),
         sink_name=row.sink_name,
         batch_id=row.batch_id,
-        context=_loads(row.context_json),
+        context=loads_json(row.context_json),
         recorded_at=row.recorded_at,
     )
 

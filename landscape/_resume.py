@@ -18,6 +18,7 @@ from sqlalchemy import and_, func, select
 
 from . import _schema as t
 from ._outcomes import BatchStatus, NodeStateStatus
+from ._sql import chunks, loads_json
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -33,9 +34,6 @@ __all__ = [
     "load_payloads",
     "load_unfinished",
 ]
-
-#: Rows fetched per ``IN (...)`` list (well below every driver's parameter limit).
-_CHUNK = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,15 +134,6 @@ class UnfinishedRun:
         ]
 
 
-def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
-def _chunks(values: Sequence[str]) -> Iterable[Sequence[str]]:
-    for start in range(0, len(values), _CHUNK):
-        yield values[start : start + _CHUNK]
-
-
 async def load_unfinished(conn: AsyncConnection, run_id: str) -> UnfinishedRun | None:
     """Read what resuming ``run_id`` needs (``None`` if there is no such run)."""
     run = (await conn.execute(select(t.runs).where(t.runs.c.run_id == run_id))).first()
@@ -162,7 +151,7 @@ async def load_unfinished(conn: AsyncConnection, run_id: str) -> UnfinishedRun |
         )
     ).first()
     watermark = -1 if checkpoint is None else int(checkpoint.watermark_row_index)
-    state = None if checkpoint is None else _loads(checkpoint.state_json)
+    state = None if checkpoint is None else loads_json(checkpoint.state_json)
     rows_read = 0 if state is None else int(state.get("rows_read", 0))
     R = t.rows
     max_row = (
@@ -227,7 +216,7 @@ async def _pending_tokens(conn: AsyncConnection, run_id: str, watermark: int) ->
     }
     ids = list(tokens)
     P = t.token_parents
-    for chunk in _chunks(ids):
+    for chunk in chunks(ids):
         for token_id, parent_id in await conn.execute(
             select(P.c.token_id, P.c.parent_token_id)
             .where(P.c.token_id.in_(chunk))
@@ -251,7 +240,7 @@ async def _states_of(
     """The node states of ``token_ids`` with their routing events, in step order."""
     S, E = t.node_states, t.routing_events
     states: dict[str, list[RecordedState]] = {}
-    for chunk in _chunks(token_ids):
+    for chunk in chunks(token_ids):
         rows = list(
             await conn.execute(
                 select(S)
@@ -261,14 +250,14 @@ async def _states_of(
         )
         routes: dict[str, list[RecordedRoute]] = {}
         state_ids = [row.state_id for row in rows]
-        for ids in _chunks(state_ids):
+        for ids in chunks(state_ids):
             for state_id, edge_id, label, reason in await conn.execute(
                 select(E.c.state_id, E.c.edge_id, E.c.route_label, E.c.reason_json).where(
                     E.c.state_id.in_(ids)
                 )
             ):
                 routes.setdefault(state_id, []).append(
-                    RecordedRoute(str(edge_id), str(label), _loads(reason))
+                    RecordedRoute(str(edge_id), str(label), loads_json(reason))
                 )
         for row in rows:
             states.setdefault(row.token_id, []).append(
@@ -281,8 +270,8 @@ async def _states_of(
                     started_at=float(row.started_at),
                     input_hash=row.input_hash,
                     output_hash=row.output_hash,
-                    context=_loads(row.context_json),
-                    error=_loads(row.error_json),
+                    context=loads_json(row.context_json),
+                    error=loads_json(row.error_json),
                     routes=tuple(routes.get(row.state_id, ())),
                 )
             )
@@ -307,7 +296,7 @@ async def _open_batches(conn: AsyncConnection, run_id: str) -> list[OpenBatch]:
             select(B).where(B.c.run_id == run_id, B.c.status.not_in(done)).order_by(B.c.batch_id)
         )
     }
-    for chunk in _chunks(list(batches)):
+    for chunk in chunks(list(batches)):
         for batch_id, token_id in await conn.execute(
             select(M.c.batch_id, M.c.token_id)
             .where(M.c.batch_id.in_(chunk))
@@ -334,7 +323,8 @@ async def _sink_positions(conn: AsyncConnection, run_id: str) -> dict[str, tuple
         ),
     )
     return {
-        str(node): (int(seq), _loads(position)) for node, seq, position in await conn.execute(query)
+        str(node): (int(seq), loads_json(position))
+        for node, seq, position in await conn.execute(query)
     }
 
 
@@ -360,7 +350,7 @@ async def load_payloads(conn: AsyncConnection, hashes: Iterable[str]) -> dict[st
     """The stored values of ``hashes`` (absent ones are left out)."""
     found: dict[str, Any] = {}
     wanted = sorted(set(hashes))
-    for chunk in _chunks(wanted):
+    for chunk in chunks(wanted):
         for content_hash, content in await conn.execute(
             select(t.payloads.c.hash, t.payloads.c.content).where(t.payloads.c.hash.in_(chunk))
         ):

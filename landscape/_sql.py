@@ -1,0 +1,40 @@
+"""Small helpers the Landscape's readers share: JSON columns and chunked ``IN`` lists."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+
+    from sqlalchemy import Row, Select
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+__all__ = ["CHUNK_SIZE", "chunks", "loads_json", "select_in"]
+
+#: Values per ``IN (...)`` list (well below every driver's parameter limit).
+CHUNK_SIZE = 500
+
+_T = TypeVar("_T")
+
+
+def loads_json(text: str | None) -> Any:
+    """The value of a JSON column, ``None`` for SQL ``NULL``."""
+    return None if text is None else json.loads(text)
+
+
+def chunks(values: Sequence[_T], size: int = CHUNK_SIZE) -> Iterator[Sequence[_T]]:
+    """``values`` in consecutive slices of at most ``size``, in order (none when empty)."""
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+async def select_in(
+    conn: AsyncConnection, make: Callable[[Sequence[str]], Select[Any]], values: Sequence[str]
+) -> list[Row[Any]]:
+    """The rows of ``make(chunk)`` for every chunk of ``values``, chunk after chunk."""
+    found: list[Row[Any]] = []
+    for chunk in chunks(values):
+        found.extend(await conn.execute(make(chunk)))
+    return found
