@@ -140,6 +140,11 @@ class ReplayMiss(Exception):
         self.request_hash = request_hash
         self.run_id = run_id
 
+    @property
+    def error(self) -> dict[str, Any]:
+        """What the refused call records as its error."""
+        return {"type": "ReplayMiss", "message": str(self), "replay_miss": True}
+
 
 class CallLog(Protocol):
     """Where a plugin reports its external calls (the engine records them)."""

@@ -17,9 +17,11 @@ from .._tokens import Token, derived_token_id
 from ._base import WAKE, NodeTask, error_info
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from anyio.abc import TaskGroup
 
-    from plugins import Row
+    from plugins import ExternalCall, Row
 
     from .._config import AggregationSettings
     from .._run_context import RecordedJob
@@ -497,33 +499,37 @@ class AggregationNode(NodeTask):
     async def _pass_on_members(
         self, batch: _Batch, results: list[MemberResult], state_id: str
     ) -> None:
-        """Route the members whose requests failed by ``on_error``; pass the others on
-        as the output mode says, with the calls made for each on its state."""
+        """Pass the members whose requests succeeded on as the output mode says, then
+        route those whose requests failed by ``on_error``; each member's state (with the
+        calls made for it) is on record before the first one moves on."""
         now = time.time()
         context = {"batch_id": batch.batch_id, "flush_state_id": state_id}
-        succeeded: list[tuple[_Member, Row]] = []
+        succeeded: list[tuple[_Member, MemberResult]] = []
+        failed: list[tuple[_Member, dict[str, Any], str]] = []
         for member, result in zip(batch.members, results, strict=True):
             if result.row is not None and result.error is None:
-                succeeded.append((member, result.row))
+                succeeded.append((member, result))
                 continue
             failure = {**error_info(result.error or ValueError("no result")), **context}
             failed_state = self.recorder.new_id("s")
-            self._record_calls(failed_state, result)
+            self._record_calls(failed_state, result.calls)
             self.record_state(
                 member.token, failed_state, member.at, now, output_hash=None, error=failure,
                 context=context,
             )  # fmt: skip
+            failed.append((member, failure, failed_state))
+        if succeeded:
+            rows = [result.row for _, result in succeeded if result.row is not None]
+            outputs = [(row, self.recorder.store(row)) for row in rows]
+            members = [member for member, _ in succeeded]
+            calls = [result.calls for _, result in succeeded]
+            await self._pass_on(batch, outputs, state_id, members, calls)
+        for member, failure, failed_state in failed:
             await self.fail_row(member.token, failure, failed_state)
-        if not succeeded:
-            return
-        calls = {id(m): r for m, r in zip(batch.members, results, strict=True)}
-        outputs = [(row, self.recorder.store(row)) for _, row in succeeded]
-        members = [member for member, _ in succeeded]
-        await self._pass_on(batch, outputs, state_id, members, calls)
 
-    def _record_calls(self, state_id: str, result: MemberResult) -> None:
+    def _record_calls(self, state_id: str, calls: Sequence[ExternalCall]) -> None:
         log = self.run_ctx.calls_for(state_id)
-        for call in result.calls:
+        for call in calls:
             log.record(call)
 
     def _checked(self, outputs: Any, members: int) -> list[Row]:
@@ -546,37 +552,39 @@ class AggregationNode(NodeTask):
         outputs: list[tuple[Row, str]],
         state_id: str,
         members: list[_Member] | None = None,
-        results: dict[int, MemberResult] | None = None,
+        member_calls: list[Sequence[ExternalCall]] | None = None,
     ) -> None:
         """Pass the outputs of the flush of ``members`` (default: the whole batch) on;
-        ``results`` (by ``id`` of member) hold the calls made for each member."""
+        ``member_calls`` are the calls made for each member (recorded on its state)."""
         members = batch.members if members is None else members
+        calls = member_calls or [()] * len(members)
         now = time.time()
         route = self.spec.routes["success"]
         context = {"batch_id": batch.batch_id, "flush_state_id": state_id}
 
-        def member_state(member: _Member, output_hash: str | None) -> None:
+        def member_state(
+            member: _Member, spent: Sequence[ExternalCall], output: str | None
+        ) -> None:
             member_state_id = self.recorder.new_id("s")
-            if results is not None:
-                self._record_calls(member_state_id, results[id(member)])
+            self._record_calls(member_state_id, spent)
             self.record_state(
-                member.token, member_state_id, member.at, now, output_hash=output_hash,
+                member.token, member_state_id, member.at, now, output_hash=output,
                 context=context,
             )  # fmt: skip
 
         if self.settings.output_mode == "passthrough":
             # Every member's state is on record before the first one moves on: a crash
             # cannot leave a member of a completed batch waiting for another batch.
-            for member, (row, row_hash) in zip(members, outputs, strict=True):
-                member_state(member, row_hash)
+            for member, spent, (row, row_hash) in zip(members, calls, outputs, strict=True):
+                member_state(member, spent, row_hash)
                 member.token.row, member.token.row_hash = row, row_hash
             for member in members:
                 await self.deliver(member.token, route)
             return
         tokens = [m.token for m in members]
-        for member in members:
+        for member, spent in zip(members, calls, strict=True):
             token = member.token
-            member_state(member, None)
+            member_state(member, spent, None)
             self.run_ctx.record_outcome(
                 token,
                 Outcome.CONSUMED_IN_BATCH,

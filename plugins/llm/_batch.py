@@ -165,10 +165,8 @@ class LlmBatchAggregation(ExternalJobAggregation):
             try:
                 recorded = ctx.calls.recorded_answer(body)
             except ReplayMiss as miss:
-                error = {"type": "ReplayMiss", "message": str(miss), "replay_miss": True}
-                plan.done[custom_id] = MemberResult(
-                    None, miss, (self._call(body, "error", None, error=error),)
-                )
+                call = self._call(body, "error", None, error=miss.error)
+                plan.done[custom_id] = MemberResult(None, miss, (call,))
                 continue
             if recorded is not None:
                 call = self._call(

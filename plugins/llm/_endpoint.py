@@ -212,8 +212,7 @@ class Endpoint:
         try:
             recorded = calls.recorded_answer(body)
         except ReplayMiss as miss:
-            error = {"type": "ReplayMiss", "message": str(miss), "replay_miss": True}
-            calls.record(self._answered(body, call_type, call_index, None, error))
+            calls.record(self._answered(body, call_type, call_index, None, miss.error))
             raise
         if recorded is not None:
             calls.record(self._answered(body, call_type, call_index, recorded))
