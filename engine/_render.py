@@ -335,4 +335,7 @@ def render_runs(runs: Sequence[RunSummary]) -> Table:
 
 
 def _call_summary(run: RunSummary) -> str:
-    return run.calls.describe() if run.calls.calls else "-"
+    summary = run.calls.describe() if run.calls.calls else "-"
+    if run.replayed_from is not None:
+        summary += f" (replay of {escape(run.replayed_from)})"
+    return summary

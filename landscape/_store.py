@@ -66,6 +66,8 @@ class RunSummary:
     outcomes: dict[str, int]
     #: External calls of the run: attempts, retries, tokens and cost.
     calls: CallSummary = field(default_factory=CallSummary)
+    #: The run whose recorded answers this one replayed, if it is a replay.
+    replayed_from: str | None = None
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -264,6 +266,7 @@ def _summary(row: Any, calls: CallSummary | None) -> RunSummary:
         rows_processed=row["rows_processed"],
         outcomes=json.loads(row["outcomes_json"]) if row["outcomes_json"] else {},
         calls=calls or CallSummary(),
+        replayed_from=row["replayed_from"],
     )
 
 

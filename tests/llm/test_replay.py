@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 from sqlalchemy import select
 
 from engine import Pipeline, ReplayError
+from engine._render import render_runs
 from landscape import Landscape
 from landscape import _schema as t
 from plugins.llm import MockLlmServer, MockSettings
@@ -70,6 +72,12 @@ async def test_a_replay_gives_the_recorded_answers_without_calling(
     assert {c["response_hash"] for c in calls} == {c["response_hash"] for c in recorded_calls}
     assert await replayed_from(sqlite_url, result.run_id) == recorded.run_id
     assert await replayed_from(sqlite_url, recorded.run_id) is None
+    async with Landscape.connect(sqlite_url) as landscape:
+        runs = {run.run_id: run for run in await landscape.list_runs()}
+    assert runs[result.run_id].replayed_from == recorded.run_id
+    console = Console(width=200, record=True)
+    console.print(render_runs(list(runs.values())))
+    assert f"(replay of {recorded.run_id})" in console.export_text()
 
 
 async def test_a_request_the_recorded_run_never_made_is_the_rows_replay_miss(
