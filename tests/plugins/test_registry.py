@@ -72,7 +72,7 @@ def test_builtins_are_known_per_kind() -> None:
         "passthrough",
     ]
     assert known_plugins("sink") == ["csv", "database", "jsonl"]
-    assert known_plugins("aggregation") == ["batch_stats", "collect"]
+    assert known_plugins("aggregation") == ["batch_stats", "collect", "llm_batch"]
     assert known_kinds() == ["aggregation", "sink", "source", "transform"]
 
 
