@@ -44,7 +44,7 @@ from ._forks import ForkInstance
 from ._graph import Arrival, EdgeMode, NodeKind, Route
 from ._nodes import FlushTrigger, NodeTask
 from ._replay import load_replay
-from ._run_context import HeldBatch, RecordedJob
+from ._run_context import EarlierAttempt, HeldBatch, RecordedJob
 from ._tokens import Token
 from ._watermark import RowTracker
 
@@ -181,11 +181,12 @@ class ResumePlan:
         pending = {token.token_id for token in unfinished.pending}
         for token in unfinished.pending:
             run.rows.add(token.row_index)
+        unfinished_states = (NodeStateStatus.PENDING.value, NodeStateStatus.OPEN.value)
         flush_states = {
             state.state_id: (token.token_id, state)
             for token in unfinished.pending
             for state in token.states
-            if state.status == NodeStateStatus.PENDING.value
+            if state.status in unfinished_states
         }
         for batch in unfinished.open_batches:
             members = [m for m in batch.members if m in pending]
@@ -208,7 +209,12 @@ class ResumePlan:
                 recorder.update_batch(batch.batch_id, status=BatchStatus.FAILED)
                 batch_id = recorder.new_id("b")
                 # Flushed again, for the same reason, once all its members are back.
-                run.held_batches[batch_id] = HeldBatch(len(members), trigger)
+                # An external job it started may exist without a record of it.
+                flush = flush_states.get(str(batch.aggregation_state_id))
+                earlier = None
+                if flush is not None:
+                    earlier = EarlierAttempt(batch.batch_id, flush[1].started_at)
+                run.held_batches[batch_id] = HeldBatch(len(members), trigger, earlier=earlier)
                 recorder.batch(
                     batch_id=batch_id,
                     node_id=batch.node_id,

@@ -27,7 +27,14 @@ if TYPE_CHECKING:
     from ._streams import Inbox
     from ._tokens import Token
 
-__all__ = ["HeldBatch", "NodeStatistics", "NodeStats", "RecordedJob", "RunContext"]
+__all__ = [
+    "EarlierAttempt",
+    "HeldBatch",
+    "NodeStatistics",
+    "NodeStats",
+    "RecordedJob",
+    "RunContext",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,14 +51,24 @@ class RecordedJob:
 
 
 @dataclass(frozen=True, slots=True)
+class EarlierAttempt:
+    """The attempt a crash cut short before its external job's id was recorded: the
+    job may exist at the provider all the same (see ``ExternalJobAggregation.find``)."""
+
+    batch_id: str
+    started_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class HeldBatch:
     """A batch a stopped run left mid-flush: once its ``members`` are back, a resume
-    flushes it again for ``trigger`` (as a new attempt) or, when its external ``job``
-    had started, waits for that job."""
+    flushes it again for ``trigger`` (as a new attempt after ``earlier``) or, when its
+    external ``job`` had started, waits for that job."""
 
     members: int
     trigger: str
     job: RecordedJob | None = None
+    earlier: EarlierAttempt | None = None
 
 
 @dataclass(frozen=True, slots=True)

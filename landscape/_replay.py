@@ -18,9 +18,7 @@ __all__ = ["ANSWERED_STATUSES", "load_answers"]
 ANSWERED_STATUSES = ("success", "reused", "replayed")
 
 
-async def load_answers(
-    conn: AsyncConnection, run_id: str
-) -> dict[str, tuple[str, Any]] | None:
+async def load_answers(conn: AsyncConnection, run_id: str) -> dict[str, tuple[str, Any]] | None:
     """Request hash -> (answer hash, answer) of what run ``run_id`` received for that
     request (``None`` if there is no such run).
 

@@ -388,7 +388,8 @@ class ExternalJobAggregation(Aggregation):
     may come back at once as results; otherwise the plugin starts the job and returns its
     id, the engine records the flush ``pending`` with that id, then awaits :meth:`wait`
     alongside the node's other work — up to :attr:`max_pending_jobs` jobs at once.  After a
-    crash or stop, a resume calls :meth:`wait` with the recorded id: a job is never
+    crash or stop, a resume calls :meth:`wait` with the recorded id, and for a flush the
+    record shows started but without a job id, asks :meth:`find` first: a job is never
     submitted twice.  Results are one :class:`MemberResult` per member, in member order;
     in ``transform`` mode the outputs are the rows of the members that succeeded.
     """
@@ -399,6 +400,17 @@ class ExternalJobAggregation(Aggregation):
     async def submit(self, rows: Sequence[Row], ctx: BatchContext) -> str | list[MemberResult]:
         """Start the job for ``rows``: its id, or the results when no job is needed."""
         raise NotImplementedError
+
+    async def find(self, batch_id: str, since: float, ctx: BatchContext) -> str | None:
+        """The id of a job started for batch ``batch_id`` at or after ``since`` (epoch
+        seconds) whose id never reached the record — the run stopped between the
+        provider accepting it and the record of it — or ``None``.
+
+        A resume asks before starting that batch's next attempt, so that such a job is
+        waited for, not paid for twice.  The default finds none (a plugin whose service
+        cannot be searched may then start a job twice in that narrow window).
+        """
+        return None
 
     async def wait(self, job_id: str, rows: Sequence[Row], ctx: BatchContext) -> list[MemberResult]:
         """The results of job ``job_id`` once it ends; :class:`JobFailed` when it ended

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from plugins import ExternalCall, Row
 
     from .._config import AggregationSettings
-    from .._run_context import RecordedJob
+    from .._run_context import EarlierAttempt, HeldBatch, RecordedJob
 
 __all__ = ["AggregationNode", "FlushTrigger"]
 
@@ -202,10 +202,10 @@ class AggregationNode(NodeTask):
             return
         del self.restoring[batch_id]
         del self.run_ctx.held_batches[batch_id]
-        if held.job is None:
-            await self.flush(batch, held.trigger)
+        if self.job_plugin is not None:
+            await self._start_job(batch, held.trigger, held)
         else:
-            await self._start_job(batch, held.trigger, held.job)
+            await self.flush(batch, held.trigger)
 
     def _begin(self, key: Any, label: str | None, now: float, first: Token) -> _Batch:
         restored = self.run_ctx.restored_members.get(first.token_id)
@@ -399,29 +399,32 @@ class AggregationNode(NodeTask):
 
     # -- external jobs ---------------------------------------------------------------
 
-    async def _start_job(self, batch: _Batch, trigger: str, recorded: RecordedJob | None) -> None:
-        """Hand ``batch`` to a task of its own once a job slot is free (``recorded``: a
-        job a resumed run had started for it)."""
+    async def _start_job(self, batch: _Batch, trigger: str, held: HeldBatch | None) -> None:
+        """Hand ``batch`` to a task of its own once a job slot is free (``held``: how a
+        resumed run left it)."""
         assert self.job_slots is not None
         assert self._jobs is not None
         self._undraft(batch)
         await self.job_slots.acquire()
-        self._jobs.start_soon(self._flush_job, batch, trigger, recorded)
+        self._jobs.start_soon(self._flush_job, batch, trigger, held)
 
-    async def _flush_job(self, batch: _Batch, trigger: str, recorded: RecordedJob | None) -> None:
+    async def _flush_job(self, batch: _Batch, trigger: str, held: HeldBatch | None) -> None:
         """Flush ``batch`` through external jobs (tried ``retries + 1`` times in all)."""
         assert self.job_slots is not None
+        recorded = None if held is None else held.job
+        earlier = None if held is None else held.earlier
         try:
             first = 1 if recorded is None else recorded.attempt
             last = first + self.settings.retries
             for attempt in range(first, last + 1):
                 if attempt > first:
                     batch.batch_id = self._retry_batch(batch, attempt)
+                    earlier = None
                 try:
                     if attempt == first and recorded is not None:
                         results, state_id = await self._job_recorded(batch, trigger, recorded)
                     else:
-                        results, state_id = await self._job_once(batch, trigger, attempt)
+                        results, state_id = await self._job_once(batch, trigger, attempt, earlier)
                 except _FlushFailed as failed:
                     if attempt == last:
                         await self._fail_members(batch, failed.error)
@@ -433,14 +436,24 @@ class AggregationNode(NodeTask):
             self.job_slots.release()
 
     async def _job_once(
-        self, batch: _Batch, trigger: str, attempt: int
+        self, batch: _Batch, trigger: str, attempt: int, earlier: EarlierAttempt | None
     ) -> tuple[list[MemberResult], str]:
-        """Submit a job for ``batch`` and wait for it; its results and the flush state."""
+        """Submit a job for ``batch`` — or adopt the one the ``earlier`` attempt started
+        without recording it — and wait for it; its results and the flush state."""
         assert self.job_plugin is not None
         rows = [member.token.row for member in batch.members]
         flush = self._open_flush(batch, trigger, attempt)
         try:
-            submitted = await self.job_plugin.submit(rows, flush.ctx)
+            # The attempt is on record before any job exists: a resume after a crash
+            # in between knows which batch id to look for (``find``).
+            await self.recorder.flush()
+            submitted: str | list[MemberResult] | None = None
+            if earlier is not None:
+                submitted = await self.job_plugin.find(
+                    earlier.batch_id, earlier.started_at, flush.ctx
+                )
+            if submitted is None:
+                submitted = await self.job_plugin.submit(rows, flush.ctx)
         except anyio.get_cancelled_exc_class():
             self._close_flush(batch, flush, NodeStateStatus.CANCELLED)
             raise

@@ -116,6 +116,9 @@ class LlmBatchAggregation(ExternalJobAggregation):
             calls=ctx.calls,
         )
 
+    async def find(self, batch_id: str, since: float, ctx: BatchContext) -> str | None:
+        return await self.jobs.find(batch_id, since, ctx.calls)
+
     async def wait(self, job_id: str, rows: Sequence[Row], ctx: BatchContext) -> list[MemberResult]:
         state = await self._await_end(job_id, ctx)
         if state.status != "completed":

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 __all__ = ["BatchJobs", "JobLine", "JobState"]
 
+#: How far a provider's clock may be behind ours (when searching jobs by time).
+_CLOCK_SKEW_SECONDS = 300.0
+
 #: Job statuses after which nothing changes.
 FINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
 
@@ -176,6 +179,25 @@ class BatchJobs:
                 HttpRequest("POST", "/batches", json=create), calls, "batch_create"
             )
         return str(job["id"])
+
+    async def find(self, batch_id: str, since: float, calls: CallLog) -> str | None:
+        """The job started for ``batch_id`` (its ``ledgerflow_batch`` metadata) no
+        earlier than ``since`` (epoch seconds), if there is one: pages through the jobs
+        newest first and stops at the first page reaching back before ``since``."""
+        after: str | None = None
+        while True:
+            path = "/batches?limit=100" + ("" if after is None else f"&after={after}")
+            request = HttpRequest("GET", path, record={"method": "GET", "path": path})
+            page = await self._call(request, calls, "batch_find")
+            jobs = page.get("data") or []
+            for job in jobs:
+                if (job.get("metadata") or {}).get("ledgerflow_batch") == batch_id:
+                    return str(job["id"])
+            oldest = min((job.get("created_at") or 0 for job in jobs), default=0)
+            # Providers' clocks differ from ours: look a little further back.
+            if not page.get("has_more") or oldest < since - _CLOCK_SKEW_SECONDS:
+                return None
+            after = page.get("last_id")
 
     async def state(self, job_id: str, calls: CallLog) -> JobState:
         """The job as it stands now."""

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from hashlib import blake2b
@@ -251,6 +251,33 @@ class BatchStore:
         self._stats.batches_created += 1
         self._stats.batch_jobs[job.status.value] += 1
         return job.document()
+
+    def page(self, query: Mapping[str, str]) -> dict[str, Any]:
+        """A page of jobs, newest first: ``limit`` (1 to 100, default 20) of them after
+        the job ``after`` (a cursor from an earlier page); 400 for a bad limit or cursor."""
+        try:
+            limit = int(query.get("limit", "20"))
+        except ValueError:
+            raise BatchError(400, "limit must be an integer.") from None
+        if not 1 <= limit <= 100:
+            raise BatchError(400, "limit must be between 1 and 100.")
+        newest_first = list(reversed(self._jobs.values()))
+        after = query.get("after")
+        if after is not None:
+            ids = [job.id for job in newest_first]
+            if after not in ids:
+                raise BatchError(400, f"No batch found with id '{after}'.")
+            newest_first = newest_first[ids.index(after) + 1 :]
+        page = newest_first[:limit]
+        for job in page:
+            self._advance(job)
+        return {
+            "object": "list",
+            "data": [job.document() for job in page],
+            "first_id": page[0].id if page else None,
+            "last_id": page[-1].id if page else None,
+            "has_more": len(newest_first) > limit,
+        }
 
     def retrieve(self, batch_id: str) -> dict[str, Any]:
         """The batch object of a job as it is now; 404 for an unknown id."""

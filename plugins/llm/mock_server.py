@@ -9,6 +9,7 @@ Routes (JSON in, JSON out, except where noted)::
     POST /v1/files                                            upload a batch file (multipart)
     GET  /v1/files/{id}/content                               a file's bytes
     POST /v1/batches                                          create a batch job
+    GET  /v1/batches?limit=&after=                            jobs, newest first
     GET  /v1/batches/{id}                                     the job as it is now
     POST /v1/batches/{id}/cancel                              cancel the job
     GET  /stats                                               counters (MockStats.to_json)
@@ -77,6 +78,7 @@ class _BatchOp(enum.Enum):
     UPLOAD = "upload"
     CONTENT = "content"
     CREATE = "create"
+    LIST = "list"
     RETRIEVE = "retrieve"
     CANCEL = "cancel"
 
@@ -96,13 +98,16 @@ def _route(path: str) -> tuple[_Endpoint, str | None] | None:
     return (endpoint, deployment) if endpoint is not None and deployment else None
 
 
-def _batch_route(path: str) -> tuple[str, _BatchOp, str] | None:
-    """The method, operation and file or batch id (``""`` if none) of a Batch API path."""
+def _batch_route(path: str, method: str) -> tuple[str, _BatchOp, str] | None:
+    """The method, operation and file or batch id (``""`` if none) of a Batch API path
+    (``/v1/batches`` takes GET to list and POST to create)."""
     match path.split("/"):
         case ["", "v1", "files"]:
             return "POST", _BatchOp.UPLOAD, ""
         case ["", "v1", "files", file_id, "content"] if file_id:
             return "GET", _BatchOp.CONTENT, file_id
+        case ["", "v1", "batches"] if method == "GET":
+            return "GET", _BatchOp.LIST, ""
         case ["", "v1", "batches"]:
             return "POST", _BatchOp.CREATE, ""
         case ["", "v1", "batches", batch_id] if batch_id:
@@ -248,7 +253,7 @@ class MockLlmServer:
             raise RuntimeError(f"the mock LLM server is {self._state.value}; use `async with`")
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        found = self._find_route(request.path)
+        found = self._find_route(request.path, request.method)
         if found is None:
             return self._control(request)
         method, serve = found
@@ -260,14 +265,14 @@ class MockLlmServer:
         finally:
             self._stats.end()
 
-    def _find_route(self, path: str) -> tuple[str, _Serve] | None:
+    def _find_route(self, path: str, method: str) -> tuple[str, _Serve] | None:
         """The method an API path takes and the coroutine function that serves it."""
         route = _route(path)
         if route is not None:
             return "POST", functools.partial(
                 self._serve_api, endpoint=route[0], deployment=route[1]
             )
-        batch_route = _batch_route(path)
+        batch_route = _batch_route(path, method)
         if batch_route is not None:
             method, op, ident = batch_route
             return method, functools.partial(self._serve_batches, op=op, ident=ident)
@@ -347,6 +352,8 @@ class MockLlmServer:
                 return web.Response(body=content, content_type="application/octet-stream")
             case _BatchOp.CREATE:
                 return self._reply(200, self._batches.create(await request.read()))
+            case _BatchOp.LIST:
+                return self._reply(200, self._batches.page(request.query))
             case _BatchOp.RETRIEVE:
                 return self._reply(200, self._batches.retrieve(ident))
             case _BatchOp.CANCEL:

@@ -158,9 +158,10 @@ async def start_run(work: Path, pipeline: Path) -> Process:
     )
 
 
-async def run_cli(work: Path, *args: str) -> tuple[int, str]:
-    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "160"}
-    done = await anyio.run_process(cli_command(*args), cwd=work, env=env, check=False)
+async def run_cli(work: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run ``ledgerflow ARGS`` in ``work`` (with ``env`` added); exit code and output."""
+    full_env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "160", **(env or {})}
+    done = await anyio.run_process(cli_command(*args), cwd=work, env=full_env, check=False)
     output = done.stdout.decode() + done.stderr.decode()
     return done.returncode, output
 

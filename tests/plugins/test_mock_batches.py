@@ -415,7 +415,7 @@ async def test_routes_take_one_method() -> None:
         statuses = [
             (await client.get("/files")).status_code,
             (await client.post("/files/file-x/content")).status_code,
-            (await client.get("/batches")).status_code,
+            (await client.put("/batches")).status_code,
             (await client.get("/batches/batch_x/cancel")).status_code,
             (await client.post("/batches/batch_x/other")).status_code,
         ]
@@ -476,3 +476,23 @@ def test_batch_settings_refuse_impossible_values() -> None:
     with pytest.raises(ValueError, match="batch_expire_jobs"):
         MockSettings(batch_expire_jobs=-1)
     assert settings_from_options(batch_delay_seconds=2.5).batch_delay_seconds == 2.5
+
+
+async def test_jobs_are_listed_newest_first_a_page_at_a_time() -> None:
+    async with running() as (_, client):
+        file_id = await upload(client, batch_file())
+        made = [(await create(client, file_id, metadata={"n": str(i)}))["id"] for i in range(5)]
+        first = (await client.get("/batches", params={"limit": 2})).json()
+        assert [job["id"] for job in first["data"]] == made[:-3:-1]
+        assert (first["first_id"], first["last_id"], first["has_more"]) == (
+            made[4],
+            made[3],
+            True,
+        )
+        rest = (await client.get("/batches", params={"limit": 10, "after": made[3]})).json()
+        assert [job["id"] for job in rest["data"]] == made[2::-1]
+        assert rest["has_more"] is False
+        assert rest["data"][0]["metadata"] == {"n": "2"}
+        for params in ({"limit": 0}, {"limit": "x"}, {"after": "batch_nope"}):
+            refused = await client.get("/batches", params=params)
+            assert refused.status_code == 400, params
