@@ -100,11 +100,11 @@ class TimedLlm(LlmTransform):
 _original_send = Endpoint._send
 
 
-async def _timed_send(self: Endpoint, path: str, body: Any, limit_seconds: float) -> Any:
+async def _timed_send(self: Endpoint, request: Any, limit_seconds: float) -> Any:
     """``Endpoint._send``, adding its duration (request out to response read) to the row."""
     started = time.perf_counter()
     try:
-        return await _original_send(self, path, body, limit_seconds)
+        return await _original_send(self, request, limit_seconds)
     finally:
         _IN_HTTP.get([]).append(time.perf_counter() - started)
 
