@@ -14,6 +14,7 @@ from plugins import Discard, RowContext, Transform, TransformResult
 
 from .._calls import SharedCalls
 from .._reorder import ReleaseWindow
+from .._streams import receive_or_wait, send_or_wait
 from .._tokens import Token
 from ._base import WAKE, NodeTask, error_info
 
@@ -89,7 +90,7 @@ class TransformNode(NodeTask):
             self.stats.received += 1
             seq = await window.admit()
             if not self._settled(seq, token, window):
-                await _hand_over(jobs, [(seq, token)])
+                await send_or_wait(jobs, [(seq, token)])
 
     async def _feed_batches(
         self,
@@ -111,7 +112,7 @@ class TransformNode(NodeTask):
                 assert isinstance(token, Token)
                 self.stats.received += 1
                 if batch and not window.has_room():
-                    await _hand_over(jobs, batch)
+                    await send_or_wait(jobs, batch)
                     batch, deadline = [], math.inf
                 seq = await window.admit()
                 if self._settled(seq, token, window):
@@ -122,10 +123,10 @@ class TransformNode(NodeTask):
                 if len(batch) < settings.batch_size:
                     continue
             if batch:
-                await _hand_over(jobs, batch)
+                await send_or_wait(jobs, batch)
             batch, deadline = [], math.inf
         if batch:
-            await _hand_over(jobs, batch)
+            await send_or_wait(jobs, batch)
 
     def _settled(self, seq: int, token: Token, window: ReleaseWindow[_Processed]) -> bool:
         """Complete ``seq`` at once if a resume found this node's work on ``token`` on
@@ -143,7 +144,7 @@ class TransformNode(NodeTask):
         batched: bool,
     ) -> None:
         async with jobs:
-            while (job := await _next_job(jobs)) is not None:
+            while (job := await receive_or_wait(jobs)) is not None:
                 self.stats.in_flight += len(job)
                 try:
                     if batched:
@@ -270,31 +271,3 @@ class TransformNode(NodeTask):
             )
         else:
             await self.deliver(token, self.spec.routes["success"])
-
-
-async def _hand_over(
-    jobs: MemoryObjectSendStream[list[tuple[int, Token]]], job: list[tuple[int, Token]]
-) -> None:
-    """Give ``job`` to a worker: at once to one that waits (no scheduler round-trip, see
-    :mod:`engine._streams`), else once one is free."""
-    try:
-        jobs.send_nowait(job)
-    except anyio.WouldBlock:
-        await jobs.send(job)
-
-
-async def _next_job(
-    jobs: MemoryObjectReceiveStream[list[tuple[int, Token]]],
-) -> list[tuple[int, Token]] | None:
-    """The next job (taken at once when the feeder is waiting to hand one over), or
-    ``None`` once the feeder is done."""
-    try:
-        return jobs.receive_nowait()
-    except anyio.WouldBlock:
-        pass
-    except anyio.EndOfStream:
-        return None
-    try:
-        return await jobs.receive()
-    except anyio.EndOfStream:
-        return None
