@@ -114,6 +114,17 @@ async def test_a_job_answers_every_row_at_the_batch_price_with_the_job_on_record
     control = {c["call_type"] for c in calls} - {"llm_batch"}
     assert {"batch_upload", "batch_create", "batch_poll", "batch_download"} <= control
     assert result.calls.cost == pytest.approx(sum(c["cost"] or 0 for c in calls))
+    # explain: the row's batch with its job, and its own call with prompt and answer.
+    async with Landscape.connect(sqlite_url) as landscape:
+        lineage = await landscape.explain(result.run_id, row_index=12)
+    (token,) = list(lineage.walk())
+    (membership,) = token.batches
+    assert membership.external_job_id in {b["external_job_id"] for b in batches}
+    (state,) = [s for s in token.states if s.node_id == "classify"]
+    (call,) = state.calls
+    assert call.call_type == "llm_batch"
+    assert "Ticket 12" in call.request["messages"][-1]["content"]
+    assert call.response["choices"][0]["message"]["content"]
 
 
 async def test_batch_answers_equal_online_answers(run_verified: Run, tmp_path: Path) -> None:
