@@ -62,6 +62,16 @@ def llm_enrichment(tmp_path: Path) -> Path:
     return target / "run.py"
 
 
+@pytest.fixture
+def batch_replay(tmp_path: Path) -> Path:
+    """A private copy of the batch-and-replay example (it reads the LLM example's data)."""
+    for name in ("llm_enrichment", "batch_replay"):
+        shutil.copytree(
+            ROOT / "examples" / name, tmp_path / name, ignore=shutil.ignore_patterns("out")
+        )
+    return tmp_path / "batch_replay" / "run.py"
+
+
 def run_id_of(output: str) -> str:
     for line in output.splitlines():
         if line.startswith("run_id:"):

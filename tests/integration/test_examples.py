@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,36 @@ async def test_llm_enrichment_example_classifies_every_ticket_against_the_mock(
     rendered = render_text(lineage)
     assert "Ticket 5000" in rendered  # the prompt as sent
     assert '"priority"' in rendered  # the answer as received
+
+
+async def test_batch_replay_example_replays_its_batch_jobs_and_names_the_rerouted_rows(
+    batch_replay: Path, tmp_path: Path
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"
+    command = [sys.executable, str(batch_replay), "--landscape", url, "--port", "0"]
+    done = await anyio.run_process(command, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    output = done.stdout.decode()
+    recorded = re.search(r"^recorded run: (\S+)$", output, re.MULTILINE)
+    replay = re.search(r"^replay run: (\S+)$", output, re.MULTILINE)
+    assert recorded is not None, output
+    assert replay is not None, output
+    assert "batch jobs created: 3" in output
+    out = batch_replay.parent / "out"
+    urgent, later = read_jsonl(out / "urgent.jsonl"), read_jsonl(out / "later.jsonl")
+    assert len(urgent) + len(later) == 60
+    assert all(row["urgency"] >= 0.7 for row in urgent)
+    replay_urgent = read_jsonl(out / "replay" / "urgent.jsonl")
+    moved = sorted(r["ticket_id"] for r in later if r["urgency"] >= 0.5)
+    assert moved
+    assert sorted(r["ticket_id"] for r in replay_urgent) == sorted(
+        [r["ticket_id"] for r in urgent] + moved
+    )
+    assert f"diff: {len(moved)} of 60 tickets routed differently" in output
+    async with Landscape.connect(url) as landscape:
+        for run_id in (recorded[1], replay[1]):
+            report = await landscape.verify(run_id)
+            assert report.ok, report.violations
 
 
 @pytest.mark.parametrize("events", [300])
