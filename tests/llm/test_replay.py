@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import anyio
 import pytest
 from rich.console import Console
 from sqlalchemy import select
@@ -14,6 +15,7 @@ from engine import Pipeline, ReplayError
 from engine._render import render_runs
 from landscape import Landscape
 from landscape import _schema as t
+from plugins import Row, RowContext, Transform
 from plugins.llm import MockLlmServer, MockSettings
 from tests._read import read_jsonl
 
@@ -159,3 +161,61 @@ async def test_an_online_run_answers_a_batch_job_replay(
     assert sorted(read_jsonl(again / "out.jsonl"), key=lambda r: r["id"]) == read_jsonl(
         first / "out.jsonl"
     )
+
+
+class PauseAt(Transform):
+    """Passes rows on; the row whose ``id`` is ``at`` hangs until the run is stopped."""
+
+    name: ClassVar[str] = "pause_at"
+    at: ClassVar[int | None] = None
+    reached: ClassVar[anyio.Event]
+
+    async def process(self, row: Row, ctx: RowContext) -> Row:
+        if row["id"] == PauseAt.at:
+            PauseAt.reached.set()
+            await anyio.sleep_forever()
+        return row
+
+
+async def test_resuming_a_replaying_run_replays_too(
+    run_verified: Run, tmp_path: Path, sqlite_url: str
+) -> None:
+    first, again = fresh(tmp_path, "first"), fresh(tmp_path, "again")
+    pause = {"name": "pause", "plugin": PauseAt, "input": "raw", "on_success": "paused"}
+    async with MockLlmServer(MockSettings(seed=25)) as server:
+        recorded = await run_verified(pipeline(server.base_url, tickets(30), first))
+        requests = server.statistics().requests
+        config = pipeline(
+            server.base_url,
+            tickets(30),
+            again,
+            transforms=[pause, llm_node(input="paused", concurrency=4)],
+            runtime={"drain_timeout_seconds": 0.2},
+        )
+        PauseAt.at, PauseAt.reached = 12, anyio.Event()
+        replaying = Pipeline.from_dict(config, base_dir=tmp_path, landscape_url=sqlite_url)
+        results: list[Any] = []
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+
+                async def run() -> None:
+                    results.append(await replaying.run(replay=recorded.run_id))
+
+                tg.start_soon(run)
+                await PauseAt.reached.wait()
+                replaying.stop()
+        (stopped,) = results
+        assert stopped.status == "interrupted"
+        PauseAt.at = None
+        resumed = await Pipeline.from_dict(
+            config, base_dir=tmp_path, landscape_url=sqlite_url
+        ).resume(stopped.run_id)
+        assert server.statistics().requests == requests  # neither part sent anything
+    assert resumed.status == "completed"
+    assert by_id(again / "out.jsonl") == by_id(first / "out.jsonl")
+    calls = await calls_of(sqlite_url, stopped.run_id)
+    assert len(calls) == 30
+    assert {c["status"] for c in calls} == {"replayed"}
+    async with Landscape.connect(sqlite_url) as landscape:
+        report = await landscape.verify(stopped.run_id)
+    assert report.ok, [str(v) for v in report.violations]
