@@ -17,6 +17,7 @@ from . import _schema as t
 from ._committers import Committer, SqliteProcessCommitter
 from ._errors import LandscapeError, LandscapeUnavailable
 from ._lineage import Lineage, explain
+from ._migrate import upgrade_schema
 from ._recorder import Recorder
 from ._replay import load_answers
 from ._resume import UnfinishedRun, load_payloads, load_unfinished
@@ -115,7 +116,11 @@ class Landscape:
             if backend == "sqlite":
                 event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
             async with engine.begin() as conn:
-                await conn.run_sync(t.metadata.create_all)
+                await conn.run_sync(upgrade_schema)
+        except LandscapeError:
+            if engine is not None:
+                await engine.dispose()
+            raise
         except (SQLAlchemyError, OSError, ImportError) as exc:
             if engine is not None:
                 await engine.dispose()
