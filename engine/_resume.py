@@ -178,9 +178,17 @@ class ResumePlan:
                 completed_at=state.started_at,
                 error={"type": "Interrupted", "message": "the run stopped during this work"},
             )
-        pending = {token.token_id for token in unfinished.pending}
         for token in unfinished.pending:
             run.rows.add(token.row_index)
+        self._restore_batches(run)
+
+    def _restore_batches(self, run: RunContext) -> None:
+        """Put each open batch's pending members back into it: a draft goes on
+        collecting, a batch whose external job is pending waits for that job, and a batch
+        caught mid-flush fails that attempt and is flushed again as the next one."""
+        unfinished = self.unfinished
+        recorder = run.recorder
+        pending = {token.token_id for token in unfinished.pending}
         unfinished_states = (NodeStateStatus.PENDING.value, NodeStateStatus.OPEN.value)
         flush_states = {
             state.state_id: (token.token_id, state)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 import anyio
 
@@ -63,6 +65,19 @@ class _FlushFailed(Exception):
     def __init__(self, error: dict[str, Any]) -> None:
         super().__init__(error["message"])
         self.error = error
+
+
+#: Passes a successful flush attempt's results on (what ``_attempts`` awaits last).
+_PassOn: TypeAlias = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class _JobDone:
+    """A job's results, one per member, each succeeded row's hash, and the flush state."""
+
+    results: list[MemberResult]
+    row_hashes: list[str | None]
+    state_id: str
 
 
 @dataclass(slots=True)
@@ -258,18 +273,31 @@ class AggregationNode(NodeTask):
             return
         self._undraft(batch)
         rows = [member.token.row for member in batch.members]
-        attempts = self.settings.retries + 1
-        for attempt in range(1, attempts + 1):
-            if attempt > 1:
-                batch.batch_id = self._retry_batch(batch, attempt)
+
+        async def attempt(number: int) -> _PassOn:
+            outputs, state_id = await self._flush_once(batch, rows, trigger, number)
+            return functools.partial(self._pass_on, batch, outputs, state_id)
+
+        await self._attempts(batch, 1, attempt)
+
+    async def _attempts(
+        self, batch: _Batch, first: int, attempt: Callable[[int], Awaitable[_PassOn]]
+    ) -> None:
+        """Try ``attempt`` from number ``first`` until one succeeds or ``retries`` are
+        spent (each retry a new batch attempt), then pass its results on or fail the
+        members."""
+        last = first + self.settings.retries
+        for number in range(first, last + 1):
+            if number > first:
+                batch.batch_id = self._retry_batch(batch, number)
             try:
-                outputs, state_id = await self._flush_once(batch, rows, trigger, attempt)
+                pass_on = await attempt(number)
             except _FlushFailed as failed:
-                if attempt == attempts:
+                if number == last:
                     await self._fail_members(batch, failed.error)
                     return
             else:
-                await self._pass_on(batch, outputs, state_id)
+                await pass_on()
                 return
 
     def _undraft(self, batch: _Batch) -> None:
@@ -409,35 +437,29 @@ class AggregationNode(NodeTask):
         self._jobs.start_soon(self._flush_job, batch, trigger, held)
 
     async def _flush_job(self, batch: _Batch, trigger: str, held: HeldBatch | None) -> None:
-        """Flush ``batch`` through external jobs (tried ``retries + 1`` times in all)."""
+        """Flush ``batch`` through external jobs (tried ``retries + 1`` times in all);
+        a resumed run's first attempt goes on from how ``held`` says it stopped."""
         assert self.job_slots is not None
         recorded = None if held is None else held.job
         earlier = None if held is None else held.earlier
+        first = 1 if recorded is None else recorded.attempt
+
+        async def attempt(number: int) -> _PassOn:
+            if number == first and recorded is not None:
+                done = await self._job_recorded(batch, trigger, recorded)
+            else:
+                resumed = earlier if number == first else None
+                done = await self._job_once(batch, trigger, number, resumed)
+            return functools.partial(self._pass_on_members, batch, done)
+
         try:
-            first = 1 if recorded is None else recorded.attempt
-            last = first + self.settings.retries
-            for attempt in range(first, last + 1):
-                if attempt > first:
-                    batch.batch_id = self._retry_batch(batch, attempt)
-                    earlier = None
-                try:
-                    if attempt == first and recorded is not None:
-                        results, state_id = await self._job_recorded(batch, trigger, recorded)
-                    else:
-                        results, state_id = await self._job_once(batch, trigger, attempt, earlier)
-                except _FlushFailed as failed:
-                    if attempt == last:
-                        await self._fail_members(batch, failed.error)
-                        return
-                else:
-                    await self._pass_on_members(batch, results, state_id)
-                    return
+            await self._attempts(batch, first, attempt)
         finally:
             self.job_slots.release()
 
     async def _job_once(
         self, batch: _Batch, trigger: str, attempt: int, earlier: EarlierAttempt | None
-    ) -> tuple[list[MemberResult], str]:
+    ) -> _JobDone:
         """Submit a job for ``batch`` — or adopt the one the ``earlier`` attempt started
         without recording it — and wait for it; its results and the flush state."""
         assert self.job_plugin is not None
@@ -467,11 +489,9 @@ class AggregationNode(NodeTask):
             )
             await self.recorder.flush()
             submitted = await self._wait_job(batch, flush, submitted)
-        return self._finish_job(batch, flush, submitted), flush.state_id
+        return self._finish_job(batch, flush, submitted)
 
-    async def _job_recorded(
-        self, batch: _Batch, trigger: str, recorded: RecordedJob
-    ) -> tuple[list[MemberResult], str]:
+    async def _job_recorded(self, batch: _Batch, trigger: str, recorded: RecordedJob) -> _JobDone:
         """Wait for the job a resumed run had started for ``batch``."""
         ctx = self._context(batch, trigger, recorded.attempt, recorded.state_id)
         flush = _Flush(recorded.state_id, recorded.started_at, ctx)
@@ -479,7 +499,7 @@ class AggregationNode(NodeTask):
             if member.token.token_id == recorded.anchor_token_id:
                 member.token.step += 1
         results = await self._wait_job(batch, flush, recorded.job_id)
-        return self._finish_job(batch, flush, results), flush.state_id
+        return self._finish_job(batch, flush, results)
 
     async def _wait_job(self, batch: _Batch, flush: _Flush, job_id: str) -> list[MemberResult]:
         """The job's results; cancellation leaves its state and batch ``pending``."""
@@ -497,9 +517,8 @@ class AggregationNode(NodeTask):
         del pending[batch.batch_id]
         return results
 
-    def _finish_job(
-        self, batch: _Batch, flush: _Flush, results: list[MemberResult]
-    ) -> list[MemberResult]:
+    def _finish_job(self, batch: _Batch, flush: _Flush, results: list[MemberResult]) -> _JobDone:
+        """Close the flush state ``completed``, its output the members' row hashes."""
         if len(results) != len(batch.members):
             error = ValueError(f"the job has {len(results)} results for {len(batch.members)} rows")
             self._fail_flush(batch, flush, error)
@@ -507,21 +526,21 @@ class AggregationNode(NodeTask):
         self._close_flush(
             batch, flush, NodeStateStatus.COMPLETED, output_hash=self.recorder.store(hashes)
         )
-        return results
+        return _JobDone(results, hashes, flush.state_id)
 
-    async def _pass_on_members(
-        self, batch: _Batch, results: list[MemberResult], state_id: str
-    ) -> None:
+    async def _pass_on_members(self, batch: _Batch, done: _JobDone) -> None:
         """Pass the members whose requests succeeded on as the output mode says, then
         route those whose requests failed by ``on_error``; each member's state (with the
         calls made for it) is on record before the first one moves on."""
         now = time.time()
+        state_id = done.state_id
         context = {"batch_id": batch.batch_id, "flush_state_id": state_id}
-        succeeded: list[tuple[_Member, MemberResult]] = []
+        succeeded: list[tuple[_Member, Row, str, Sequence[ExternalCall]]] = []
         failed: list[tuple[_Member, dict[str, Any], str]] = []
-        for member, result in zip(batch.members, results, strict=True):
-            if result.row is not None and result.error is None:
-                succeeded.append((member, result))
+        members = zip(batch.members, done.results, done.row_hashes, strict=True)
+        for member, result, row_hash in members:
+            if result.row is not None and result.error is None and row_hash is not None:
+                succeeded.append((member, result.row, row_hash, result.calls))
                 continue
             failure = {**error_info(result.error or ValueError("no result")), **context}
             failed_state = self.recorder.new_id("s")
@@ -532,11 +551,10 @@ class AggregationNode(NodeTask):
             )  # fmt: skip
             failed.append((member, failure, failed_state))
         if succeeded:
-            rows = [result.row for _, result in succeeded if result.row is not None]
-            outputs = [(row, self.recorder.store(row)) for row in rows]
-            members = [member for member, _ in succeeded]
-            calls = [result.calls for _, result in succeeded]
-            await self._pass_on(batch, outputs, state_id, members, calls)
+            outputs = [(row, row_hash) for _, row, row_hash, _ in succeeded]
+            passed = [member for member, _, _, _ in succeeded]
+            calls = [spent for _, _, _, spent in succeeded]
+            await self._pass_on(batch, outputs, state_id, passed, calls)
         for member, failure, failed_state in failed:
             await self.fail_row(member.token, failure, failed_state)
 
