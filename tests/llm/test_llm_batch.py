@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 
 from engine import ConfigError, Pipeline
 from landscape import Landscape
 from landscape import _schema as t
 from plugins.llm import MockLlmServer, MockSettings
-from tests._read import read_jsonl
+from tests._read import read_jsonl, table_rows
 
 from .conftest import CLASSIFY_SCHEMA, endpoint, llm_node, tickets
 
@@ -79,9 +78,8 @@ def terminal(outcomes: dict[str, int]) -> dict[str, int]:
 
 
 async def table(url: str, table: Any, run_id: str) -> list[dict[str, Any]]:
-    async with Landscape.connect(url) as landscape, landscape.engine.connect() as conn:
-        query = select(table).where(table.c.run_id == run_id)
-        return [dict(row) for row in (await conn.execute(query)).mappings()]
+    """The rows of Landscape ``table`` that belong to run ``run_id``."""
+    return await table_rows(url, table, table.c.run_id == run_id)
 
 
 async def test_a_job_answers_every_row_at_the_batch_price_with_the_job_on_record(

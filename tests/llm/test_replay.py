@@ -9,7 +9,6 @@ from typing import Any, ClassVar
 import anyio
 import pytest
 from rich.console import Console
-from sqlalchemy import select
 
 from engine import Pipeline, ReplayError
 from engine._render import render_runs
@@ -20,7 +19,7 @@ from plugins.llm import MockLlmServer, MockSettings
 from tests._read import read_jsonl
 
 from .conftest import llm_node, pipeline, tickets
-from .test_llm_batch import batch_pipeline, by_id
+from .test_llm_batch import batch_pipeline, by_id, table
 
 Run = Callable[..., Any]
 
@@ -37,15 +36,12 @@ async def replay_verified(config: dict[str, Any], replayed: str, url: str, base_
 
 
 async def calls_of(url: str, run_id: str) -> list[dict[str, Any]]:
-    async with Landscape.connect(url) as landscape, landscape.engine.connect() as conn:
-        query = select(t.calls).where(t.calls.c.run_id == run_id)
-        return [dict(row) for row in (await conn.execute(query)).mappings()]
+    return await table(url, t.calls, run_id)
 
 
 async def replayed_from(url: str, run_id: str) -> str | None:
-    async with Landscape.connect(url) as landscape, landscape.engine.connect() as conn:
-        query = select(t.runs.c.replayed_from).where(t.runs.c.run_id == run_id)
-        return (await conn.execute(query)).scalar_one()
+    (run,) = await table(url, t.runs, run_id)
+    return run["replayed_from"]
 
 
 def fresh(base: Path, name: str) -> Path:
