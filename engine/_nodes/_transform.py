@@ -67,7 +67,10 @@ class TransformNode(NodeTask):
 
     async def _run_concurrent(self, settings: TransformSettings) -> None:
         window: ReleaseWindow[_Processed] = ReleaseWindow(settings.window, ordered=settings.ordered)
-        send, receive = anyio.create_memory_object_stream[list[tuple[int, "Token"]]](0)
+        # A worker finishing a row takes the next one waiting here without a scheduler
+        # round-trip; the window still bounds everything admitted.
+        jobs = settings.concurrency
+        send, receive = anyio.create_memory_object_stream[list[tuple[int, "Token"]]](jobs)
         async with anyio.create_task_group() as tg:
             for _ in range(settings.concurrency):
                 tg.start_soon(self._work, receive.clone(), window, settings.batch_size > 1)

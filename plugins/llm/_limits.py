@@ -9,15 +9,14 @@ stay inside the provider's limits.
 from __future__ import annotations
 
 import math
-from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import anyio
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import Callable
 
-__all__ = ["CircuitBreaker", "CircuitOpen", "EndpointLimiter", "TokenBucket"]
+__all__ = ["CircuitBreaker", "CircuitOpen", "EndpointLimiter", "Slot", "TokenBucket"]
 
 
 class TokenBucket:
@@ -34,7 +33,7 @@ class TokenBucket:
         self._level = self.capacity
         #: Set on first use: a pipeline is built before its event loop runs.
         self._stamp: float | None = None
-        self._turn = anyio.Lock()
+        self._turn = anyio.Lock(fast_acquire=True)
 
     def _refill(self) -> None:
         now = anyio.current_time()
@@ -68,7 +67,9 @@ class EndpointLimiter:
         requests_per_minute: int | None = None,
         tokens_per_minute: int | None = None,
     ) -> None:
-        self._slots = anyio.Semaphore(max_in_flight)
+        # fast_acquire: a free slot is taken without a scheduler round-trip; the call
+        # that holds it waits on the network at once anyway.
+        self._slots = anyio.Semaphore(max_in_flight, fast_acquire=True)
         self._requests = None if requests_per_minute is None else TokenBucket(requests_per_minute)
         self._tokens = None if tokens_per_minute is None else TokenBucket(tokens_per_minute)
         self.max_in_flight = max_in_flight
@@ -77,16 +78,23 @@ class EndpointLimiter:
     def in_flight(self) -> int:
         return self.max_in_flight - self._slots.value
 
-    @asynccontextmanager
-    async def slot(
+    def slot(self, estimated_tokens: int, admit: Callable[[], None] | None = None) -> Slot:
+        """Hold one request slot for an ``async with`` block, which gets the object that
+        takes the real token usage (see :meth:`acquire`)."""
+        return Slot(self, estimated_tokens, admit)
+
+    async def acquire(
         self, estimated_tokens: int, admit: Callable[[], None] | None = None
-    ) -> AsyncIterator[UsageCorrection]:
-        """Hold one request slot; the yielded object takes the real token usage.
+    ) -> UsageCorrection:
+        """Take one request slot and the rate allowance of one request; :meth:`release`
+        gives the slot back.
 
         ``admit`` runs once the slot is held and before any rate allowance is taken:
-        if it raises (an open circuit breaker), the request used up no allowance.
+        if it raises (an open circuit breaker), the slot is released and the request
+        used up no allowance.
         """
-        async with self._slots:
+        await self._slots.acquire()
+        try:
             if admit is not None:
                 admit()
             if self._requests is not None:
@@ -94,7 +102,33 @@ class EndpointLimiter:
             taken = 0.0
             if self._tokens is not None:
                 taken = await self._tokens.take(estimated_tokens)
-            yield UsageCorrection(self._tokens, taken)
+        except BaseException:
+            self._slots.release()
+            raise
+        return UsageCorrection(self._tokens, taken)
+
+    def release(self) -> None:
+        self._slots.release()
+
+
+class Slot:
+    """One request's hold on an :class:`EndpointLimiter` (a class rather than a
+    generator-based context manager: it is entered once per call on the hot path)."""
+
+    __slots__ = ("_admit", "_estimated_tokens", "_limiter")
+
+    def __init__(
+        self, limiter: EndpointLimiter, estimated_tokens: int, admit: Callable[[], None] | None
+    ) -> None:
+        self._limiter = limiter
+        self._estimated_tokens = estimated_tokens
+        self._admit = admit
+
+    async def __aenter__(self) -> UsageCorrection:
+        return await self._limiter.acquire(self._estimated_tokens, self._admit)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._limiter.release()
 
 
 class UsageCorrection:
