@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import resource
 import statistics
@@ -194,16 +195,26 @@ async def run_baseline(n: int, workdir: Path) -> dict[str, float]:
 
 
 def compare(n: int, repeat: int) -> None:
-    engine_runs, base_runs = [], []
+    """Alternate, ``repeat`` times: ledgerflow with the start-up heap frozen as
+    ``ledgerflow run`` does (engine/cli.py), ledgerflow with the collector untouched
+    (as an application embedding it may leave it), and the baseline (frozen too)."""
+    engine_runs, embedded_runs, base_runs = [], [], []
     for _ in range(repeat):
+        gc.unfreeze()
+        with tempfile.TemporaryDirectory() as tmp:
+            embedded_runs.append(asyncio.run(run_ledgerflow(n, Path(tmp))))
+        gc.collect()
+        gc.freeze()
         with tempfile.TemporaryDirectory() as tmp:
             engine_runs.append(asyncio.run(run_ledgerflow(n, Path(tmp))))
         with tempfile.TemporaryDirectory() as tmp:
             base_runs.append(asyncio.run(run_baseline(n, Path(tmp))))
     med = {k: statistics.median(r[k] for r in engine_runs) for k in engine_runs[0]}
+    embedded = statistics.median(r["rows_per_s"] for r in embedded_runs)
     base = statistics.median(r["rows_per_s"] for r in base_runs)
     print(f"rows: {n:,}  (median of {repeat})")
-    print(f"ledgerflow, full audit : {med['rows_per_s']:>10,.0f} rows/s")
+    print(f"ledgerflow, full audit : {med['rows_per_s']:>10,.0f} rows/s  (as `ledgerflow run`)")
+    print(f"  same, collector as is: {embedded:>10,.0f} rows/s  (embedded, heap not frozen)")
     print(f"plain asyncio baseline : {base:>10,.0f} rows/s")
     print(f"ratio ledgerflow/base  : {med['rows_per_s'] / base:>10.2f}")
     print(f"time to first sink write: {med['first_write_s']:.3f} s of {med['seconds']:.2f} s")

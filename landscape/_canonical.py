@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import math
-import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -34,9 +33,6 @@ _MAX_SAFE_INT = 2**53 - 1
 _PLAIN = frozenset({str, bool, type(None)})
 _SCALARS = _PLAIN | {int, float}
 _SMALLEST_FAST_FLOAT = 1e-5
-#: Numbers orjson prints differently from RFC 8785: integral floats (``2.0``) and
-#: exponent notation (``1e16``, ``8e-6``).
-_ORJSON_ONLY_NUMBER = re.compile(rb"\d\.0[,}\]]|\de")
 _is_float = float.__instancecheck__
 # Once _normalise has vetted a value (ASCII keys, safe ints, finite non-integral floats),
 # orjson prints it exactly as RFC 8785 does; tests/landscape/test_canonical.py checks this
@@ -185,9 +181,7 @@ def _flat_row_bytes(row: dict[Any, Any]) -> bytes | None:
     """The canonical bytes of a flat row of plain values, or ``None`` to take the general path.
 
     The hot path for rows: orjson's output is used when it provably is RFC 8785's — ASCII
-    keys, finite floats, and no number printed the way only orjson prints it (``2.0``,
-    exponents), which a search of the output finds (a string that merely looks like such
-    a number sends the row down the general path, never to a wrong result).
+    keys, and floats orjson prints as RFC 8785 does (see :func:`_scalars_print_canonically`).
     """
     kinds = set(map(type, row.values()))
     if not kinds <= _SCALARS:
@@ -197,15 +191,12 @@ def _flat_row_bytes(row: dict[Any, Any]) -> bytes | None:
             return None
     except TypeError:
         return None
-    if float in kinds and not math.isfinite(sum(filter(_is_float, row.values()))):
+    if not _scalars_print_canonically(row, kinds):
         return None
     try:
-        out = orjson.dumps(row, option=_ORJSON_OPTIONS)
+        return orjson.dumps(row, option=_ORJSON_OPTIONS)
     except orjson.JSONEncodeError:
         return None
-    if float in kinds and _ORJSON_ONLY_NUMBER.search(out):
-        return None
-    return out
 
 
 def payload_forms(value: Any) -> tuple[bytes, bytes]:

@@ -10,7 +10,6 @@ the audit trail rely on.  The queue is bounded by its producers: they await
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
@@ -32,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GroupCommitWriter", "WriterStatistics"]
 
-_SEEN_PAYLOADS = 65_536
+_SEEN_PAYLOADS = 32_768
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +72,11 @@ class GroupCommitWriter:
         self._commit_interval = commit_interval
         self._high_water = high_water
         self._batch = _Batch()
-        # An OrderedDict, not a dict: evicting a plain dict's oldest key gets slower with
-        # every eviction (iteration skips the deleted slots at its front).
-        self._seen_payloads: OrderedDict[str, None] = OrderedDict()
+        # Payload hashes sent lately, in two generations: when the newer one is full it
+        # becomes the older one (the previous older one is dropped), so between
+        # _SEEN_PAYLOADS and twice that many of the latest are remembered at set speed.
+        self._seen_payloads: set[str] = set()
+        self._seen_before: set[str] = set()
         self._has_work = anyio.Event()
         self._work_signalled = False
         self._urgent = anyio.Event()
@@ -135,16 +136,16 @@ class GroupCommitWriter:
         """Queue a content-addressed payload; recently stored hashes are skipped.
 
         The database ignores a hash it already holds; remembering the most recent ones
-        (first in, first out, bounded) saves sending them again.
+        (a bounded number, the oldest forgotten first) saves sending them again.
         """
         seen = self._seen_payloads
-        if content_hash in seen:
+        if content_hash in seen or content_hash in self._seen_before:
             return
         if self._closing:
             self._ensure_open()
-        seen[content_hash] = None
-        if len(seen) > _SEEN_PAYLOADS:
-            seen.popitem(last=False)
+        seen.add(content_hash)
+        if len(seen) >= _SEEN_PAYLOADS:
+            self._seen_before, self._seen_payloads = seen, set()
         self._batch.payloads.append((content_hash, content))
         self._queued()
 
