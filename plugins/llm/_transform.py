@@ -31,6 +31,9 @@ __all__ = ["AnswerError", "LlmOptions", "LlmTransform", "endpoint_for"]
 
 T = TypeVar("T")
 
+#: How many answer texts found valid are remembered (then forgotten all at once).
+_VALID_ANSWERS_KEPT = 1024
+
 _BATCH_INSTRUCTIONS = (
     "The user message is a JSON object whose 'batch' array holds {n} prompts, each with "
     "an 'index'. Answer each prompt on its own, and reply with a JSON object whose "
@@ -127,6 +130,9 @@ class LlmTransform(Transform):
         self.validator = (
             None if o.json_schema is None else jsonschema.Draft202012Validator(o.json_schema)
         )
+        #: Answer texts already found valid: classifying rows, a model gives the same few
+        #: answers over and over, and validating costs more than the rest of parsing.
+        self._valid_answers: set[str] = set()
         self.template_hashes = {
             "system": None if self.system is None else self.system.sha256,
             "prompt": self.prompt.sha256,
@@ -318,7 +324,11 @@ class LlmTransform(Transform):
             value = json.loads(content)
         except ValueError:
             raise AnswerError(f"the answer is not JSON: {content[:200]!r}") from None
-        self._validate(value)
+        if content not in self._valid_answers:
+            self._validate(value)
+            if len(self._valid_answers) >= _VALID_ANSWERS_KEPT:
+                self._valid_answers.clear()
+            self._valid_answers.add(content)
         return value
 
     def _validate(self, value: Any) -> None:

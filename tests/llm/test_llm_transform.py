@@ -13,7 +13,18 @@ from sqlalchemy import select
 from engine import ConfigError, Pipeline
 from landscape import Landscape
 from landscape import _schema as t
-from plugins.llm import Fault, FixedLatency, MockLlmServer, MockSettings, UniformLatency
+from plugins import PluginSetup
+from plugins.llm import (
+    AnswerError,
+    Fault,
+    FixedLatency,
+    LlmTransform,
+    MockLlmServer,
+    MockSettings,
+    UniformLatency,
+)
+from plugins.llm._endpoint import Endpoint
+from plugins.llm._settings import EndpointSettings
 from tests._read import read_jsonl
 
 from .conftest import llm_node, pipeline, tickets
@@ -206,3 +217,31 @@ async def test_a_slow_row_does_not_stop_new_rows_from_starting(
         node = llm_node(concurrency=8, max_pending=64)
         await run_verified(pipeline(server.base_url, tickets(32), tmp_path, transforms=[node]))
         assert server.statistics().max_in_flight == 8
+
+
+def _answer(content: str) -> dict[str, Any]:
+    return {"choices": [{"message": {"role": "assistant", "content": content}}]}
+
+
+def test_answers_already_found_valid_are_still_parsed_afresh_and_invalid_ones_refused(
+    tmp_path: Path,
+) -> None:
+    endpoint = Endpoint("e", EndpointSettings(base_url="http://127.0.0.1:1/v1"), tmp_path)
+    schema = {"type": "object", "properties": {"label": {"enum": ["a", "b"]}}}
+    schema["required"] = ["label"]
+    options = {"endpoint": "e", "model": "m", "prompt": "{{ row.x }}", "json_schema": schema}
+    llm = LlmTransform.from_options(
+        {**options, "response_format": "json_schema"},
+        PluginSetup(node_name="n", base_dir=tmp_path, endpoints={"e": endpoint}),
+    )
+    first = llm.parse(_answer('{"label": "a"}'))
+    second = llm.parse(_answer('{"label": "a"}'))
+    assert first == second == {"label": "a"}
+    assert first is not second  # each row gets its own value to merge
+    with pytest.raises(AnswerError, match="does not match the schema"):
+        llm.parse(_answer('{"label": "c"}'))
+    for i in range(3000):  # distinct valid answers: what is remembered stays bounded
+        llm.parse(_answer(f'{{"label": "b", "n": {i}}}'))
+    assert len(llm._valid_answers) <= 1024
+    with pytest.raises(AnswerError):
+        llm.parse(_answer('{"label": "c"}'))
