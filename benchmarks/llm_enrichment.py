@@ -9,7 +9,7 @@ kept in order, no audit.  Printed per scenario: rows/s of each, the ideal
 ``rows / (latency / concurrency)``, and ledgerflow's share of the ideal and of the
 baseline.  Also printed: the engine's own overhead per call (p50/p99 of the time from a
 worker taking the row to its request leaving, plus from the response arriving to the
-result being handed to the release window) and the same client on httpx, with
+result being handed to the release window; waits before a retry are not counted) and the same client on httpx, with
 its default transport and on an aiohttp transport: why ledgerflow calls aiohttp directly.
 """
 
@@ -79,7 +79,8 @@ def rows(n: int) -> list[dict[str, Any]]:
 # -- ledgerflow -------------------------------------------------------------------------
 
 OVERHEADS: list[float] = []
-#: Seconds the current row spent inside HTTP exchanges (one list per worker task's row).
+#: Seconds the current row spent inside HTTP exchanges or waiting to retry one (one list
+#: per worker task's row).
 _IN_HTTP: contextvars.ContextVar[list[float]] = contextvars.ContextVar("in_http")
 
 
@@ -109,7 +110,18 @@ async def _timed_send(self: Endpoint, request: Any, limit_seconds: float) -> Any
         _IN_HTTP.get([]).append(time.perf_counter() - started)
 
 
+_original_backoff = Endpoint._backoff
+
+
+def _timed_backoff(self: Endpoint, failed_attempt: int, failure: BaseException | None) -> float:
+    """``Endpoint._backoff``: the delay before a retry is waiting, not engine time either."""
+    delay = _original_backoff(self, failed_attempt, failure)
+    _IN_HTTP.get([]).append(delay)
+    return delay
+
+
 Endpoint._send = _timed_send  # type: ignore[method-assign]
+Endpoint._backoff = _timed_backoff  # type: ignore[method-assign]
 
 
 async def run_ledgerflow(base_url: str, scenario: Scenario, workdir: Path) -> float:
