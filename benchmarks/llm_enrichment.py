@@ -9,8 +9,9 @@ kept in order, no audit.  Printed per scenario: rows/s of each, the ideal
 ``rows / (latency / concurrency)``, and ledgerflow's share of the ideal and of the
 baseline.  Also printed: the engine's own overhead per call (p50/p99 of the time from a
 worker taking the row to its request leaving, plus from the response arriving to the
-result being handed to the release window; waits before a retry are not counted) and the same client on httpx, with
-its default transport and on an aiohttp transport: why ledgerflow calls aiohttp directly.
+result being handed to the release window; waits before a retry are not counted) and
+the same client on httpx, with its default transport and on an aiohttp transport: why
+ledgerflow calls aiohttp directly.
 """
 
 from __future__ import annotations
