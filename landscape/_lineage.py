@@ -21,7 +21,7 @@ from sqlalchemy import and_, select
 
 from . import _schema as t
 from ._errors import LandscapeError
-from ._sql import loads_json
+from ._sql import loads_json, recording_order
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -333,12 +333,7 @@ async def _fetch_routes(conn: AsyncConnection, state_ids: list[str]) -> list[Row
         .outerjoin(edge, and_(edge.c.run_id == ev.c.run_id, edge.c.edge_id == ev.c.edge_id))
         .where(ev.c.state_id.in_(state_ids))
     )
-    return sorted(await _rows(conn, query), key=_recording_order)
-
-
-def _recording_order(event: Row[Any]) -> tuple[int, str]:
-    # A recorder's ids end in an increasing hex counter: shorter means earlier.
-    return (len(event.event_id), event.event_id)
+    return sorted(await _rows(conn, query), key=recording_order)
 
 
 async def _fetch_batches(conn: AsyncConnection, token_ids: list[str]) -> list[Row[Any]]:

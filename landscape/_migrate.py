@@ -24,7 +24,7 @@ __all__ = ["upgrade_schema"]
 def upgrade_schema(conn: Connection) -> list[str]:
     """Create missing tables and add missing nullable columns; the ``table.column``
     names added.  Raises :class:`LandscapeError` for a missing column that cannot be
-    added (one without a default that must not be null)."""
+    added (one that must not be null)."""
     t.metadata.create_all(conn)
     inspector = inspect(conn)
     added: list[str] = []

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["TERMINAL_OUTCOMES", "BatchStatus", "NodeStateStatus", "Outcome", "RunStatus"]
+__all__ = [
+    "ANSWERED_CALL_STATUSES",
+    "PARENT_OUTCOMES",
+    "TERMINAL_OUTCOMES",
+    "BatchStatus",
+    "NodeStateStatus",
+    "Outcome",
+    "RunStatus",
+]
 
 
 class Outcome(StrEnum):
@@ -27,6 +35,10 @@ class Outcome(StrEnum):
 
 
 TERMINAL_OUTCOMES = frozenset(o for o in Outcome if o.is_terminal)
+#: Outcomes that hand a token's row on to tokens made from it (its line goes on there).
+PARENT_OUTCOMES = frozenset(o.value for o in (Outcome.FORKED, Outcome.COALESCED, Outcome.EXPANDED))
+#: Call statuses that carry an answer: made now, reused within the run, or replayed.
+ANSWERED_CALL_STATUSES = ("success", "reused", "replayed")
 
 
 class NodeStateStatus(StrEnum):

@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from . import _schema as t
+from ._outcomes import ANSWERED_CALL_STATUSES
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
 
-__all__ = ["ANSWERED_STATUSES", "load_answers"]
+__all__ = ["load_answers"]
 
 #: Statuses of calls that carry an answer.
-ANSWERED_STATUSES = ("success", "reused", "replayed")
 
 
 async def load_answers(conn: AsyncConnection, run_id: str) -> dict[str, tuple[str, Any]] | None:
@@ -34,7 +34,7 @@ async def load_answers(conn: AsyncConnection, run_id: str) -> dict[str, tuple[st
         .join(P, P.c.hash == C.c.response_ref)
         .where(
             C.c.run_id == run_id,
-            C.c.status.in_(ANSWERED_STATUSES),
+            C.c.status.in_(ANSWERED_CALL_STATUSES),
             C.c.request_hash.is_not(None),
         )
         .order_by(C.c.created_at, C.c.call_index)

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Row, Select
     from sqlalchemy.ext.asyncio import AsyncConnection
 
-__all__ = ["CHUNK_SIZE", "chunks", "loads_json", "select_in"]
+__all__ = ["CHUNK_SIZE", "chunks", "loads_json", "recording_order", "select_in"]
 
 #: Values per ``IN (...)`` list (well below every driver's parameter limit).
 CHUNK_SIZE = 500
@@ -22,6 +22,14 @@ _T = TypeVar("_T")
 def loads_json(text: str | None) -> Any:
     """The value of a JSON column, ``None`` for SQL ``NULL``."""
     return None if text is None else json.loads(text)
+
+
+def recording_order(record: Any) -> tuple[int, str]:
+    """Sort key of a row of an append-only event table by its ``event_id``, in the
+    order it was recorded: a recorder's ids end in an increasing hex counter, so a
+    shorter id is an earlier one."""
+    event_id: str = record.event_id
+    return (len(event_id), event_id)
 
 
 def chunks(values: Sequence[_T], size: int = CHUNK_SIZE) -> Iterator[Sequence[_T]]:

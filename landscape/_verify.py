@@ -27,7 +27,7 @@ from sqlalchemy import and_, case, false, func, not_, or_, select, text, true
 
 from . import _schema as t
 from ._lineage import RunNotFound
-from ._outcomes import NodeStateStatus, Outcome, RunStatus
+from ._outcomes import ANSWERED_CALL_STATUSES, PARENT_OUTCOMES, NodeStateStatus, Outcome, RunStatus
 
 if TYPE_CHECKING:
     from sqlalchemy import ColumnElement, RowMapping, Select, Table
@@ -89,8 +89,6 @@ class VerifyReport:
 _STATE_STATUSES = tuple(s.value for s in NodeStateStatus if s is not NodeStateStatus.OPEN)
 _BATCH_FINAL = ("completed", "failed")
 _CALL_STATUSES = ("success", "error", "reused", "replayed")
-_ANSWERED_CALLS = ("success", "reused", "replayed")
-_PARENT_OUTCOMES = (Outcome.FORKED.value, Outcome.EXPANDED.value, Outcome.COALESCED.value)
 _SINK_OUTCOMES = (Outcome.COMPLETED.value, Outcome.ROUTED.value, Outcome.QUARANTINED.value)
 _JOB_ID_KEYS = ("job_id", "external_job_id")
 _COALESCE_KEYS = ("coalesce", "policy", "missing_branches")
@@ -332,7 +330,7 @@ def _outcomes_in_scope(scope: _Scope, *outcomes: str) -> Select[Any]:
 async def _check_token_parents(c: _Collector, scope: _Scope) -> None:
     bm = t.batch_members
     has_child = _exists(TP.c.parent_token_id, TP.c.parent_token_id == TO.c.token_id)
-    childless = _outcomes_in_scope(scope, *_PARENT_OUTCOMES).where(not_(has_child))
+    childless = _outcomes_in_scope(scope, *PARENT_OUTCOMES).where(not_(has_child))
     await c.query(Invariant.TOKEN_PARENTS, childless, _describe_childless)
     in_batch = _exists(
         bm.c.batch_id, bm.c.batch_id == TO.c.batch_id, bm.c.token_id == TO.c.token_id
@@ -436,7 +434,7 @@ async def _check_calls(c: _Collector, scope: _Scope) -> None:
         cl.c.latency_ms.is_(None),
         cl.c.attempt.is_(None),
         cl.c.status.not_in(_CALL_STATUSES),
-        and_(cl.c.status.in_(_ANSWERED_CALLS), cl.c.response_hash.is_(None)),
+        and_(cl.c.status.in_(ANSWERED_CALL_STATUSES), cl.c.response_hash.is_(None)),
     )
     query = (
         select(cl, T.c.token_id, R.c.row_index)
@@ -454,7 +452,7 @@ def _describe_call(row: RowMapping) -> str:
     problems = [name for name in ("request_hash", "latency_ms", "attempt") if row[name] is None]
     if row["status"] not in _CALL_STATUSES:
         problems.append(f"unknown status {row['status']!r}")
-    elif row["status"] in _ANSWERED_CALLS and row["response_hash"] is None:
+    elif row["status"] in ANSWERED_CALL_STATUSES and row["response_hash"] is None:
         problems.append("response_hash")
     return f"call {row['call_id']} of node_state {row['state_id']} lacks " + ", ".join(problems)
 

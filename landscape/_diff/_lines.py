@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from sqlalchemy import select
 
 from .. import _schema as t
-from .._outcomes import Outcome
-from .._sql import select_in
+from .._outcomes import PARENT_OUTCOMES, Outcome
+from .._sql import recording_order, select_in
 from ._result import TokenEnd
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 __all__ = ["Line", "Step", "load_lines"]
 
 #: Outcomes of tokens whose line goes on in their children (not shown as ends).
-_CONTINUING = frozenset({Outcome.FORKED.value, Outcome.COALESCED.value, Outcome.EXPANDED.value})
 
 
 class Step(NamedTuple):
@@ -86,7 +85,7 @@ class Line:
 
     def end(self) -> TokenEnd | None:
         """The line's end, unless it goes on in the token's children."""
-        if self.outcome in _CONTINUING:
+        if self.outcome in PARENT_OUTCOMES:
             return None
         return TokenEnd(self.path, self.outcome, self.sink, self.final_hash)
 
@@ -181,8 +180,7 @@ async def _routes_of(conn: AsyncConnection, token_ids: Sequence[str]) -> dict[st
         token_ids,
     )
     routes: dict[str, list[Row[Any]]] = {}
-    # A recorder's ids end in an increasing hex counter: shorter means earlier.
-    for event in sorted(events, key=lambda e: (len(e.event_id), e.event_id)):
+    for event in sorted(events, key=recording_order):
         routes.setdefault(event.state_id, []).append(event)
     return routes
 

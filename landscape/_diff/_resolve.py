@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from .. import _schema as t
+from .._outcomes import ANSWERED_CALL_STATUSES
 from .._resume import load_payloads
 from .._sql import loads_json, select_in
 from ._result import Divergence, FieldChange, NodeDecision, RowDiff
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 __all__ = ["Facts", "load_facts", "node_types", "resolve"]
 
 #: Statuses of an external call whose answer the node used.
-_ANSWERED = ("success", "reused", "replayed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +100,7 @@ async def _answers_of(conn: AsyncConnection, state_ids: Sequence[str]) -> dict[s
         conn,
         lambda ids: select(
             C.c.state_id, C.c.call_index, C.c.attempt, C.c.status, C.c.response_ref
-        ).where(C.c.state_id.in_(ids), C.c.status.in_(_ANSWERED)),
+        ).where(C.c.state_id.in_(ids), C.c.status.in_(ANSWERED_CALL_STATUSES)),
         state_ids,
     )
     return {

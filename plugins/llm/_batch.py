@@ -37,7 +37,7 @@ from ._prompts import PromptError
 from ._transform import AnswerError, LlmOptions, LlmTransform
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Sequence
 
     from plugins.protocols import BatchContext
 
@@ -87,10 +87,6 @@ class LlmBatchAggregation(ExternalJobAggregation):
             self.llm.endpoint, timeout_seconds=o.timeout_seconds, max_attempts=o.max_attempts
         )
         self.max_pending_jobs = o.max_pending_jobs
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any], setup: PluginSetup) -> LlmBatchAggregation:
-        return cls(LlmBatchOptions.model_validate(dict(options)), setup)
 
     def audit_details(self) -> dict[str, Any]:
         return self.llm.audit_details()

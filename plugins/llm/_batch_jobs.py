@@ -190,14 +190,16 @@ class BatchJobs:
             request = HttpRequest("GET", path, record={"method": "GET", "path": path})
             page = await self._call(request, calls, "batch_find")
             jobs = page.get("data") or []
+            # Providers' clocks differ from ours: look a little further back.
+            earliest = since - _CLOCK_SKEW_SECONDS
             for job in jobs:
-                if (job.get("metadata") or {}).get("ledgerflow_batch") == batch_id:
+                ours = (job.get("metadata") or {}).get("ledgerflow_batch") == batch_id
+                if ours and (job.get("created_at") or 0) >= earliest:
                     return str(job["id"])
             oldest = min((job.get("created_at") or 0 for job in jobs), default=0)
-            # Providers' clocks differ from ours: look a little further back.
-            if not page.get("has_more") or oldest < since - _CLOCK_SKEW_SECONDS:
-                return None
             after = page.get("last_id")
+            if not page.get("has_more") or after is None or oldest < earliest:
+                return None
 
     async def state(self, job_id: str, calls: CallLog) -> JobState:
         """The job as it stands now."""

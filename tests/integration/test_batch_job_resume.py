@@ -14,6 +14,7 @@ import pytest
 
 from landscape import Landscape
 from plugins.llm import MockLlmServer, MockSettings
+from tests._read import read_jsonl
 
 from .conftest import run_id_of
 from .test_crash_resume import run_cli, single_run_id, start_run
@@ -86,7 +87,7 @@ def batches_with(work: Path, status: str) -> int:
 async def check_finished(work: Path, run_id: str, rows: int, *, attempts: int = 1) -> None:
     """Every row went through, the run is complete and verified, each batch ended after
     ``attempts`` attempts with its own job, and each row's answer was recorded once."""
-    done = [json.loads(line) for line in (work / "out" / "done.jsonl").read_text().splitlines()]
+    done = read_jsonl(work / "out" / "done.jsonl")
     assert sorted(row["id"] for row in done) == list(range(rows))
     url = f"sqlite+aiosqlite:///{work / 'audit.db'}"
     async with Landscape.connect(url) as landscape:
@@ -103,6 +104,7 @@ async def check_finished(work: Path, run_id: str, rows: int, *, attempts: int = 
             "SELECT COUNT(*) FROM calls WHERE call_type = 'llm_batch' AND status = 'success'"
         ).fetchone()
     assert {status for status, _ in batches} == {"completed"}
+    assert all(job for _, job in batches)
     assert len({job for _, job in batches}) == len(batches)
     assert answers == (rows,)
 

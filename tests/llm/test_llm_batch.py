@@ -159,7 +159,7 @@ async def test_rows_whose_requests_fail_in_the_job_take_the_error_route(
     assert len(failed) == len(errors)
     assert all(c["http_status"] == 500 for c in failed)
     batches = await table(sqlite_url, t.batches, result.run_id)
-    assert all(b["status"] == "completed" for b in batches)
+    assert [b["status"] for b in batches] == ["completed"] * 4
 
 
 async def test_an_expired_job_fails_its_batch_and_the_retry_is_a_new_job(
@@ -222,6 +222,8 @@ async def test_transform_mode_consumes_the_members_into_one_output_each(
         result = await run_verified(config)
     out = read_jsonl(tmp_path / "out.jsonl")
     assert sorted(row["id"] for row in out) == list(range(6))
+    assert all(row["label"] in {"billing", "login", "other"} for row in out)
+    assert all(0 <= row["score"] <= 1 for row in out)
     assert result.outcomes == {"consumed_in_batch": 6, "completed": 6}
 
 
@@ -270,10 +272,11 @@ async def test_jobs_and_their_replay_on_each_landscape(
         report = await landscape.verify(replayed.run_id)
     assert report.ok, [str(v) for v in report.violations]
     # Jobs end in any order: rows of different batches leave in any order.
+    assert by_id(first / "out.jsonl")
     assert by_id(again / "out.jsonl") == by_id(first / "out.jsonl")
     # Rows whose requests failed in the job have no answer on record: replay misses.
     failed = sorted(row["id"] for row in read_jsonl(first / "errors.jsonl"))
-    assert failed
+    assert 0 < len(failed) < 20
     missed = read_jsonl(again / "errors.jsonl")
     assert sorted(row["id"] for row in missed) == failed
     assert all("replay_miss" in row["_error"] for row in missed)
