@@ -76,11 +76,10 @@ async def _analyse(
     types_a, types_b = await node_types(conn, run_a), await node_types(conn, run_b)
     analysed: list[RowDiff] = []
     for chunk in chunks(rows):
-        lines_a = await load_lines(conn, [row_a for _, row_a, _ in chunk])
-        lines_b = await load_lines(conn, [row_b for _, _, row_b in chunk])
+        # Row ids are unique across runs: both runs' rows load in one go.
+        lines = await load_lines(conn, [row for _, ra, rb in chunk for row in (ra, rb)])
         drafts = [
-            draft(index, ra, rb, lines_a.get(ra, {}), lines_b.get(rb, {}))
-            for index, ra, rb in chunk
+            draft(index, ra, rb, lines.get(ra, {}), lines.get(rb, {})) for index, ra, rb in chunk
         ]
         facts = await load_facts(conn, drafts, types_a, types_b)
         analysed.extend(resolve(d, facts) for d in drafts)

@@ -49,7 +49,8 @@ def _fingerprint_query(run_id: str) -> Select[Any]:
     final_row = (
         select(func.coalesce(S.c.output_hash, S.c.input_hash))
         .where(S.c.token_id == T.c.token_id)
-        .order_by(S.c.step_index.desc().nulls_last(), S.c.attempt.desc(), S.c.started_at.desc())
+        # A state without a step counts as the latest, as explain orders them.
+        .order_by(S.c.step_index.desc().nulls_first(), S.c.attempt.desc(), S.c.started_at.desc())
         .limit(1)
         .correlate(T)
         .scalar_subquery()

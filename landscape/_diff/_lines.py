@@ -157,27 +157,26 @@ async def _steps_of(conn: AsyncConnection, token_ids: Sequence[str]) -> dict[str
     states = await select_in(
         conn, lambda ids: select(*_STATE_COLUMNS).where(S.c.token_id.in_(ids)), token_ids
     )
-    last: dict[tuple[str, int], Row[Any]] = {}
+    # Keyed by (token, step); a state without a step sorts last, as explain orders them.
+    last: dict[tuple[str, tuple[bool, int]], Row[Any]] = {}
     for state in sorted(states, key=lambda s: (s.attempt, s.started_at)):
-        last[state.token_id, state.step_index or 0] = state
-    routes = await _routes_of(conn, token_ids)
+        last[state.token_id, (state.step_index is None, state.step_index or 0)] = state
+    routes = await _routes_of(conn, [state.state_id for state in last.values()])
     steps: dict[str, list[Step]] = {}
     for (token_id, _), state in sorted(last.items()):
         steps.setdefault(token_id, []).append(_step(state, routes.get(state.state_id, ())))
     return steps
 
 
-async def _routes_of(conn: AsyncConnection, token_ids: Sequence[str]) -> dict[str, list[Row[Any]]]:
-    """The routing events of the tokens' states, by state id, in recording order."""
-    S, E = t.node_states, t.routing_events
+async def _routes_of(conn: AsyncConnection, state_ids: Sequence[str]) -> dict[str, list[Row[Any]]]:
+    """The routing events of the states ``state_ids``, by state id, in recording order."""
+    E = t.routing_events
     events = await select_in(
         conn,
-        lambda ids: (
-            select(E.c.state_id, E.c.event_id, E.c.route_label, E.c.reason_json)
-            .join(S, S.c.state_id == E.c.state_id)
-            .where(S.c.token_id.in_(ids))
+        lambda ids: select(E.c.state_id, E.c.event_id, E.c.route_label, E.c.reason_json).where(
+            E.c.state_id.in_(ids)
         ),
-        token_ids,
+        state_ids,
     )
     routes: dict[str, list[Row[Any]]] = {}
     for event in sorted(events, key=recording_order):
