@@ -41,11 +41,12 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from hashlib import blake2b
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import orjson
 from aiohttp import BodyPartReader
+
+from ._mock_faults import Draws
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -64,7 +65,6 @@ _COMPLETION_WINDOW = "24h"
 _WINDOW_SECONDS = 24 * 3600
 _MAX_FILE_BYTES = 100 * 1024 * 1024
 _MAX_METADATA_PAIRS = 16
-_MAX_REMEMBERED = 1_000_000
 _STAMPS = (
     "in_progress_at",
     "expires_at",
@@ -397,21 +397,14 @@ class _FailureDraw:
     """Whether a request inside a job fails (see the module docstring)."""
 
     def __init__(self, seed: int, rate: float) -> None:
-        self._key = seed.to_bytes(16, "little", signed=True)
+        self._draws = Draws(seed)
         self._rate = rate
-        self._seen: dict[bytes, int] = {}
 
     def fails(self, line: bytes) -> bool:
         """Draw for ``line``, this time it is run: ``True`` with probability ``rate``."""
         if self._rate == 0.0:
             return False
-        digest = blake2b(b"batch\0" + line, key=self._key, digest_size=16).digest()
-        seen = self._seen.get(digest, 0)
-        if len(self._seen) >= _MAX_REMEMBERED:
-            self._seen.clear()
-        self._seen[digest] = seen + 1
-        draw = blake2b(digest + seen.to_bytes(8, "little"), key=self._key, digest_size=8)
-        return ((int.from_bytes(draw.digest(), "little") >> 11) + 0.5) / 2**53 < self._rate
+        return self._draws.uniforms(b"batch\0" + line)[0] < self._rate
 
 
 async def read_upload(request: web.BaseRequest) -> Upload:

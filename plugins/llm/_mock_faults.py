@@ -24,7 +24,7 @@ from ._mock_settings import BATCH_FAULTS, REQUEST_FAULTS, Fault, FixedLatency
 if TYPE_CHECKING:
     from ._mock_settings import MockSettings
 
-__all__ = ["Dice", "Fate", "close_after", "malformed", "reset", "send_truncated"]
+__all__ = ["Dice", "Draws", "Fate", "close_after", "malformed", "reset", "send_truncated"]
 
 _MAX_REMEMBERED = 1_000_000
 _NO_DISORDER = BatchDisorder()
@@ -39,11 +39,30 @@ class Fate:
     disorder: BatchDisorder = _NO_DISORDER
 
 
+class Draws:
+    """Numbers drawn from a BLAKE2b hash keyed by the seed, of a body and the number of
+    times that same body was drawn for before (see the module docstring)."""
+
+    def __init__(self, seed: int) -> None:
+        self._key = seed.to_bytes(16, "little", signed=True)
+        self._seen: dict[bytes, int] = {}
+
+    def uniforms(self, body: bytes) -> tuple[float, ...]:
+        """Eight numbers strictly between 0 and 1."""
+        digest = blake2b(body, key=self._key, digest_size=16).digest()
+        seen = self._seen.get(digest, 0)
+        if len(self._seen) >= _MAX_REMEMBERED:
+            self._seen.clear()
+        self._seen[digest] = seen + 1
+        draw = blake2b(digest + seen.to_bytes(8, "little"), key=self._key).digest()
+        return tuple(((word >> 11) + 0.5) / 2**53 for word in struct.unpack("<8Q", draw))
+
+
 class Dice:
     """Draws request fates for one server's settings (see the module docstring)."""
 
     def __init__(self, settings: MockSettings) -> None:
-        self._key = settings.seed.to_bytes(16, "little", signed=True)
+        self._draws = Draws(settings.seed)
         self._latency = settings.latency
         self._thresholds: list[tuple[float, Fault]] = []
         total = 0.0
@@ -57,13 +76,12 @@ class Dice:
         self._constant: Fate | None = None
         if isinstance(settings.latency, FixedLatency) and not has_faults:
             self._constant = Fate(settings.latency.seconds)
-        self._seen: dict[bytes, int] = {}
 
     def roll(self, body: bytes) -> Fate:
         """The fate of a request with this ``body``, this time it arrives."""
         if self._constant is not None:
             return self._constant
-        u = self._uniforms(body)
+        u = self._draws.uniforms(body)
         fault = next((fault for bound, fault in self._thresholds if u[0] < bound), None)
         disorder = _NO_DISORDER
         if u[1] < self._shuffle_rate or u[2] < self._wrong_count_rate:
@@ -73,16 +91,6 @@ class Dice:
                 seed=int(u[5] * 2**53),
             )
         return Fate(self._latency.sample(u[3], u[4]), fault, disorder)
-
-    def _uniforms(self, body: bytes) -> tuple[float, ...]:
-        """Eight numbers strictly between 0 and 1."""
-        digest = blake2b(body, key=self._key, digest_size=16).digest()
-        seen = self._seen.get(digest, 0)
-        if len(self._seen) >= _MAX_REMEMBERED:
-            self._seen.clear()
-        self._seen[digest] = seen + 1
-        draw = blake2b(digest + seen.to_bytes(8, "little"), key=self._key).digest()
-        return tuple(((word >> 11) + 0.5) / 2**53 for word in struct.unpack("<8Q", draw))
 
 
 def malformed(body: bytes) -> bytes:
