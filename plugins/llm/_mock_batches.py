@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -249,7 +250,6 @@ class BatchStore:
         )
         self._jobs[job.id] = job
         self._stats.batches_created += 1
-        self._stats.batch_jobs[job.status.value] += 1
         return job.document()
 
     def page(self, query: Mapping[str, str]) -> dict[str, Any]:
@@ -294,10 +294,13 @@ class BatchStore:
             self._move(job, Status.CANCELLING)
         return job.document()
 
-    def advance_all(self) -> None:
-        """Move every job on to where it is now (so the status counts are current)."""
+    def job_counts(self) -> dict[str, int]:
+        """The jobs held by status, each moved on to where it is now."""
+        counts: Counter[str] = Counter()
         for job in self._jobs.values():
             self._advance(job)
+            counts[job.status.value] += 1
+        return dict(counts)
 
     def _file(self, file_id: str) -> _File:
         found = self._files.get(file_id)
@@ -388,8 +391,6 @@ class BatchStore:
         return int(job.created + self._delay)
 
     def _move(self, job: _Job, status: Status) -> None:
-        self._stats.batch_jobs[job.status.value] -= 1
-        self._stats.batch_jobs[status.value] += 1
         job.status = status
 
 

@@ -100,13 +100,11 @@ class StatsCounter:
 
     def __init__(self) -> None:
         self.in_flight = 0
-        #: Jobs by status, kept up to date by the batch store as jobs move on.
-        self.batch_jobs: Counter[str] = Counter()
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.reset()
 
     def reset(self) -> None:
-        """Zero every counter; requests in flight and batch jobs held stay counted."""
+        """Zero every counter; requests in flight stay counted."""
         self.requests = 0
         self.by_path: Counter[str] = Counter()
         self.by_status: Counter[int] = Counter()
@@ -159,8 +157,8 @@ class StatsCounter:
             if count == self.in_flight and not waiter.done():
                 waiter.set_result(None)
 
-    def snapshot(self) -> MockStats:
-        """The counters as they are now."""
+    def snapshot(self, batch_jobs: Mapping[str, int]) -> MockStats:
+        """The counters as they are now, with the batch jobs held by status."""
         return MockStats(
             requests=self.requests,
             requests_by_path=MappingProxyType(dict(self.by_path)),
@@ -170,7 +168,7 @@ class StatsCounter:
             faults_injected=MappingProxyType(dict(self.faults)),
             batch_requests=self.batch_requests,
             batch_rows=self.batch_rows,
-            batch_jobs=MappingProxyType({k: n for k, n in self.batch_jobs.items() if n}),
+            batch_jobs=MappingProxyType(dict(batch_jobs)),
             prompts_answered=len(self.answered),
             repeated_answers=self.repeated_answers,
             batches_created=self.batches_created,

@@ -237,8 +237,7 @@ class MockLlmServer:
 
     def statistics(self) -> MockStats:
         """The counters as they are now (the same record ``GET /stats`` reports)."""
-        self._batches.advance_all()
-        return self._stats.snapshot()
+        return self._stats.snapshot(self._batches.job_counts())
 
     async def wait_in_flight(self, count: int) -> None:
         """Return once exactly ``count`` API requests are in flight (hanging ones included)."""
