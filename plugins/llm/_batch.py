@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 __all__ = ["BatchRequestFailed", "LlmBatchAggregation", "LlmBatchOptions"]
 
+#: What the ledger calls each member's request answered in (or for) a job.
+_CALL_TYPE = "llm_batch"
+
 
 class BatchRequestFailed(Exception):
     """One request of a job failed at the provider (its line in the job's error file)."""
@@ -161,17 +164,15 @@ class LlmBatchAggregation(ExternalJobAggregation):
                 plan.done[custom_id] = MemberResult(None, exc)
                 continue
             plan.requests.append((custom_id, body))
+            endpoint = self.llm.endpoint
             try:
                 recorded = ctx.calls.recorded_answer(body)
             except ReplayMiss as miss:
-                call = self._call(body, "error", None, error=miss.error)
+                call = endpoint.answered_call(body, _CALL_TYPE, 0, None, miss.error)
                 plan.done[custom_id] = MemberResult(None, miss, (call,))
                 continue
             if recorded is not None:
-                call = self._call(
-                    body, recorded.status, recorded.response, cost=0.0,
-                    request_hash=recorded.request_hash, response_hash=recorded.response_hash,
-                )  # fmt: skip
+                call = endpoint.answered_call(body, _CALL_TYPE, 0, recorded)
                 plan.done[custom_id] = self._answer(row, recorded.response, call)
         return plan
 
@@ -220,7 +221,7 @@ class LlmBatchAggregation(ExternalJobAggregation):
     ) -> ExternalCall:
         values: dict[str, Any] = {"latency_ms": 0.0, **fields}
         return ExternalCall(
-            call_type="llm_batch",
+            call_type=_CALL_TYPE,
             provider=self.llm.endpoint.settings.provider,
             model=body.get("model"),
             attempt=1,

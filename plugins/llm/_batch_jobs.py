@@ -187,7 +187,7 @@ class BatchJobs:
         after: str | None = None
         while True:
             path = "/batches?limit=100" + ("" if after is None else f"&after={after}")
-            request = HttpRequest("GET", path, record={"method": "GET", "path": path})
+            request = HttpRequest("GET", path)
             page = await self._call(request, calls, "batch_find")
             jobs = page.get("data") or []
             # Providers' clocks differ from ours: look a little further back.
@@ -203,16 +203,14 @@ class BatchJobs:
 
     async def state(self, job_id: str, calls: CallLog) -> JobState:
         """The job as it stands now."""
-        request = HttpRequest(
-            "GET", f"/batches/{job_id}", record={"method": "GET", "path": f"/batches/{job_id}"}
-        )
+        request = HttpRequest("GET", f"/batches/{job_id}")
         return JobState.from_json(await self._call(request, calls, "batch_poll"))
 
     async def cancel(self, job_id: str, calls: CallLog) -> None:
         """Ask the provider to cancel the job."""
         path = f"/batches/{job_id}/cancel"
         await self._call(
-            HttpRequest("POST", path, record={"method": "POST", "path": path}),
+            HttpRequest("POST", path),
             calls,
             "batch_cancel",
         )
@@ -222,6 +220,6 @@ class BatchJobs:
         if file_id is None:
             return []
         path = f"/files/{file_id}/content"
-        request = HttpRequest("GET", path, record={"method": "GET", "path": path}, raw=True)
+        request = HttpRequest("GET", path, raw=True)
         content: bytes = await self._call(request, calls, "batch_download")
         return [JobLine.parse(line) for line in content.splitlines() if line.strip()]

@@ -78,8 +78,9 @@ class CallFailed(Exception):
 class HttpRequest:
     """One API request: a JSON body, a multipart form (a file upload), or neither.
 
-    ``record`` is what the call ledger stores as its request (the JSON body when not
-    given); ``raw`` asks for the answer's bytes rather than a JSON object.
+    ``record`` is what the call ledger stores as its request (when not given: the JSON
+    body, or else the method and path); ``raw`` asks for the answer's bytes rather than
+    a JSON object.
     """
 
     method: str
@@ -92,7 +93,11 @@ class HttpRequest:
 
     @property
     def recorded(self) -> Any:
-        return self.json if self.record is None else self.record
+        if self.record is not None:
+            return self.record
+        if self.json is not None:
+            return self.json
+        return {"method": self.method, "path": self.path}
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,10 +217,10 @@ class Endpoint:
         try:
             recorded = calls.recorded_answer(body)
         except ReplayMiss as miss:
-            calls.record(self._answered(body, call_type, call_index, None, miss.error))
+            calls.record(self.answered_call(body, call_type, call_index, None, miss.error))
             raise
         if recorded is not None:
-            calls.record(self._answered(body, call_type, call_index, recorded))
+            calls.record(self.answered_call(body, call_type, call_index, recorded))
             return dict(recorded.response)
         answer: dict[str, Any] = await self.call(
             HttpRequest("POST", path, json=body),
@@ -228,7 +233,7 @@ class Endpoint:
         )
         return answer
 
-    def _answered(
+    def answered_call(
         self,
         body: dict[str, Any],
         call_type: str,
