@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeAlias
 
 import anyio
 
@@ -45,6 +45,13 @@ class FlushTrigger:
 class _Member:
     token: Token
     at: float  # wall time it joined, for its node state
+
+
+class _Passed(NamedTuple):
+    """A member a flush passes on, with the calls made for it (recorded on its state)."""
+
+    member: _Member
+    calls: Sequence[ExternalCall] = ()
 
 
 @dataclass(slots=True, eq=False)
@@ -514,8 +521,9 @@ class AggregationNode(NodeTask):
         except Exception as exc:
             del pending[batch.batch_id]
             self._fail_flush(batch, flush, exc)
-        del pending[batch.batch_id]
-        return results
+        else:
+            del pending[batch.batch_id]
+            return results
 
     def _finish_job(self, batch: _Batch, flush: _Flush, results: list[MemberResult]) -> _JobDone:
         """Close the flush state ``completed``, its output the members' row hashes."""
@@ -535,12 +543,14 @@ class AggregationNode(NodeTask):
         now = time.time()
         state_id = done.state_id
         context = {"batch_id": batch.batch_id, "flush_state_id": state_id}
-        succeeded: list[tuple[_Member, Row, str, Sequence[ExternalCall]]] = []
+        outputs: list[tuple[Row, str]] = []
+        passed: list[_Passed] = []
         failed: list[tuple[_Member, dict[str, Any], str]] = []
         members = zip(batch.members, done.results, done.row_hashes, strict=True)
         for member, result, row_hash in members:
             if result.row is not None and result.error is None and row_hash is not None:
-                succeeded.append((member, result.row, row_hash, result.calls))
+                outputs.append((result.row, row_hash))
+                passed.append(_Passed(member, result.calls))
                 continue
             failure = {**error_info(result.error or ValueError("no result")), **context}
             failed_state = self.recorder.new_id("s")
@@ -550,11 +560,8 @@ class AggregationNode(NodeTask):
                 context=context,
             )  # fmt: skip
             failed.append((member, failure, failed_state))
-        if succeeded:
-            outputs = [(row, row_hash) for _, row, row_hash, _ in succeeded]
-            passed = [member for member, _, _, _ in succeeded]
-            calls = [spent for _, _, _, spent in succeeded]
-            await self._pass_on(batch, outputs, state_id, passed, calls)
+        if passed:
+            await self._pass_on(batch, outputs, state_id, passed)
         for member, failure, failed_state in failed:
             await self.fail_row(member.token, failure, failed_state)
 
@@ -582,13 +589,13 @@ class AggregationNode(NodeTask):
         batch: _Batch,
         outputs: list[tuple[Row, str]],
         state_id: str,
-        members: list[_Member] | None = None,
-        member_calls: list[Sequence[ExternalCall]] | None = None,
+        passed: list[_Passed] | None = None,
     ) -> None:
-        """Pass the outputs of the flush of ``members`` (default: the whole batch) on;
-        ``member_calls`` are the calls made for each member (recorded on its state)."""
-        members = batch.members if members is None else members
-        calls = member_calls or [()] * len(members)
+        """Pass the outputs of the flush of the ``passed`` members (default: the whole
+        batch, with no calls of their own) on."""
+        if passed is None:
+            passed = [_Passed(member) for member in batch.members]
+        members = [p.member for p in passed]
         now = time.time()
         route = self.spec.routes["success"]
         context = {"batch_id": batch.batch_id, "flush_state_id": state_id}
@@ -606,14 +613,14 @@ class AggregationNode(NodeTask):
         if self.settings.output_mode == "passthrough":
             # Every member's state is on record before the first one moves on: a crash
             # cannot leave a member of a completed batch waiting for another batch.
-            for member, spent, (row, row_hash) in zip(members, calls, outputs, strict=True):
+            for (member, spent), (row, row_hash) in zip(passed, outputs, strict=True):
                 member_state(member, spent, row_hash)
                 member.token.row, member.token.row_hash = row, row_hash
             for member in members:
                 await self.deliver(member.token, route)
             return
         tokens = [m.token for m in members]
-        for member, spent in zip(members, calls, strict=True):
+        for member, spent in passed:
             token = member.token
             member_state(member, spent, None)
             self.run_ctx.record_outcome(
