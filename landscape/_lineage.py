@@ -13,7 +13,6 @@ plus one per level of descent.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields, is_dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +20,7 @@ from sqlalchemy import and_, select
 
 from . import _schema as t
 from ._errors import LandscapeError
-from ._sql import loads_json, recording_order
+from ._sql import load_payloads, loads_json, recording_order
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -346,13 +345,6 @@ async def _fetch_batches(conn: AsyncConnection, token_ids: list[str]) -> list[Ro
     return list(await _rows(conn, query))
 
 
-async def _fetch_payloads(conn: AsyncConnection, hashes: set[str]) -> dict[str, Any]:
-    if not hashes:
-        return {}
-    query = select(t.payloads).where(t.payloads.c.hash.in_(sorted(hashes)))
-    return {r.hash: json.loads(r.content) for r in await _rows(conn, query)}
-
-
 async def _fetch_records(
     conn: AsyncConnection, run_id: str, tokens: dict[str, Row[Any]], source_hash: str
 ) -> _Records:
@@ -379,7 +371,7 @@ async def _fetch_records(
         calls=_group(sorted(calls, key=lambda c: (c.call_index, c.attempt)), "state_id"),
         batches=_group(await _fetch_batches(conn, ids), "token_id"),
         outcomes=_group(sorted(outcomes, key=lambda o: o.recorded_at), "token_id"),
-        payloads=await _fetch_payloads(conn, hashes),
+        payloads=await load_payloads(conn, hashes),
     )
 
 

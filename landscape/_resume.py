@@ -10,7 +10,6 @@ watermark are read, so the cost follows what was in flight, not the run's length
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +20,7 @@ from ._outcomes import BatchStatus, NodeStateStatus
 from ._sql import chunks, loads_json
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Sequence
 
     from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -31,7 +30,6 @@ __all__ = [
     "RecordedRoute",
     "RecordedState",
     "UnfinishedRun",
-    "load_payloads",
     "load_unfinished",
 ]
 
@@ -344,15 +342,3 @@ async def _reusable_calls(conn: AsyncConnection, run_id: str) -> dict[str, str]:
         ~completed,
     )
     return {str(request): str(response) for request, response in await conn.execute(query)}
-
-
-async def load_payloads(conn: AsyncConnection, hashes: Iterable[str]) -> dict[str, Any]:
-    """The stored values of ``hashes`` (absent ones are left out)."""
-    found: dict[str, Any] = {}
-    wanted = sorted(set(hashes))
-    for chunk in chunks(wanted):
-        for content_hash, content in await conn.execute(
-            select(t.payloads.c.hash, t.payloads.c.content).where(t.payloads.c.hash.in_(chunk))
-        ):
-            found[content_hash] = json.loads(content)
-    return found

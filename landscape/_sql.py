@@ -1,17 +1,22 @@
-"""Small helpers the Landscape's readers share: JSON columns and chunked ``IN`` lists."""
+"""Small helpers the Landscape's readers share: JSON columns, chunked ``IN`` lists and
+stored payloads."""
 
 from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from sqlalchemy import select
+
+from . import _schema as t
+
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Sequence
 
     from sqlalchemy import Row, Select
     from sqlalchemy.ext.asyncio import AsyncConnection
 
-__all__ = ["CHUNK_SIZE", "chunks", "loads_json", "recording_order", "select_in"]
+__all__ = ["CHUNK_SIZE", "chunks", "load_payloads", "loads_json", "recording_order", "select_in"]
 
 #: Values per ``IN (...)`` list (well below every driver's parameter limit).
 CHUNK_SIZE = 500
@@ -45,4 +50,16 @@ async def select_in(
     found: list[Row[Any]] = []
     for chunk in chunks(values):
         found.extend(await conn.execute(make(chunk)))
+    return found
+
+
+async def load_payloads(conn: AsyncConnection, hashes: Iterable[str]) -> dict[str, Any]:
+    """The stored values of ``hashes`` (absent ones are left out)."""
+    found: dict[str, Any] = {}
+    wanted = sorted(set(hashes))
+    for chunk in chunks(wanted):
+        for content_hash, content in await conn.execute(
+            select(t.payloads.c.hash, t.payloads.c.content).where(t.payloads.c.hash.in_(chunk))
+        ):
+            found[content_hash] = json.loads(content)
     return found

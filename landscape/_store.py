@@ -20,7 +20,8 @@ from ._lineage import Lineage, explain
 from ._migrate import upgrade_schema
 from ._recorder import Recorder
 from ._replay import load_answers
-from ._resume import UnfinishedRun, load_payloads, load_unfinished
+from ._resume import UnfinishedRun, load_unfinished
+from ._sql import load_payloads
 from ._verify import VerifyReport, verify
 from ._writer import GroupCommitWriter
 

@@ -17,8 +17,7 @@ from sqlalchemy import select
 
 from .. import _schema as t
 from .._outcomes import ANSWERED_CALL_STATUSES
-from .._resume import load_payloads
-from .._sql import loads_json, select_in
+from .._sql import load_payloads, loads_json, select_in
 from ._result import Divergence, FieldChange, NodeDecision, RowDiff
 
 if TYPE_CHECKING:
