@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData, Table, inspect
+from sqlalchemy import MetaData, Table, inspect, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from landscape import Landscape
@@ -72,3 +73,27 @@ async def test_a_missing_required_column_is_refused_clearly(sqlite_url: str) -> 
     with pytest.raises(LandscapeError, match="lacks column engine_version"):
         async with Landscape.connect(sqlite_url):
             pass
+
+
+def page_size(url: str) -> int:
+    with sqlite3.connect(make_url(url).database) as conn:
+        (size,) = conn.execute("PRAGMA page_size").fetchone()
+    return int(size)
+
+
+async def test_a_new_sqlite_landscape_has_large_pages_and_an_old_one_keeps_its_own(
+    sqlite_url: str, run_verified: Callable[..., Any], tmp_path: Path
+) -> None:
+    async with Landscape.connect(sqlite_url):
+        pass
+    assert page_size(sqlite_url) == 65_536
+
+    old_url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    await write_old_schema(old_url)
+    assert page_size(old_url) == 4096
+    config = {
+        "source": {"plugin": "memory", "options": {"rows": [{"x": 1}]}, "on_success": "out"},
+        "sinks": [{"name": "out", "plugin": "jsonl", "options": {"path": str(tmp_path / "o")}}],
+    }
+    assert (await run_verified(config, url=old_url)).status == "completed"
+    assert page_size(old_url) == 4096
