@@ -235,9 +235,10 @@ def child_peak_rss(n: int, runner: str = "throughput:run_ledgerflow") -> tuple[f
         "import asyncio, importlib, resource, sys, tempfile, pathlib;"
         "sys.path.insert(0, sys.argv[2]);"
         "run = getattr(importlib.import_module(sys.argv[3]), sys.argv[4]);"
-        "d = tempfile.mkdtemp();"
-        "r = asyncio.run(run(int(sys.argv[1]), pathlib.Path(d)));"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, r['rows_per_s'])"
+        "t = tempfile.TemporaryDirectory();"  # a million rows leave gigabytes: remove them
+        "r = asyncio.run(run(int(sys.argv[1]), pathlib.Path(t.name)));"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, r['rows_per_s']);"
+        "t.cleanup()"
     )
     here = str(Path(__file__).resolve().parent)
     out = subprocess.run(
