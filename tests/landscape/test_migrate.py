@@ -37,6 +37,13 @@ async def write_old_schema(url: str, *, drop_required: bool = False) -> None:
         await engine.dispose()
 
 
+def one_row_pipeline(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "source": {"plugin": "memory", "options": {"rows": [{"x": 1}]}, "on_success": "out"},
+        "sinks": [{"name": "out", "plugin": "jsonl", "options": {"path": str(tmp_path / "o")}}],
+    }
+
+
 async def columns(url: str, table: str) -> set[str]:
     engine = create_async_engine(url)
     try:
@@ -52,11 +59,7 @@ async def test_an_old_landscape_gains_the_new_columns_and_records_runs(
 ) -> None:
     await write_old_schema(landscape_url)
     assert "replayed_from" not in await columns(landscape_url, "runs")
-    config = {
-        "source": {"plugin": "memory", "options": {"rows": [{"x": 1}]}, "on_success": "out"},
-        "sinks": [{"name": "out", "plugin": "jsonl", "options": {"path": str(tmp_path / "o")}}],
-    }
-    result = await run_verified(config, url=landscape_url)
+    result = await run_verified(one_row_pipeline(tmp_path), url=landscape_url)
     assert result.status == "completed"
     assert "replayed_from" in await columns(landscape_url, "runs")
     assert "external_job_id" in await columns(landscape_url, "node_states")
@@ -91,9 +94,5 @@ async def test_a_new_sqlite_landscape_has_large_pages_and_an_old_one_keeps_its_o
     old_url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
     await write_old_schema(old_url)
     assert page_size(old_url) == 4096
-    config = {
-        "source": {"plugin": "memory", "options": {"rows": [{"x": 1}]}, "on_success": "out"},
-        "sinks": [{"name": "out", "plugin": "jsonl", "options": {"path": str(tmp_path / "o")}}],
-    }
-    assert (await run_verified(config, url=old_url)).status == "completed"
+    assert (await run_verified(one_row_pipeline(tmp_path), url=old_url)).status == "completed"
     assert page_size(old_url) == 4096
