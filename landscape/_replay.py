@@ -15,8 +15,6 @@ if TYPE_CHECKING:
 
 __all__ = ["load_answers"]
 
-#: Statuses of calls that carry an answer.
-
 
 async def load_answers(conn: AsyncConnection, run_id: str) -> dict[str, tuple[str, Any]] | None:
     """Request hash -> (answer hash, answer) of what run ``run_id`` received for that

@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Line", "Step", "load_lines"]
 
-#: Outcomes of tokens whose line goes on in their children (not shown as ends).
-
 
 class Step(NamedTuple):
     """A token's node state at one step (its last attempt)."""

@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Facts", "load_facts", "node_types", "resolve"]
 
-#: Statuses of an external call whose answer the node used.
-
 
 @dataclass(frozen=True, slots=True)
 class _Answer:

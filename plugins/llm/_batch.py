@@ -157,6 +157,7 @@ class LlmBatchAggregation(ExternalJobAggregation):
         prompt cannot be rendered, and answers on record (or a replay's misses)."""
         ids = list(ctx.members) or [str(i) for i in range(len(rows))]
         plan = _Plan(dict(zip(ids, rows, strict=True)))
+        endpoint = self.llm.endpoint
         for custom_id, row in plan.rows.items():
             try:
                 body = self.llm.request(row)
@@ -164,7 +165,6 @@ class LlmBatchAggregation(ExternalJobAggregation):
                 plan.done[custom_id] = MemberResult(None, exc)
                 continue
             plan.requests.append((custom_id, body))
-            endpoint = self.llm.endpoint
             try:
                 recorded = ctx.calls.recorded_answer(body)
             except ReplayMiss as miss:
