@@ -1,7 +1,8 @@
 """Where a group commit is executed: in-process through SQLAlchemy, or in a SQLite process.
 
-A committer takes a list of ``(sql, rows)`` statements — positional SQL compiled for
-its dialect, rows as tuples — and executes them in one transaction.  :meth:`submit`
+A committer takes a list of ``(sql, width, values)`` statements — positional SQL compiled
+for its dialect, and its rows' parameters one after another, ``width`` to a row — and
+executes them in one transaction.  :meth:`submit`
 may return before the transaction is durable (the SQLite process commits one batch
 while the engine prepares the next); :meth:`wait_durable` returns once everything
 submitted is committed, and raises the error of a batch that failed.  Both translate
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Committer", "SqlAlchemyCommitter", "SqliteProcessCommitter", "Statements"]
 
-Statements = list[tuple[str, list[tuple[Any, ...]]]]
+Statements = list[tuple[str, int, list[Any]]]
 _HEADER = struct.Struct(">Q")
 _WORKER = Path(__file__).with_name("_sqlite_worker.py")
 
@@ -87,8 +88,8 @@ class SqlAlchemyCommitter:
     async def submit(self, statements: Statements) -> None:
         try:
             async with self._engine.begin() as conn:
-                for sql, rows in statements:
-                    await conn.exec_driver_sql(sql, rows)
+                for sql, width, values in statements:
+                    await conn.exec_driver_sql(sql, list(zip(*[iter(values)] * width, strict=True)))
         except IntegrityError as exc:
             raise AuditIntegrityError(f"audit write refused by the database: {exc.orig}") from exc
         except SQLAlchemyError as exc:

@@ -3,10 +3,11 @@
 Started by :class:`~landscape._committers.SqliteProcessCommitter` as
 ``python .../landscape/_sqlite_worker.py DATABASE``; it imports only the standard library.
 It reads frames from stdin — an 8-byte big-endian length, then a marshalled list of
-``(sql, rows)`` statements — executes each frame in one transaction, and answers ``K``
-(committed) or ``E`` plus a length-prefixed message (``I`` for an integrity error).
-EOF on stdin ends it.  ``marshal`` carries the frames: the rows are tuples of plain
-values, and it is several times faster than pickle.
+``(sql, width, values)`` statements, each row's ``width`` parameters one after another in
+``values`` — executes each frame in one transaction, and answers ``K`` (committed) or
+``E`` plus a length-prefixed message (``I`` for an integrity error).  EOF on stdin ends
+it.  ``marshal`` carries the frames: the values are plain, and it is several times
+faster than pickle.
 
 Executing SQLite in a separate process keeps the engine's event loop from competing
 for the GIL with parameter binding: on two cores the audit writes then run beside the
@@ -29,7 +30,10 @@ __all__ = ["main"]
 _HEADER = struct.Struct(">Q")
 
 
-def _read_frame(stream: BinaryIO) -> list[tuple[str, list[tuple[Any, ...]]]] | None:
+_Statements = list[tuple[str, int, list[Any]]]
+
+
+def _read_frame(stream: BinaryIO) -> _Statements | None:
     header = stream.read(_HEADER.size)
     if len(header) < _HEADER.size:
         return None
@@ -37,7 +41,7 @@ def _read_frame(stream: BinaryIO) -> list[tuple[str, list[tuple[Any, ...]]]] | N
     payload = stream.read(length)
     if len(payload) < length:
         return None
-    statements: list[tuple[str, list[tuple[Any, ...]]]] = marshal.loads(payload)
+    statements: _Statements = marshal.loads(payload)
     return statements
 
 
@@ -61,11 +65,11 @@ def _connect(path: str) -> sqlite3.Connection:
     return db
 
 
-def _commit(db: sqlite3.Connection, statements: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
+def _commit(db: sqlite3.Connection, statements: _Statements) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
-        for sql, rows in statements:
-            db.executemany(sql, rows)
+        for sql, width, values in statements:
+            db.executemany(sql, zip(*[iter(values)] * width, strict=True))
     except BaseException:
         db.execute("ROLLBACK")
         raise

@@ -26,6 +26,7 @@ from typing import IO, Any, ClassVar
 
 import anyio
 import anyio.to_thread
+import orjson
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.dialects import postgresql, sqlite
@@ -46,6 +47,8 @@ __all__ = [
 ]
 
 _INT64 = range(-(2**63), 2**63)
+_FLAT_JSON = frozenset({str, int, bool, float, type(None)})
+_is_float = float.__instancecheck__
 _RESERVED = ("token_id", "row_index")
 
 
@@ -273,7 +276,33 @@ class JsonlSink(_FileSink):
     options: JsonlSinkOptions
 
     def _encode(self, row: Row) -> bytes:
-        return _utf8(_json_text(row) + "\n")
+        return _flat_json_line(row) or _utf8(_json_text(row) + "\n")
+
+
+def _flat_json_line(row: Row) -> bytes | None:
+    """orjson's line for a flat row whose bytes it provably prints as :func:`_json_text`
+    does, else ``None`` (the general path decides).
+
+    The two agree on strings, ints within 64 bits, booleans and ``null``, and on floats
+    from 1e-4 up to 1e16 (where Python's ``repr`` has no exponent); orjson refuses
+    the rest (non-string keys, lone surrogates, huge ints) itself.  Several times cheaper
+    per row than :mod:`json`.
+    """
+    values = row.values()
+    kinds = set(map(type, values))
+    if not kinds <= _FLAT_JSON:
+        return None
+    if float in kinds:
+        magnitudes = list(map(abs, filter(_is_float, values)))
+        # NaN fails no comparison inside min() and max(), but it makes the sum NaN.
+        if not (min(magnitudes) >= 1e-4 and max(magnitudes) < 1e16):
+            return None
+        if math.isnan(sum(magnitudes)):
+            return None
+    try:
+        return orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
+    except orjson.JSONEncodeError:
+        return None
 
 
 class _LineCatcher:

@@ -180,3 +180,19 @@ async def test_payloads_are_stored_once(landscape: Landscape) -> None:
         Recorder(other, "run-2").store({"a": 1, "b": [1, 2]})  # a new writer: the database dedups
     assert await _count(landscape, t.payloads) == 1
     assert await landscape.load_payload(first) == {"a": 1, "b": [1, 2]}
+
+
+async def test_a_row_of_the_wrong_width_fails_the_writer(landscape: Landscape) -> None:
+    """Rows are queued flat: one short row must fail the commit, not shift its
+    successors' values into the wrong columns."""
+    writer = landscape.open_writer()
+    caught: list[BaseException] = []
+    try:
+        async with running(writer):
+            writer.insert_row(t.tokens, ("tok-1", "run-1", "row-1", None))
+            writer.insert_row(t.tokens, ("tok-2", "run-1", "row-2", None, 0.0))
+            await writer.flush()
+    except* AuditIntegrityError as group:
+        caught.extend(group.exceptions)
+    assert any("wrong width" in str(exc) for exc in caught), caught
+    assert await _count(landscape, t.tokens) == 0

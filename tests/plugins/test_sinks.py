@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from plugins._sinks import CsvSink, DatabaseSink, JsonlSink, SinkError
+from plugins._sinks import CsvSink, DatabaseSink, JsonlSink, SinkError, _flat_json_line
 from plugins.protocols import Artifact, PluginSetup, Row, Sink, SinkItem, SinkRejection
 from plugins.testing import check_sink
 from tests._postgres import PostgresServer
@@ -243,6 +245,40 @@ async def test_jsonl_rejects_rows_json_cannot_hold(setup: PluginSetup) -> None:
     lines = (setup.base_dir / "out/rows.jsonl").read_text().splitlines()
     assert lines == ['{"ok":1}', '{"ok":2}']
     await check_sink(jsonl_sink(setup), batch)
+
+
+_FLAT_VALUES = (
+    st.text()
+    | st.integers()
+    | st.floats()
+    | st.sampled_from([0.0, -0.0, 2.0, 1e-4, 9.5e-5, 1e16, 1e-7, float("nan"), float("inf")])
+    | st.booleans()
+    | st.none()
+)
+
+
+@settings(max_examples=500)
+@given(row=st.dictionaries(st.text(max_size=3), _FLAT_VALUES, max_size=6))
+def test_jsonl_fast_encoding_is_the_json_module_s(row: dict[str, Any]) -> None:
+    """Flat rows take orjson: its line must be byte for byte the one :mod:`json` writes
+    (same floats, escapes, refusals), so the file does not depend on which path ran."""
+    fast = _flat_json_line(row)
+    if fast is None:
+        return
+    reference = json.dumps(row, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    assert fast == (reference + "\n").encode("utf-8")
+
+
+@pytest.mark.parametrize(
+    "row",
+    [{"a": 0.5, "b": float("nan")}, {"a": 1e-5}, {"a": 1e16}, {"a": 2**64}, {"\udcff": 1}],
+)
+def test_jsonl_fast_encoding_leaves_what_it_cannot_match_to_json(row: dict[str, Any]) -> None:
+    assert _flat_json_line(row) is None
+    assert (
+        _flat_json_line({"a": 0.25, "b": "é", "c": None})
+        == '{"a":0.25,"b":"é","c":null}\n'.encode()
+    )
 
 
 # -- database -----------------------------------------------------------------------------
