@@ -160,9 +160,13 @@ def canonical_bytes(value: Any) -> bytes:
     Raises :class:`CanonicalizationError` for values JSON cannot represent exactly.
     """
     if type(value) is dict:
-        flat = _flat_row_bytes(value)
-        if flat is not None:
-            return flat
+        forms = _flat_row_forms(value)
+        if forms is not None:
+            return forms[0]
+    return _general_canonical_bytes(value)
+
+
+def _general_canonical_bytes(value: Any) -> bytes:
     try:
         return orjson.dumps(_normalise(value), option=_ORJSON_OPTIONS)
     except _NeedsSlowPath:
@@ -177,13 +181,18 @@ def canonical_bytes(value: Any) -> bytes:
         raise CanonicalizationError(str(exc)) from exc
 
 
-def _flat_row_bytes(row: dict[Any, Any]) -> bytes | None:
-    """The canonical bytes of a flat row of plain values, or ``None`` to take the general path.
+def _flat_row_forms(row: dict[Any, Any]) -> tuple[bytes, bytes] | None:
+    """:func:`payload_forms` of a flat row of plain values, or ``None`` to take the
+    general path.
 
-    The hot path for rows: orjson's output is used when it provably is RFC 8785's — ASCII
-    keys, and floats orjson prints as RFC 8785 does (see :func:`_scalars_print_canonically`).
+    The hot path for rows: orjson's output is used when it provably is RFC 8785's —
+    ASCII keys, and floats orjson prints as RFC 8785 does (see
+    :func:`_scalars_print_canonically`).  Integral floats, common in real data
+    (``100.0``), are printed as ints for the canonical form here too, so such a row
+    does not fall to the general path.
     """
-    kinds = set(map(type, row.values()))
+    values = row.values()
+    kinds = set(map(type, values))
     if not kinds <= _SCALARS:
         return None
     try:
@@ -191,10 +200,19 @@ def _flat_row_bytes(row: dict[Any, Any]) -> bytes | None:
             return None
     except TypeError:
         return None
-    if not _scalars_print_canonically(row, kinds):
-        return None
+    canonical_row = row
+    if float in kinds and not _scalars_print_canonically(row, kinds):
+        try:
+            canonical_row = {
+                k: _normalise_float(v) if type(v) is float else v for k, v in row.items()
+            }
+        except (_NeedsSlowPath, CanonicalizationError):
+            return None
     try:
-        return orjson.dumps(row, option=_ORJSON_OPTIONS)
+        stored = orjson.dumps(row, option=_ORJSON_OPTIONS)
+        if canonical_row is row:
+            return stored, stored
+        return orjson.dumps(canonical_row, option=_ORJSON_OPTIONS), stored
     except orjson.JSONEncodeError:
         return None
 
@@ -209,10 +227,10 @@ def payload_forms(value: Any) -> tuple[bytes, bytes]:
     the ``.0`` (and canonicalises to the same bytes, so the hash still names it).
     """
     if type(value) is dict:
-        flat = _flat_row_bytes(value)
-        if flat is not None:
-            return flat, flat
-    canonical = canonical_bytes(value)
+        forms = _flat_row_forms(value)
+        if forms is not None:
+            return forms
+    canonical = _general_canonical_bytes(value)
     try:
         stored = orjson.dumps(value, option=_ORJSON_OPTIONS)
     except (orjson.JSONEncodeError, TypeError):  # e.g. a Decimal: keep the canonical form

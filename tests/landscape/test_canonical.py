@@ -163,6 +163,9 @@ def test_floats_at_the_formatting_boundaries_match_the_reference(number: float) 
         {"a": 1e16, "b": 1.25},
         {"a": -0.0, "b": True, "c": None},
         {"a": 0.1, "b": 7, "c": "plain"},
+        {"a": 3.0, "b": 1e-7, "c": 0.25},
+        {"a": 1.0, "b": 2.0**60},
+        {"a": -0.0, "b": 100.0, "c": 12.5, "d": "x"},
     ],
 )
 def test_flat_rows_match_the_reference_whichever_path_they_take(row: dict[str, Any]) -> None:
@@ -187,6 +190,7 @@ def _same_types(a: Any, b: Any) -> bool:
 
 @given(_json)
 @example({"amount": 1154.0, "nested": [2.0, {"x": 0.0}]})
+@example({"amount": 1154.0, "score": 0.37, "id": 7, "note": "flat"})
 def test_stored_payloads_hash_canonically_and_read_back_with_their_types(value: Any) -> None:
     canonical, stored = payload_forms(value)
     assert canonical == rfc8785.dumps(value)
