@@ -1,10 +1,10 @@
 """Where a group commit is executed: in-process through SQLAlchemy, or in a SQLite process.
 
-A committer takes a list of ``(sql, width, values)`` statements — positional SQL compiled
-for its dialect, and its rows' parameters one after another, ``width`` to a row — and
-executes them in one transaction.  :meth:`submit`
-may return before the transaction is durable (the SQLite process commits one batch
-while the engine prepares the next); :meth:`wait_durable` returns once everything
+A committer takes a list of ``(sql, width, columns, values)`` statements — positional SQL
+compiled for its dialect; its rows' values one after another, ``width`` to a row; and the
+positions in a row of the values the SQL binds — and executes them in one transaction.
+:meth:`submit` may return before the transaction is durable (the SQLite process commits
+one batch while the engine prepares the next); :meth:`wait_durable` returns once everything
 submitted is committed, and raises the error of a batch that failed.  Both translate
 driver errors into :class:`AuditIntegrityError` (a constraint refused the write) or
 :class:`LandscapeUnavailable` (anything else).
@@ -32,9 +32,16 @@ if TYPE_CHECKING:
     from anyio.abc import Process
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["Committer", "SqlAlchemyCommitter", "SqliteProcessCommitter", "Statements"]
+__all__ = [
+    "Committer",
+    "SqlAlchemyCommitter",
+    "SqliteProcessCommitter",
+    "Statement",
+    "Statements",
+]
 
-Statements = list[tuple[str, int, list[Any]]]
+Statement = tuple[str, int, tuple[int, ...], list[Any]]
+Statements = list[Statement]
 _HEADER = struct.Struct(">Q")
 _WORKER = Path(__file__).with_name("_sqlite_worker.py")
 
@@ -88,8 +95,9 @@ class SqlAlchemyCommitter:
     async def submit(self, statements: Statements) -> None:
         try:
             async with self._engine.begin() as conn:
-                for sql, width, values in statements:
-                    await conn.exec_driver_sql(sql, list(zip(*[iter(values)] * width, strict=True)))
+                for sql, width, columns, values in statements:
+                    rows = zip(*[values[i::width] for i in columns], strict=True)
+                    await conn.exec_driver_sql(sql, list(rows))
         except IntegrityError as exc:
             raise AuditIntegrityError(f"audit write refused by the database: {exc.orig}") from exc
         except SQLAlchemyError as exc:

@@ -3,8 +3,9 @@
 Started by :class:`~landscape._committers.SqliteProcessCommitter` as
 ``python .../landscape/_sqlite_worker.py DATABASE``; it imports only the standard library.
 It reads frames from stdin — an 8-byte big-endian length, then a marshalled list of
-``(sql, width, values)`` statements, each row's ``width`` parameters one after another in
-``values`` — executes each frame in one transaction, and answers ``K`` (committed) or
+``(sql, width, columns, values)`` statements: ``values`` holds the rows' values one after
+another, ``width`` to a row, and the SQL binds those at the positions ``columns`` —
+executes each frame in one transaction, and answers ``K`` (committed) or
 ``E`` plus a length-prefixed message (``I`` for an integrity error).  EOF on stdin ends
 it.  ``marshal`` carries the frames: the values are plain, and it is several times
 faster than pickle.
@@ -30,7 +31,7 @@ __all__ = ["main"]
 _HEADER = struct.Struct(">Q")
 
 
-_Statements = list[tuple[str, int, list[Any]]]
+_Statements = list[tuple[str, int, tuple[int, ...], list[Any]]]
 
 
 def _read_frame(stream: BinaryIO) -> _Statements | None:
@@ -68,8 +69,8 @@ def _connect(path: str) -> sqlite3.Connection:
 def _commit(db: sqlite3.Connection, statements: _Statements) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
-        for sql, width, values in statements:
-            db.executemany(sql, zip(*[iter(values)] * width, strict=True))
+        for sql, width, columns, values in statements:
+            db.executemany(sql, zip(*[values[i::width] for i in columns], strict=True))
     except BaseException:
         db.execute("ROLLBACK")
         raise

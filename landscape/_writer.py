@@ -17,7 +17,7 @@ import anyio
 from sqlalchemy import and_, bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ._committers import Committer, SqlAlchemyCommitter, Statements
+from ._committers import Committer, SqlAlchemyCommitter, Statement, Statements
 from ._errors import AuditIntegrityError, LandscapeUnavailable
 from ._schema import INSERT_ORDER, payloads
 
@@ -104,12 +104,8 @@ class GroupCommitWriter:
         self._lock = anyio.Lock()
         self._payload_insert = self._payload_statement()
         self._update_sql: dict[tuple[Table, tuple[str, ...], tuple[str, ...]], Any] = {}
-        self._insert_sql = {
-            table: self._positional_sql(
-                table.insert().values({c.name: bindparam(c.name) for c in table.columns})
-            )
-            for table in INSERT_ORDER
-        }
+        #: Insert SQL per table and the column positions it binds (see _insert_statement).
+        self._insert_sql: dict[tuple[Table, tuple[int, ...]], str] = {}
 
     async def __aenter__(self) -> Self:
         await self._committer.__aenter__()
@@ -278,22 +274,39 @@ class GroupCommitWriter:
     async def _commit(self, batch: _Batch) -> None:
         statements: Statements = []
         if batch.payloads:
-            statements.append((self._payload_insert, 2, batch.payloads))
+            statements.append((self._payload_insert, 2, (0, 1), batch.payloads))
         for table in INSERT_ORDER:
             values = batch.inserts.get(table)
             if values:
-                width = len(table.columns)
-                if len(values) % width:
-                    raise AuditIntegrityError(f"{table.name}: a queued row has the wrong width")
-                statements.append((self._insert_sql[table], width, values))
+                statements.append(self._insert_statement(table, values))
         statements.extend(self._update_statement(*update) for update in batch.updates)
         await self._committer.submit(statements)
         self._records_written += batch.size
         self._commits += 1
 
+    def _insert_statement(self, table: Table, values: list[Any]) -> Statement:
+        """The insert of a batch's ``values`` for ``table`` (its rows one after another).
+
+        A column that is NULL in every row of the batch is left out, to take its default
+        NULL: most rows leave the same few columns empty (no error, no context), and the
+        sqlite3 driver binds each ``None`` through a slow adapter lookup.
+        """
+        width = len(table.columns)
+        rows, misfit = divmod(len(values), width)
+        if misfit:
+            raise AuditIntegrityError(f"{table.name}: a queued row has the wrong width")
+        columns = tuple(i for i in range(width) if values[i::width].count(None) != rows)
+        sql = self._insert_sql.get((table, columns))
+        if sql is None:  # a handful of shapes per run: compile each once
+            names = [table.columns[i].name for i in columns]
+            sql = self._insert_sql[table, columns] = self._positional_sql(
+                table.insert().values({name: bindparam(name) for name in names}), names
+            )
+        return sql, width, columns, values
+
     def _update_statement(
         self, table: Table, key: dict[str, Any], values: dict[str, Any]
-    ) -> tuple[str, int, list[Any]]:
+    ) -> Statement:
         shape = (table, tuple(key), tuple(values))
         compiled = self._update_sql.get(shape)
         if compiled is None:  # a handful of shapes per run: compile each once
@@ -306,16 +319,17 @@ class GroupCommitWriter:
             **{f"v_{n}": v for n, v in values.items()},
         }
         assert compiled.positiontup is not None
-        return str(compiled), len(params), [params[name] for name in compiled.positiontup]
+        width = len(params)
+        return str(compiled), width, tuple(range(width)), [params[n] for n in compiled.positiontup]
 
-    def _positional_sql(self, statement: Any) -> str:
-        """``statement`` compiled for this dialect with positional parameters in column order.
+    def _positional_sql(self, statement: Any, names: list[str]) -> str:
+        """``statement`` compiled for this dialect with positional parameters for the
+        columns ``names``, in that order.
 
-        Rows are queued as tuples and handed to the driver's ``executemany`` as they are:
+        Rows are queued flat and handed to the driver's ``executemany`` as they are:
         per-row parameter processing in SQLAlchemy would cost more than the insert.
         """
         compiled = statement.compile(dialect=self._dialect)
-        names = [column.name for column in statement.table.columns]
         if compiled.positiontup is None or list(compiled.positiontup) != names:
             raise LandscapeUnavailable(
                 f"{self._dialect.name}: cannot insert positionally into {statement.table.name}"
@@ -329,6 +343,5 @@ class GroupCommitWriter:
             stmt = sqlite.insert(payloads).on_conflict_do_nothing(index_elements=["hash"])
         else:
             stmt = payloads.insert()
-        return self._positional_sql(
-            stmt.values({c.name: bindparam(c.name) for c in payloads.columns})
-        )
+        names = [c.name for c in payloads.columns]
+        return self._positional_sql(stmt.values({n: bindparam(n) for n in names}), names)
