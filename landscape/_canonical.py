@@ -5,7 +5,7 @@ takes orjson whenever its output is provably identical (keys that sort
 the same in UTF-16 and code-point order, floats Python prints the way ECMAScript does),
 which is the common case for rows and several times faster.  Values JSON cannot hold
 directly are normalised first: ``date``/``datetime``/``time`` become ISO 8601 strings,
-``Decimal`` a float, tuples lists.
+``Decimal`` a float, tuples lists, an ``Enum`` member its value and a ``UUID`` its text.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import math
+import re
+import uuid
 from collections.abc import Mapping
 from decimal import Decimal
+from enum import Enum
 from typing import Any
 
 import orjson
@@ -38,6 +41,21 @@ _is_float = float.__instancecheck__
 # orjson prints it exactly as RFC 8785 does; tests/landscape/test_canonical.py checks this
 # against the reference encoder on generated values.
 _ORJSON_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_STRICT_INTEGER
+# For a nested value, orjson must not print anything itself that _normalise would change:
+# subclasses, dates and dataclasses go to ``default``, which refuses them.
+_NESTED_OPTIONS = (
+    _ORJSON_OPTIONS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+)
+# What orjson prints unlike RFC 8785 shows in its output: an integral float (``2.0``,
+# ``-0.0``), an exponent (``1e+16``, ``1e-7``), NaN or infinity (written ``null``).  A
+# string that merely contains one of these only costs the exact path.
+_NESTED_HAZARDS = (b".0,", b".0}", b".0]", b"e+", b"e-", b"null")
+# A 4-byte UTF-8 sequence: such characters sort differently by UTF-16 units (RFC 8785)
+# than by code point (orjson).
+_ASTRAL = re.compile(rb"[\xf0-\xf4]")
 
 
 class CanonicalizationError(ValueError):
@@ -138,6 +156,10 @@ def _normalise_other(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, Decimal):
         return _normalise_float(float(value))
+    if isinstance(value, Enum):
+        return _normalise(value.value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
     raise CanonicalizationError(f"value of type {type(value).__name__} is not JSON-serialisable")
 
 
@@ -151,6 +173,10 @@ def _plain(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, Decimal):
         return float(value)
+    if isinstance(value, Enum) and not isinstance(value, str | int | float):
+        return _plain(value.value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
     return value
 
 
@@ -159,14 +185,28 @@ def canonical_bytes(value: Any) -> bytes:
 
     Raises :class:`CanonicalizationError` for values JSON cannot represent exactly.
     """
-    if type(value) is dict:
+    forms = _fast_forms(value)
+    if forms is not None:
+        return forms[0]
+    return _exact_canonical_bytes(value)
+
+
+def _fast_forms(value: Any) -> tuple[bytes, bytes] | None:
+    """:func:`payload_forms` of a row or a nested value orjson prints canonically, else
+    ``None`` (the exact path decides)."""
+    kind = type(value)
+    if kind is dict:
         forms = _flat_row_forms(value)
         if forms is not None:
-            return forms[0]
-    return _general_canonical_bytes(value)
+            return forms
+    if kind is dict or kind is list:
+        scanned = _scanned_bytes(value)
+        if scanned is not None:
+            return scanned, scanned
+    return None
 
 
-def _general_canonical_bytes(value: Any) -> bytes:
+def _exact_canonical_bytes(value: Any) -> bytes:
     try:
         return orjson.dumps(_normalise(value), option=_ORJSON_OPTIONS)
     except _NeedsSlowPath:
@@ -179,6 +219,26 @@ def _general_canonical_bytes(value: Any) -> bytes:
         return bytes(rfc8785.dumps(_plain(value)))
     except rfc8785.CanonicalizationError as exc:
         raise CanonicalizationError(str(exc)) from exc
+
+
+def _scanned_bytes(value: dict[Any, Any] | list[Any]) -> bytes | None:
+    """orjson's output for a nested value when it shows none of the :data:`_NESTED_HAZARDS`,
+    else ``None``: a request or an answer then costs one pass in C instead of a walk of
+    every level in Python."""
+    try:
+        out = orjson.dumps(value, default=_refuse, option=_NESTED_OPTIONS)
+    except orjson.JSONEncodeError:
+        return None
+    for hazard in _NESTED_HAZARDS:
+        if hazard in out:
+            return None
+    if not out.isascii() and _ASTRAL.search(out) is not None:
+        return None
+    return out
+
+
+def _refuse(value: Any) -> Any:
+    raise TypeError(type(value).__name__)
 
 
 def _flat_row_forms(row: dict[Any, Any]) -> tuple[bytes, bytes] | None:
@@ -226,11 +286,10 @@ def payload_forms(value: Any) -> tuple[bytes, bytes]:
     ``int`` where it had a ``float``.  Then the stored JSON is orjson's, which keeps
     the ``.0`` (and canonicalises to the same bytes, so the hash still names it).
     """
-    if type(value) is dict:
-        forms = _flat_row_forms(value)
-        if forms is not None:
-            return forms
-    canonical = _general_canonical_bytes(value)
+    forms = _fast_forms(value)
+    if forms is not None:
+        return forms
+    canonical = _exact_canonical_bytes(value)
     try:
         stored = orjson.dumps(value, option=_ORJSON_OPTIONS)
     except (orjson.JSONEncodeError, TypeError):  # e.g. a Decimal: keep the canonical form

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import uuid
 from decimal import Decimal
-from enum import StrEnum
+from enum import Enum, StrEnum
 from typing import Any
 
 import orjson
@@ -57,6 +58,8 @@ _json = st.recursive(
 @given(_json)
 @example({"\U0001f600": 1, "\ufb33": 2, "a": 3})  # UTF-16 order differs from code point order
 @example({"é": [1e-7, 1e21, -0.0, "\u2028\x7f\x1f"]})
+@example({"outer": {"\U0001f600": 1, "\ufb33": 2, "é": 3}})  # nested keys, UTF-16 order
+@example([{"b": 2.0}, {"a": "not a hazard: 2.0, 1e-7, null"}, {"c": [1.5, 1e16]}])
 def test_matches_reference_encoder(value: Any) -> None:
     assert canonical_json(value).encode("utf-8") == rfc8785.dumps(value)
 
@@ -108,6 +111,11 @@ class Colour(StrEnum):
     RED = "red"
 
 
+class Size(Enum):
+    SMALL = 1.5
+    LARGE = 2.0
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
@@ -116,6 +124,12 @@ class Colour(StrEnum):
         ({"x": Decimal("1.5")}, '{"x":1.5}'),
         ({"tuple": (1, 2)}, '{"tuple":[1,2]}'),
         ({Colour.RED: Colour.RED}, '{"red":"red"}'),
+        ({"e": Size.LARGE, "nested": [Size.SMALL]}, '{"e":2,"nested":[1.5]}'),
+        (
+            {"id": uuid.UUID(int=1), "ids": [uuid.UUID(int=2)]},
+            '{"id":"00000000-0000-0000-0000-000000000001",'
+            '"ids":["00000000-0000-0000-0000-000000000002"]}',
+        ),
         ({"b": True, "a": None}, '{"a":null,"b":true}'),
     ],
 )
