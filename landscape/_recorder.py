@@ -120,7 +120,9 @@ class Recorder:
         self._writer = writer
         self.run_id = run_id
         self._session = f"-{secrets.token_hex(5)}-"
-        self._counter = itertools.count()
+        # Decimal from 10**12: every id of a session has the same width (so they sort in
+        # creation order) and str() of an int is the cheapest formatting there is.
+        self._next_number = itertools.count(10**12).__next__
 
     # -- identities ------------------------------------------------------------------
 
@@ -130,7 +132,7 @@ class Recorder:
         The counter is fixed-width so a session's ids sort in creation order: index
         inserts then land at the end of their B-tree instead of at random pages.
         """
-        return f"{kind}{self._session}{next(self._counter):09x}"
+        return f"{kind}{self._session}{self._next_number()}"
 
     # -- run and graph ---------------------------------------------------------------
 

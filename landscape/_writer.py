@@ -106,6 +106,7 @@ class GroupCommitWriter:
         self._update_sql: dict[tuple[Table, tuple[str, ...], tuple[str, ...]], Any] = {}
         #: Insert SQL per table and the column positions it binds (see _insert_statement).
         self._insert_sql: dict[tuple[Table, tuple[int, ...]], str] = {}
+        self._nullable: dict[Table, list[int]] = {}
 
     async def __aenter__(self) -> Self:
         await self._committer.__aenter__()
@@ -295,7 +296,13 @@ class GroupCommitWriter:
         rows, misfit = divmod(len(values), width)
         if misfit:
             raise AuditIntegrityError(f"{table.name}: a queued row has the wrong width")
-        columns = tuple(i for i in range(width) if values[i::width].count(None) != rows)
+        nullable = self._nullable.get(table)
+        if nullable is None:
+            nullable = self._nullable[table] = [
+                i for i, c in enumerate(table.columns) if c.nullable
+            ]
+        empty = {i for i in nullable if values[i::width].count(None) == rows}
+        columns = tuple(i for i in range(width) if i not in empty)
         sql = self._insert_sql.get((table, columns))
         if sql is None:  # a handful of shapes per run: compile each once
             names = [table.columns[i].name for i in columns]
