@@ -120,9 +120,9 @@ class Recorder:
         self._writer = writer
         self.run_id = run_id
         self._session = f"-{secrets.token_hex(5)}-"
-        # Decimal from 10**12: every id of a session has the same width (so they sort in
-        # creation order) and str() of an int is the cheapest formatting there is.
-        self._next_number = itertools.count(10**12).__next__
+        # Decimal from 10**9: a session's ids keep one width for nine billion of them (so
+        # they sort in creation order), and str() of an int is the cheapest formatting.
+        self._next_number = itertools.count(10**9).__next__
 
     # -- identities ------------------------------------------------------------------
 

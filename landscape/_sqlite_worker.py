@@ -5,10 +5,10 @@ Started by :class:`~landscape._committers.SqliteProcessCommitter` as
 It reads frames from stdin — an 8-byte big-endian length, then a marshalled list of
 ``(sql, width, columns, values)`` statements: ``values`` holds the rows' values one after
 another, ``width`` to a row, and the SQL binds those at the positions ``columns`` —
-executes each frame in one transaction, and answers ``K`` (committed) or
-``E`` plus a length-prefixed message (``I`` for an integrity error).  EOF on stdin ends
-it.  ``marshal`` carries the frames: the values are plain, and it is several times
-faster than pickle.
+executes each frame in one transaction, and answers ``K`` (committed) or ``E`` plus a
+length-prefixed message (``I`` for an integrity error).  EOF on stdin ends it.
+``marshal`` carries the frames: the values are plain, and it is several times faster
+than pickle.
 
 Executing SQLite in a separate process keeps the engine's event loop from competing
 for the GIL with parameter binding: on two cores the audit writes then run beside the
