@@ -146,6 +146,10 @@ def _normalise_float(value: float) -> float | int:
 
 
 def _normalise_other(value: Any) -> Any:
+    # An Enum member is its value even when it is also a str or an int (as orjson and
+    # json print it): str() of a ``(str, Enum)`` member is its qualified name.
+    if isinstance(value, Enum):
+        return _normalise(value.value)
     if isinstance(value, str):
         return str(value)
     if isinstance(value, int):
@@ -156,8 +160,6 @@ def _normalise_other(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, Decimal):
         return _normalise_float(float(value))
-    if isinstance(value, Enum):
-        return _normalise(value.value)
     if isinstance(value, uuid.UUID):
         return str(value)
     raise CanonicalizationError(f"value of type {type(value).__name__} is not JSON-serialisable")
@@ -173,7 +175,7 @@ def _plain(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, Decimal):
         return float(value)
-    if isinstance(value, Enum) and not isinstance(value, str | int | float):
+    if isinstance(value, Enum):
         return _plain(value.value)
     if isinstance(value, uuid.UUID):
         return str(value)

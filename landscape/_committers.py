@@ -25,6 +25,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from ._errors import AuditIntegrityError, LandscapeUnavailable
+from ._sqlite_worker import rows_of
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -96,8 +97,7 @@ class SqlAlchemyCommitter:
         try:
             async with self._engine.begin() as conn:
                 for sql, width, columns, values in statements:
-                    rows = zip(*[values[i::width] for i in columns], strict=True)
-                    await conn.exec_driver_sql(sql, list(rows))
+                    await conn.exec_driver_sql(sql, list(rows_of(width, columns, values)))
         except IntegrityError as exc:
             raise AuditIntegrityError(f"audit write refused by the database: {exc.orig}") from exc
         except SQLAlchemyError as exc:

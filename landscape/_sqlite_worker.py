@@ -24,14 +24,23 @@ import signal
 import sqlite3
 import struct
 import sys
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+__all__ = ["main", "rows_of"]
 
 _HEADER = struct.Struct(">Q")
 
 
 _Statements = list[tuple[str, int, tuple[int, ...], list[Any]]]
+
+
+def rows_of(width: int, columns: tuple[int, ...], values: list[Any]) -> Iterator[tuple[Any, ...]]:
+    """The rows of a statement's flat ``values`` (``width`` to a row), each with the values
+    at the positions ``columns``; a ragged tail raises ``ValueError``."""
+    return zip(*[values[i::width] for i in columns], strict=True)
 
 
 def _read_frame(stream: BinaryIO) -> _Statements | None:
@@ -70,7 +79,7 @@ def _commit(db: sqlite3.Connection, statements: _Statements) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
         for sql, width, columns, values in statements:
-            db.executemany(sql, zip(*[values[i::width] for i in columns], strict=True))
+            db.executemany(sql, rows_of(width, columns, values))
     except BaseException:
         db.execute("ROLLBACK")
         raise

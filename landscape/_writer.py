@@ -76,10 +76,11 @@ class GroupCommitWriter:
         self._dialect = engine.dialect
         self._committer: Committer = committer or SqlAlchemyCommitter(engine)
         self._commit_interval = commit_interval
-        # Queued records cost ~400 bytes each as tuples, and while the committer takes
-        # one batch the next one fills: 50,000 keeps a run that outpaces its writer
-        # within ~40 MB.  A larger mark gives a lagging writer larger, cheaper commits
-        # (a million-row run goes ~1.4x faster at 200,000) but memory that grows with it.
+        # While the committer takes one batch the next one fills: 50,000 records keep a
+        # run that outpaces its writer at flat memory (the same peak RSS at 10**5 and
+        # 10**6 rows in throughput.py --rss).  A larger mark gives a lagging writer
+        # larger, cheaper commits (a million-row run goes ~1.4x faster at 200,000) but
+        # memory that grows with it.
         self._high_water = high_water
         self._batch = _Batch()
         # Payload hashes sent lately, in two generations: when the newer one is full it
@@ -106,7 +107,9 @@ class GroupCommitWriter:
         self._update_sql: dict[tuple[Table, tuple[str, ...], tuple[str, ...]], Any] = {}
         #: Insert SQL per table and the column positions it binds (see _insert_statement).
         self._insert_sql: dict[tuple[Table, tuple[int, ...]], str] = {}
-        self._nullable: dict[Table, list[int]] = {}
+        self._nullable = {
+            table: [i for i, c in enumerate(table.columns) if c.nullable] for table in INSERT_ORDER
+        }
 
     async def __aenter__(self) -> Self:
         await self._committer.__aenter__()
@@ -296,12 +299,7 @@ class GroupCommitWriter:
         rows, misfit = divmod(len(values), width)
         if misfit:
             raise AuditIntegrityError(f"{table.name}: a queued row has the wrong width")
-        nullable = self._nullable.get(table)
-        if nullable is None:
-            nullable = self._nullable[table] = [
-                i for i, c in enumerate(table.columns) if c.nullable
-            ]
-        empty = {i for i in nullable if values[i::width].count(None) == rows}
+        empty = {i for i in self._nullable[table] if values[i::width].count(None) == rows}
         columns = tuple(i for i in range(width) if i not in empty)
         sql = self._insert_sql.get((table, columns))
         if sql is None:  # a handful of shapes per run: compile each once

@@ -294,7 +294,8 @@ def _flat_json_line(row: Row) -> bytes | None:
         return None
     if float in kinds:
         magnitudes = list(map(abs, filter(_is_float, values)))
-        # NaN fails no comparison inside min() and max(), but it makes the sum NaN.
+        # min() and max() can step over a NaN (every comparison with it is false); the
+        # sum cannot.
         if not (min(magnitudes) >= 1e-4 and max(magnitudes) < 1e16):
             return None
         if math.isnan(sum(magnitudes)):

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from landscape._canonical import (
     CanonicalizationError,
+    _scanned_bytes,
     canonical_hash,
     canonical_json,
     payload_forms,
@@ -111,6 +112,14 @@ class Colour(StrEnum):
     RED = "red"
 
 
+class Shade(str, Enum):  # noqa: UP042 - str() of a member is "Shade.DARK", JSON "dark"
+    DARK = "dark"
+
+
+class Tag(str):
+    pass
+
+
 class Size(Enum):
     SMALL = 1.5
     LARGE = 2.0
@@ -125,6 +134,8 @@ class Size(Enum):
         ({"tuple": (1, 2)}, '{"tuple":[1,2]}'),
         ({Colour.RED: Colour.RED}, '{"red":"red"}'),
         ({"e": Size.LARGE, "nested": [Size.SMALL]}, '{"e":2,"nested":[1.5]}'),
+        ({"flat": Shade.DARK, "nested": [Shade.DARK]}, '{"flat":"dark","nested":["dark"]}'),
+        ({"x": 2.0, "e": Shade.DARK}, '{"e":"dark","x":2}'),  # the exact path agrees
         (
             {"id": uuid.UUID(int=1), "ids": [uuid.UUID(int=2)]},
             '{"id":"00000000-0000-0000-0000-000000000001",'
@@ -211,3 +222,33 @@ def test_stored_payloads_hash_canonically_and_read_back_with_their_types(value: 
     read_back = orjson.loads(stored)
     assert rfc8785.dumps(read_back) == canonical  # the hash still names what is stored
     assert _same_types(value, read_back)  # a 2.0 comes back a float, not an int
+
+
+_REQUEST = {
+    "model": "m",
+    "messages": [{"role": "user", "content": "Classify: I cannot log in"}],
+    "response_format": {"type": "json_schema", "json_schema": {"strict": True, "schema": {}}},
+    "temperature": 0.2,
+}
+
+
+def test_a_nested_request_takes_the_single_pass() -> None:
+    """The fast path for requests and answers is taken (not only correct when skipped)."""
+    assert _scanned_bytes(_REQUEST) == rfc8785.dumps(_REQUEST)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"a": [2.0]},
+        {"a": {"b": 1e-7}},
+        {"a": [math.nan]},
+        {"a": {"\U0001f600": 1}},
+        {"a": Tag("x")},
+        {"a": [dt.date(2024, 1, 2)]},
+    ],
+)
+def test_the_single_pass_leaves_what_orjson_prints_differently_to_the_exact_path(
+    value: Any,
+) -> None:
+    assert _scanned_bytes(value) is None

@@ -224,3 +224,23 @@ async def test_columns_null_in_a_whole_commit_are_stored_null(landscape: Landsca
         ("tok-2", None, None, '{"why":"x"}'),
         ("tok-3", None, None, None),
     ]
+
+
+async def test_a_batch_insert_binds_only_columns_that_hold_a_value(landscape: Landscape) -> None:
+    """The NULL-column saving itself: a nullable column empty in every row of a batch is
+    not bound, one that holds a value in any row is, and a non-nullable one always is."""
+    writer = landscape.open_writer()
+    columns = [c.name for c in t.token_outcomes.columns]
+    row = dict.fromkeys(columns)
+    row.update(outcome_id="o-1", run_id="run-1", token_id="tok-1", outcome="completed")
+    row.update(is_terminal=True, recorded_at=0.0)
+    other = {**row, "outcome_id": "o-2", "sink_name": "out"}
+    values = [row[c] for c in columns] + [other[c] for c in columns]
+    sql, width, bound, _ = writer._insert_statement(t.token_outcomes, values)
+    bound_names = [columns[i] for i in bound]
+    assert width == len(columns)
+    assert "sink_name" in bound_names
+    assert "batch_id" not in bound_names
+    assert "context_json" not in bound_names
+    assert "batch_id" not in sql
+    assert "sink_name" in sql
