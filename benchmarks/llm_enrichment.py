@@ -10,8 +10,9 @@ kept in order, no audit.  Printed per scenario: rows/s of each, the ideal
 baseline.  Also printed: the engine's own overhead per call (p50/p99 of the time from a
 worker taking the row to its request leaving, plus from the response arriving to the
 result being handed to the release window; waits before a retry are not counted) and
-the same client on httpx, with its default transport and on an aiohttp transport: why
-ledgerflow calls aiohttp directly.
+the same client on httpx (with its default transport and on an aiohttp transport) and
+on ledgerflow's own HTTP client, none of them auditing: why ledgerflow's endpoints use
+neither httpx nor aiohttp's client.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from httpx_aiohttp import AiohttpTransport
 from engine import Pipeline
 from plugins.llm import LlmTransform
 from plugins.llm._endpoint import Endpoint
+from plugins.llm._http import HttpClient
 
 SCHEMA = {
     "type": "object",
@@ -232,10 +234,36 @@ async def run_httpx(base_url: str, scenario: Scenario, *, aiohttp_transport: boo
     return scenario.rows / elapsed
 
 
+async def run_lean_client(base_url: str, scenario: Scenario) -> float:
+    """The baseline's client on ledgerflow's HTTP client instead of aiohttp's."""
+    semaphore = asyncio.Semaphore(scenario.concurrency)
+    client = HttpClient(base_url, headers={}, max_idle=scenario.concurrency)
+
+    async def one(row: dict[str, Any]) -> dict[str, Any]:
+        async with semaphore:
+            response = await client.request(
+                "POST",
+                "/chat/completions",
+                orjson.dumps(request_body(row)),
+                content_type="application/json",
+                limit_seconds=60,
+            )
+        assert response.status == 200, response.status
+        content = orjson.loads(response.body)["choices"][0]["message"]["content"]
+        return {**row, **orjson.loads(content)}
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one(row) for row in rows(scenario.rows)))
+    elapsed = time.perf_counter() - started
+    await client.aclose()
+    assert len(results) == scenario.rows
+    return scenario.rows / elapsed
+
+
 # -- report -----------------------------------------------------------------------------
 
 
-def measure(scenario: Scenario, *, httpx_default: bool = False) -> None:
+def measure(scenario: Scenario, *, clients: bool = False, httpx_default: bool = False) -> None:
     server, base_url = start_server(scenario.latency_ms, scenario.server_error_rate)
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -260,6 +288,9 @@ def measure(scenario: Scenario, *, httpx_default: bool = False) -> None:
             p50 = statistics.median(overheads) * 1000
             p99 = overheads[int(len(overheads) * 0.99) - 1] * 1000
             print(f"  engine overhead / call : p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+        if clients:
+            lean = asyncio.run(run_lean_client(base_url, scenario))
+            print(f"  ledgerflow's client    : {lean:>8,.0f} rows/s  (no audit)")
         if httpx_default:
             default = asyncio.run(run_httpx(base_url, scenario, aiohttp_transport=False))
             print(f"  httpx, default transport: {default:>7,.0f} rows/s  (no audit)")
@@ -276,8 +307,8 @@ def main() -> None:
     args = parser.parse_args()
     scale = 5 if args.quick else 1
     measure(Scenario("realistic latency", 2000 // scale, 64, 500))
-    measure(Scenario("fast endpoint", 2000 // scale, 64, 50), httpx_default=True)
-    measure(Scenario("fast endpoint, wide", 10_000 // scale, 256, 50))
+    measure(Scenario("fast endpoint", 2000 // scale, 64, 50), clients=True, httpx_default=True)
+    measure(Scenario("fast endpoint, wide", 10_000 // scale, 256, 50), clients=True)
     measure(Scenario("5% server errors", 2000 // scale, 64, 500, server_error_rate=0.05))
 
 

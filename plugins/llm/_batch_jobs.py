@@ -11,11 +11,11 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import anyio
 import orjson
 
 from ._endpoint import HttpRequest
+from ._http import FormField
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -147,12 +147,10 @@ class BatchJobs:
         content = b"\n".join(lines) + b"\n"
         filename = f"{metadata.get('ledgerflow_batch', 'batch')}.jsonl"
 
-        def form() -> aiohttp.FormData:
-            data = aiohttp.FormData()
-            data.add_field("purpose", "batch")
-            data.add_field("file", content, filename=filename, content_type="application/jsonl")
-            return data
-
+        form = (
+            FormField("purpose", b"batch"),
+            FormField("file", content, filename=filename, content_type="application/jsonl"),
+        )
         upload = HttpRequest(
             "POST",
             "/files",

@@ -1,11 +1,12 @@
 """An OpenAI-compatible endpoint: one HTTP client, its limits, retries and call ledger.
 
-Every LLM node that names an endpoint shares its :class:`Endpoint`: one aiohttp
-session (connection pool sized to ``max_in_flight``), one limiter and one circuit
-breaker.  aiohttp directly, not httpx: httpx's default pool is CPU-bound at high
-concurrency, and even on an aiohttp transport httpx's request and response models
-cost more CPU per call than the rest of the engine (``benchmarks/llm_enrichment.py``
-prints all three).
+Every LLM node that names an endpoint shares its :class:`Endpoint`: one HTTP client
+(keep-alive connections, as many as ``max_in_flight``), one limiter and one circuit
+breaker.  The client is the lean one of ``_http.py``, not httpx nor aiohttp: httpx's
+default pool is CPU-bound at high concurrency, httpx's request and response models
+cost more CPU per call than the rest of the engine even on an aiohttp transport, and
+aiohttp's own client costs twice what ``_http.py`` does (``benchmarks/llm_enrichment.py``
+prints the comparison).
 
 :meth:`Endpoint.post` makes one logical call and reports each attempt to the row's
 call log (request, response, status, latency, tokens, cost).  429, 5xx, timeouts,
@@ -24,7 +25,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import anyio
 import orjson
 from tenacity import (
@@ -36,10 +36,11 @@ from tenacity import (
 
 from plugins.protocols import ExternalCall, ReplayMiss, resolve_path
 
+from ._http import FormField, HttpClient, HttpProtocolError, multipart
 from ._limits import CircuitBreaker, CircuitOpen, EndpointLimiter
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Mapping
     from pathlib import Path
 
     from plugins.protocols import CallLog, RecordedAnswer
@@ -86,8 +87,8 @@ class HttpRequest:
     method: str
     path: str
     json: dict[str, Any] | None = None
-    #: Makes the form of each attempt (aiohttp sends a form only once).
-    form: Callable[[], aiohttp.FormData] | None = None
+    #: The parts of a ``multipart/form-data`` body.
+    form: tuple[FormField, ...] | None = None
     record: Any = None
     raw: bool = False
 
@@ -106,9 +107,6 @@ class _Attempt:
     http_status: int
 
 
-_JSON_HEADERS = {"content-type": "application/json"}
-
-
 class Endpoint:
     """The shared runtime of one configured endpoint (client, limiter, breaker).
 
@@ -125,26 +123,26 @@ class Endpoint:
         )
         cb = settings.circuit_breaker
         self.breaker = CircuitBreaker(name, cb.failure_threshold, cb.reset_seconds)
-        self._session: aiohttp.ClientSession | None = None
+        self._base_url, self._query = _base_and_query(settings)
+        self._client: HttpClient | None = None
         self._users = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def open(self) -> None:
         if self._users == 0:
-            connector = aiohttp.TCPConnector(limit=self.settings.max_in_flight)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
+            self._client = HttpClient(
+                self._base_url,
                 headers=self._headers(),
-                timeout=aiohttp.ClientTimeout(total=None),  # each attempt has its own limit
+                max_idle=self.settings.max_in_flight,
             )
         self._users += 1
 
     async def aclose(self) -> None:
         self._users -= 1
-        if self._users == 0 and self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+        if self._users == 0 and self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
 
     def _headers(self) -> dict[str, str]:
         headers = dict(self.settings.headers)
@@ -177,13 +175,7 @@ class Endpoint:
 
     def url(self, path: str) -> str:
         """The URL of API ``path`` (``/chat/completions``, ``/embeddings``)."""
-        s = self.settings
-        if s.provider == "azure_openai":
-            assert s.endpoint is not None
-            base = f"{s.endpoint.rstrip('/')}/openai/deployments/{s.deployment}"
-            return f"{base}{path}?api-version={s.api_version}"
-        base = s.base_url or _OPENROUTER_URL
-        return base.rstrip("/") + path
+        return f"{self._base_url}{path}{self._query}"
 
     def cost(self, model: str, prompt_tokens: int | None, completion_tokens: int | None) -> float:
         price = self.settings.prices.get(model)
@@ -414,32 +406,33 @@ class Endpoint:
             failure.add_note(f"the failed attempt could not be recorded: {exc!r}")
 
     async def _send(self, request: HttpRequest, limit_seconds: float) -> _Attempt:
-        session = self._session
-        if session is None:
+        client = self._client
+        if client is None:
             raise RuntimeError(f"endpoint '{self.name}' is not open")
+        body: bytes | None = None
+        content_type: str | None = None
         if request.json is not None:
-            data: Any = orjson.dumps(request.json)
-            headers: dict[str, str] | None = _JSON_HEADERS
-        else:
-            data, headers = None if request.form is None else request.form(), None
-        # aiohttp's own total timeout (connection, request and the body read) rather
-        # than a cancel scope: it costs far less per call, and it raises TimeoutError.
-        timeout = aiohttp.ClientTimeout(total=limit_seconds)
+            body, content_type = orjson.dumps(request.json), "application/json"
+        elif request.form is not None:
+            body, content_type = multipart(request.form)
         try:
-            async with session.request(
-                request.method, self.url(request.path), data=data, headers=headers, timeout=timeout
-            ) as response:
-                content = await response.read()
-                status = response.status
-                retry_after = _retry_after(response.headers)
+            response = await client.request(
+                request.method,
+                request.path + self._query,
+                body,
+                content_type=content_type,
+                limit_seconds=limit_seconds,
+            )
         except TimeoutError:
             raise CallFailed(
                 {"type": "Timeout", "message": f"no answer within {limit_seconds} s"},
                 retryable=True,
             ) from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except (HttpProtocolError, OSError) as exc:
             error = {"type": type(exc).__name__, "message": str(exc) or type(exc).__name__}
             raise CallFailed(error, retryable=True) from None
+        content, status = response.body, response.status
+        retry_after = _retry_after(response.headers)
         if status >= 400:
             retryable = status == 429 or status >= 500
             error = {"type": "HTTPStatusError", "message": f"HTTP {status}", "body": _text(content)}
@@ -458,6 +451,15 @@ class Endpoint:
             error = {"type": "MalformedResponse", "message": "the answer is not a JSON object"}
             raise CallFailed(error, retryable=True, http_status=status)
         return _Attempt(parsed, status)
+
+
+def _base_and_query(settings: EndpointSettings) -> tuple[str, str]:
+    """The URL every API path is appended to, and the query that follows the path."""
+    if settings.provider == "azure_openai":
+        assert settings.endpoint is not None
+        base = f"{settings.endpoint.rstrip('/')}/openai/deployments/{settings.deployment}"
+        return base, f"?api-version={settings.api_version}"
+    return (settings.base_url or _OPENROUTER_URL).rstrip("/"), ""
 
 
 def _recorded_answer(answer: Any) -> Any:
