@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 import anyio
 import httptools
 
+from ._headers import header_line, header_value
+
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
@@ -84,7 +86,7 @@ def multipart(fields: Sequence[FormField]) -> tuple[bytes, str]:
             disposition += f'; filename="{_quoted(field.filename)}"'
         head = f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
         if field.content_type is not None:
-            head += f"Content-Type: {_header_value('content-type', field.content_type)}\r\n"
+            head += f"Content-Type: {header_value('content-type', field.content_type)}\r\n"
         parts += (head.encode(), b"\r\n", field.value, b"\r\n")
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
@@ -93,14 +95,6 @@ def multipart(fields: Sequence[FormField]) -> tuple[bytes, str]:
 def _quoted(text: str) -> str:
     """``text`` inside a quoted header parameter (the browsers' escaping of a form)."""
     return text.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def _header_value(name: str, value: str) -> str:
-    """``value``, refused if it could end the header (the value itself may be a secret,
-    so only the name is told)."""
-    if "\r" in value or "\n" in value or "\0" in value:
-        raise ValueError(f"header {name!r} has a line break or NUL in its value")
-    return value
 
 
 class _Connection(asyncio.Protocol):
@@ -235,7 +229,7 @@ class HttpClient:
         self._prefix = parts.path.rstrip("/")
         host = parts.netloc.rpartition("@")[2]
         lines = [f"host: {host}\r\n"]
-        lines += (f"{name}: {_header_value(name, value)}\r\n" for name, value in headers.items())
+        lines += (header_line(name, value) for name, value in headers.items())
         self._head = "".join(lines).encode("latin-1")
         self._max_idle = max_idle
         self._idle: list[_Connection] = []

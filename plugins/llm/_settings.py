@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ._headers import header_line
 
 __all__ = ["BackoffSettings", "BreakerSettings", "EndpointSettings", "ModelPrice", "Provider"]
 
@@ -63,6 +65,13 @@ class EndpointSettings(_Model):
     prices: dict[str, ModelPrice] = Field(
         default_factory=dict, description="Model -> price per 1,000 tokens, for `calls.cost`."
     )
+
+    @field_validator("headers")
+    @classmethod
+    def _sendable(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, value in headers.items():
+            header_line(name, value)
+        return headers
 
     @model_validator(mode="after")
     def _addressable(self) -> EndpointSettings:

@@ -275,6 +275,10 @@ def test_bad_urls_and_header_injection_are_refused_without_the_value() -> None:
     with pytest.raises(ValueError, match="'authorization'") as refused:
         HttpClient("http://example.com", headers={"authorization": "sk-1\r\nx: y"}, max_idle=1)
     assert "sk-1" not in str(refused.value)
+    with pytest.raises(ValueError, match="not a valid header name"):
+        HttpClient("http://example.com", headers={"x-a: b\r\nx-c": "d"}, max_idle=1)
+    with pytest.raises(ValueError, match="set by the HTTP client"):
+        HttpClient("http://example.com", headers={"Content-Length": "3"}, max_idle=1)
 
 
 async def test_tls(tmp_path: object) -> None:

@@ -210,6 +210,28 @@ def test_bad_llm_options_are_refused_before_anything_runs(
     assert message in issue.message
 
 
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({"X-Title": "line\r\nX-Injected: 1"}, "line break"),
+        ({"Bad Name": "x"}, "not a valid header name"),
+        ({"Host": "elsewhere"}, "set by the HTTP client"),
+    ],
+)
+def test_unsendable_endpoint_headers_are_refused_before_anything_runs(
+    tmp_path: Path, headers: dict[str, str], message: str
+) -> None:
+    config = pipeline(
+        "http://127.0.0.1:9/v1", tickets(1), tmp_path, endpoint_options={"headers": headers}
+    )
+    with pytest.raises(ConfigError) as info:
+        Pipeline.from_dict(config)
+    (issue,) = info.value.issues
+    assert issue.path.startswith("endpoints.local.headers")
+    assert message in issue.message
+    assert "X-Injected" not in issue.message
+
+
 async def test_a_slow_row_does_not_stop_new_rows_from_starting(
     run_verified: Run, tmp_path: Path
 ) -> None:
