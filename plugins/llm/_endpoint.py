@@ -173,10 +173,6 @@ class Endpoint:
                 ) from None
         return None
 
-    def url(self, path: str) -> str:
-        """The URL of API ``path`` (``/chat/completions``, ``/embeddings``)."""
-        return f"{self._base_url}{path}{self._query}"
-
     def cost(self, model: str, prompt_tokens: int | None, completion_tokens: int | None) -> float:
         price = self.settings.prices.get(model)
         if price is None:

@@ -7,6 +7,7 @@ import the HTTP stack.
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -65,6 +66,17 @@ class EndpointSettings(_Model):
     prices: dict[str, ModelPrice] = Field(
         default_factory=dict, description="Model -> price per 1,000 tokens, for `calls.cost`."
     )
+
+    @field_validator("base_url", "endpoint")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("must be an http:// or https:// URL with a host")
+            if parts.query or parts.fragment:
+                raise ValueError("must not have a query or a fragment")
+        return url
 
     @field_validator("headers")
     @classmethod

@@ -211,23 +211,25 @@ def test_bad_llm_options_are_refused_before_anything_runs(
 
 
 @pytest.mark.parametrize(
-    ("headers", "message"),
+    ("base_url", "options", "path", "message"),
     [
-        ({"X-Title": "line\r\nX-Injected: 1"}, "line break"),
-        ({"Bad Name": "x"}, "not a valid header name"),
-        ({"Host": "elsewhere"}, "set by the HTTP client"),
+        (None, {"headers": {"X-Title": "a\r\nX-Injected: 1"}}, "headers", "line break"),
+        (None, {"headers": {"Bad Name": "x"}}, "headers", "not a valid header name"),
+        (None, {"headers": {"Host": "elsewhere"}}, "headers", "set by the HTTP client"),
+        ("ftp://127.0.0.1/v1", {}, "base_url", "http:// or https:// URL"),
+        ("http:///v1", {}, "base_url", "with a host"),
+        ("http://127.0.0.1/v1?key=1", {}, "base_url", "query"),
     ],
 )
-def test_unsendable_endpoint_headers_are_refused_before_anything_runs(
-    tmp_path: Path, headers: dict[str, str], message: str
+def test_unusable_endpoint_addresses_and_headers_are_refused_before_anything_runs(
+    tmp_path: Path, base_url: str | None, options: dict[str, Any], path: str, message: str
 ) -> None:
-    config = pipeline(
-        "http://127.0.0.1:9/v1", tickets(1), tmp_path, endpoint_options={"headers": headers}
-    )
+    url = base_url or "http://127.0.0.1:9/v1"
+    config = pipeline(url, tickets(1), tmp_path, endpoint_options=options)
     with pytest.raises(ConfigError) as info:
         Pipeline.from_dict(config)
     (issue,) = info.value.issues
-    assert issue.path.startswith("endpoints.local.headers")
+    assert issue.path.startswith(f"endpoints.local.{path}")
     assert message in issue.message
     assert "X-Injected" not in issue.message
 
