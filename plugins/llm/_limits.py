@@ -67,9 +67,7 @@ class EndpointLimiter:
         requests_per_minute: int | None = None,
         tokens_per_minute: int | None = None,
     ) -> None:
-        # fast_acquire: a free slot is taken without a scheduler round-trip; the call
-        # that holds it waits on the network at once anyway.
-        self._slots = anyio.Semaphore(max_in_flight, fast_acquire=True)
+        self._slots = anyio.Semaphore(max_in_flight)
         self._requests = None if requests_per_minute is None else TokenBucket(requests_per_minute)
         self._tokens = None if tokens_per_minute is None else TokenBucket(tokens_per_minute)
         self.max_in_flight = max_in_flight
@@ -93,7 +91,13 @@ class EndpointLimiter:
         if it raises (an open circuit breaker), the slot is released and the request
         used up no allowance.
         """
-        await self._slots.acquire()
+        try:
+            # A free slot is taken without a scheduler round-trip or a cancellation
+            # check (anyio's acquire makes both); the call that holds it awaits the
+            # network at once anyway.
+            self._slots.acquire_nowait()
+        except anyio.WouldBlock:
+            await self._slots.acquire()
         try:
             if admit is not None:
                 admit()

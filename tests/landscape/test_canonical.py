@@ -84,6 +84,7 @@ def test_floats_of_every_magnitude(value: float) -> None:
         lambda v: [1, v],
         lambda v: {"a": {"b": v}},
         lambda v: {"é": v},  # a non-ASCII key takes the reference encoder's path
+        lambda v: {"answer": {"logprobs": None, "score": [v]}},
     ],
 )
 def test_nan_and_infinity_are_refused(bad: float, wrap: Any) -> None:
@@ -232,9 +233,17 @@ _REQUEST = {
 }
 
 
-def test_a_nested_request_takes_the_single_pass() -> None:
+_ANSWER = {
+    "id": "chatcmpl-1",
+    "choices": [{"index": 0, "message": {"content": "{}"}, "logprobs": None}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 5},
+}
+
+
+@pytest.mark.parametrize("value", [_REQUEST, _ANSWER], ids=["request", "answer-with-nulls"])
+def test_a_nested_request_takes_the_single_pass(value: dict[str, Any]) -> None:
     """The fast path for requests and answers is taken (not only correct when skipped)."""
-    assert _scanned_bytes(_REQUEST) == rfc8785.dumps(_REQUEST)
+    assert _scanned_bytes(value) == rfc8785.dumps(value)
 
 
 @pytest.mark.parametrize(
@@ -243,6 +252,8 @@ def test_a_nested_request_takes_the_single_pass() -> None:
         {"a": [2.0]},
         {"a": {"b": 1e-7}},
         {"a": [math.nan]},
+        {"a": None, "b": [math.inf]},  # a null of its own does not hide one for a number
+        {"a": [None, -math.inf]},
         {"a": {"\U0001f600": 1}},
         {"a": Tag("x")},
         {"a": [dt.date(2024, 1, 2)]},
