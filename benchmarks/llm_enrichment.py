@@ -114,18 +114,21 @@ async def _timed_send(self: Endpoint, request: Any, limit_seconds: float) -> Any
         _IN_HTTP.get([]).append(time.perf_counter() - started)
 
 
-_original_backoff = Endpoint._backoff
+_original_pause = Endpoint._pause
 
 
-def _timed_backoff(self: Endpoint, failed_attempt: int, failure: BaseException | None) -> float:
-    """``Endpoint._backoff``: the delay before a retry is waiting, not engine time either."""
-    delay = _original_backoff(self, failed_attempt, failure)
-    _IN_HTTP.get([]).append(delay)
-    return delay
+async def _timed_pause(seconds: float) -> None:
+    """``Endpoint._pause``: the wait before a retry (as long as it really took, timer
+    slack included) is waiting, not engine time either."""
+    started = time.perf_counter()
+    try:
+        await _original_pause(seconds)
+    finally:
+        _IN_HTTP.get([]).append(time.perf_counter() - started)
 
 
 Endpoint._send = _timed_send  # type: ignore[method-assign]
-Endpoint._backoff = _timed_backoff  # type: ignore[method-assign]
+Endpoint._pause = staticmethod(_timed_pause)  # type: ignore[method-assign]
 
 
 async def run_ledgerflow(base_url: str, scenario: Scenario, workdir: Path) -> float:

@@ -284,7 +284,7 @@ class Endpoint:
         except CallFailed as exc:
             if not exc.retryable or attempts == 1:
                 raise
-            await anyio.sleep(self._backoff(1, exc))
+            await self._pause(self._backoff(1, exc))
 
         def wait(state: RetryCallState) -> float:
             outcome = state.outcome
@@ -295,13 +295,18 @@ class Endpoint:
             stop=stop_after_attempt(attempts - 1),
             wait=wait,
             retry=retry_if_exception(lambda exc: isinstance(exc, CallFailed) and exc.retryable),
-            sleep=anyio.sleep,
+            sleep=self._pause,
             reraise=True,
         )
         async for retry in retrying:
             with retry:
                 return await attempt(retry.retry_state.attempt_number + 1)
         raise AssertionError("unreachable: tenacity re-raises the last failure")
+
+    @staticmethod
+    async def _pause(seconds: float) -> None:
+        """The wait before a retry."""
+        await anyio.sleep(seconds)
 
     def _backoff(self, failed_attempt: int, failure: BaseException | None) -> float:
         """Seconds to wait after attempt ``failed_attempt`` failed: "full jitter", a random
