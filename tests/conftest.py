@@ -18,6 +18,18 @@ from tests._postgres import PostgresServer, PostgresUnavailable, start_server
 _SKIP_POSTGRES = os.environ.get("LEDGERFLOW_SKIP_POSTGRES") == "1"
 
 
+_PROXY_VARIABLES = ["http_proxy", "https_proxy", "all_proxy", "no_proxy"]
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_from_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests talk to servers on 127.0.0.1: a proxy set on the machine running them must
+    not carry their requests (LLM endpoints honour HTTP(S)_PROXY)."""
+    for name in _PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """A PostgreSQL server for the whole session (fails, not skips, without binaries)."""

@@ -38,6 +38,7 @@ from plugins.protocols import ExternalCall, ReplayMiss, resolve_path
 
 from ._http import FormField, HttpClient, HttpProtocolError, multipart
 from ._limits import CircuitBreaker, CircuitOpen, EndpointLimiter
+from ._proxy import environment_proxy
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -135,6 +136,7 @@ class Endpoint:
                 self._base_url,
                 headers=self._headers(),
                 max_idle=self.settings.max_in_flight,
+                proxy=environment_proxy(self._base_url),
             )
         self._users += 1
 

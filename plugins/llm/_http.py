@@ -7,7 +7,8 @@ needs and nothing more: keep-alive connections to one origin, over TCP or TLS; r
 bodies as bytes; responses parsed by llhttp (through ``httptools``), framed by
 ``Content-Length``, chunked, or read until the server closes; ``gzip`` and ``deflate``
 bodies decoded; one deadline per request that covers connecting, sending and the whole
-answer.  No redirects, no cookies, no proxies.
+answer; an HTTP proxy if one is given (``_proxy.py``: plain requests in absolute form,
+TLS through a ``CONNECT`` tunnel).  No redirects, no cookies.
 
 A connection carries one request at a time.  Bounding concurrency is the caller's job
 (the endpoint's ``max_in_flight`` slot); the client keeps at most ``max_idle`` idle
@@ -28,6 +29,7 @@ import anyio
 import httptools
 
 from ._headers import header_line, header_value
+from ._proxy import Proxy, open_tunnel
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -205,8 +207,9 @@ class HttpClient:
     """Requests to the origin of ``base_url`` over a pool of keep-alive connections.
 
     Every request's target is ``base_url``'s path followed by the target given.
-    ``headers`` go with every request.  :meth:`aclose` closes every connection, busy or
-    idle (a request still waiting fails with :class:`ConnectionClosed`).
+    ``headers`` go with every request.  With a ``proxy``, connections go through it.
+    :meth:`aclose` closes every connection, busy or idle (a request still waiting fails
+    with :class:`ConnectionClosed`).
     """
 
     def __init__(
@@ -216,6 +219,7 @@ class HttpClient:
         headers: Mapping[str, str],
         max_idle: int,
         ssl_context: ssl.SSLContext | None = None,
+        proxy: Proxy | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -230,6 +234,10 @@ class HttpClient:
         host = parts.netloc.rpartition("@")[2]
         lines = [f"host: {host}\r\n"]
         lines += (header_line(name, value) for name, value in headers.items())
+        self._proxy = proxy
+        if proxy is not None and not tls:  # a forward proxy takes the whole URL, and its key
+            self._prefix = f"http://{host}{self._prefix}"
+            lines.append(proxy.authorization)
         self._head = "".join(lines).encode("latin-1")
         self._max_idle = max_idle
         self._idle: list[_Connection] = []
@@ -296,13 +304,21 @@ class HttpClient:
         return None
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
-        _, connection = await loop.create_connection(
-            _Connection,
-            self._host,
-            self._port,
-            ssl=self._ssl,
-            server_hostname=self._host if self._ssl is not None else None,
-        )
+        proxy = self._proxy
+        if proxy is None:
+            _, connection = await loop.create_connection(
+                _Connection,
+                self._host,
+                self._port,
+                ssl=self._ssl,
+                server_hostname=self._host if self._ssl is not None else None,
+            )
+        elif self._ssl is None:
+            _, connection = await loop.create_connection(_Connection, proxy.host, proxy.port)
+        else:
+            connection = await open_tunnel(
+                loop, proxy, self._host, self._port, _Connection, self._ssl
+            )
         self._open.add(connection)
         return connection
 

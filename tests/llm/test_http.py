@@ -8,6 +8,7 @@ garbage, silence, a dropped idle connection) and TLS are exercised on real socke
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import ssl
 import zlib
@@ -15,12 +16,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
+from pathlib import Path
 
 import pytest
 import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from plugins.llm import Endpoint, EndpointSettings
 from plugins.llm._http import (
     BadResponse,
     ConnectionClosed,
@@ -28,6 +31,8 @@ from plugins.llm._http import (
     HttpClient,
     multipart,
 )
+from plugins.llm._proxy import Proxy, ProxyError, environment_proxy
+from plugins.protocols import CallList
 
 #: Writes one answer; returns False to close the connection after it.
 Reply = Callable[[asyncio.StreamWriter], Awaitable[bool]]
@@ -368,3 +373,150 @@ def test_any_framing_in_any_pieces_reads_back_whole(
         return got
 
     assert asyncio.run(scenario()) == bodies
+
+
+# -- proxies ------------------------------------------------------------------------------
+
+
+@dataclass
+class TunnelProxy:
+    """A proxy that answers CONNECT with ``answer`` and, on a 200, pipes both ways."""
+
+    answer: bytes = b"HTTP/1.1 200 Connection established\r\n\r\n"
+    asked: list[bytes] = field(default_factory=list)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.asked.append(head)
+        writer.write(self.answer)
+        await writer.drain()
+        if not self.answer.startswith(b"HTTP/1.1 200"):
+            writer.close()
+            return
+        host, _, port = head.split(b" ")[1].decode().rpartition(":")
+        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            finally:
+                sink.close()
+
+        await asyncio.gather(
+            pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True
+        )
+
+
+def _authority() -> tuple[trustme.CA, ssl.SSLContext, ssl.SSLContext]:
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    authority.configure_trust(client_context)
+    return authority, server_context, client_context
+
+
+async def test_plain_requests_go_to_a_forward_proxy_in_absolute_form(
+    server: ScriptedServer,
+) -> None:
+    server.replies = [answer(b"proxied")]
+    proxy = Proxy.from_url(server.url.replace("http://", "http://user:s3cret@"))
+    client = HttpClient("http://api.example:8080/v1", headers={}, max_idle=1, proxy=proxy)
+    assert (await client.request("GET", "/models", limit_seconds=5)).body == b"proxied"
+    await client.aclose()
+    head = server.requests[0][0].decode()
+    assert head.startswith("GET http://api.example:8080/v1/models HTTP/1.1\r\n")
+    assert "host: api.example:8080\r\n" in head
+    assert f"proxy-authorization: Basic {base64.b64encode(b'user:s3cret').decode()}" in head
+
+
+async def test_tls_goes_through_a_connect_tunnel() -> None:
+    _, server_context, client_context = _authority()
+    scripted = ScriptedServer([answer(b"through the tunnel"), answer(b"again")])
+    tunnel = TunnelProxy()
+    endpoint = await asyncio.start_server(scripted.handle, "127.0.0.1", 0, ssl=server_context)
+    relay = await asyncio.start_server(tunnel.handle, "127.0.0.1", 0)
+    port = endpoint.sockets[0].getsockname()[1]
+    relay_port = relay.sockets[0].getsockname()[1]
+    async with endpoint, relay:
+        client = HttpClient(
+            f"https://127.0.0.1:{port}/v1",
+            headers={},
+            max_idle=1,
+            ssl_context=client_context,
+            proxy=Proxy.from_url(f"http://user:s3cret@127.0.0.1:{relay_port}"),
+        )
+        got = [(await client.request("GET", "/m", limit_seconds=5)).body for _ in range(2)]
+        await client.aclose()
+        endpoint.close()
+        relay.close()
+    assert got == [b"through the tunnel", b"again"]
+    assert len(tunnel.asked) == 1  # one tunnel, kept alive for both requests
+    assert tunnel.asked[0].startswith(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n".encode())
+    assert b"proxy-authorization: Basic " in tunnel.asked[0]
+    assert scripted.requests[0][0].startswith(b"GET /v1/m HTTP/1.1\r\n")
+
+
+async def test_a_refused_tunnel_is_a_proxy_error_without_the_credentials() -> None:
+    tunnel = TunnelProxy(answer=b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+    relay = await asyncio.start_server(tunnel.handle, "127.0.0.1", 0)
+    relay_port = relay.sockets[0].getsockname()[1]
+    async with relay:
+        client = HttpClient(
+            "https://api.example/v1",
+            headers={},
+            max_idle=1,
+            proxy=Proxy.from_url(f"http://user:s3cret@127.0.0.1:{relay_port}"),
+        )
+        with pytest.raises(ProxyError, match="407") as refused:
+            await client.request("GET", "/m", limit_seconds=5)
+        await client.aclose()
+        relay.close()
+    assert "s3cret" not in str(refused.value)
+
+
+def test_the_environment_names_the_proxy_unless_no_proxy_names_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://user:p%40ss@proxy.corp:3128")
+    monkeypatch.setenv("HTTP_PROXY", "proxy.corp")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,.internal")
+    secure = environment_proxy("https://api.openai.com/v1")
+    assert secure is not None
+    assert (secure.host, secure.port) == ("proxy.corp", 3128)
+    assert (
+        secure.authorization
+        == f"proxy-authorization: Basic {base64.b64encode(b'user:p@ss').decode()}\r\n"
+    )
+    assert "p%40ss" not in repr(secure)
+    assert "dXNlcj" not in repr(secure)
+    plain = environment_proxy("http://api.example/v1")
+    assert plain is not None
+    assert (plain.host, plain.port, plain.authorization) == ("proxy.corp", 80, "")
+    assert environment_proxy("http://127.0.0.1:8765/v1") is None
+    assert environment_proxy("https://llm.internal/v1") is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    assert environment_proxy("https://api.openai.com/v1") is None
+
+
+def test_a_proxy_that_is_not_http_is_refused_without_its_credentials() -> None:
+    with pytest.raises(ValueError, match="http:// URL") as refused:
+        Proxy.from_url("socks5://user:s3cret@proxy.corp:1080")
+    assert "s3cret" not in str(refused.value)
+
+
+async def test_an_endpoint_goes_through_the_proxy_the_environment_names(
+    server: ScriptedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.replies = [answer(b'{"choices": []}')]
+    monkeypatch.setenv("HTTP_PROXY", server.url.removesuffix("/v1"))
+    endpoint = Endpoint("e", EndpointSettings(base_url="http://api.example/v1"), Path("."))
+    await endpoint.open()
+    calls = CallList()
+    got = await endpoint.post("/chat/completions", {"model": "m"}, calls=calls, call_type="llm")
+    await endpoint.aclose()
+    assert got == {"choices": []}
+    assert server.requests[0][0].startswith(b"POST http://api.example/v1/chat/completions ")
+    assert [call.status for call in calls.calls] == ["success"]
