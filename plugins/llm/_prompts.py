@@ -37,6 +37,11 @@ class PromptTemplate:
             self._template = _ENVIRONMENT.from_string(source)
         except TemplateError as exc:
             raise PromptError(f"{origin}: {exc}") from None
+        # Each render copies the template's globals into its context, and walks them
+        # again for their names: as Jinja's ChainMap that is 2/3 of a short template's
+        # rendering time.  The environment's globals never change, so a flat copy of
+        # them is the same mapping.
+        self._template.globals = dict(self._template.globals)
 
     @classmethod
     def load(cls, inline: str | None, path: Path | None, *, origin: str) -> PromptTemplate | None:
