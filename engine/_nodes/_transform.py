@@ -13,14 +13,12 @@ from landscape import CanonicalizationError, Outcome
 from plugins import Discard, RowContext, Transform, TransformResult
 
 from .._calls import SharedCalls
+from .._jobs import Jobs
 from .._reorder import ReleaseWindow
-from .._streams import receive_or_wait, send_or_wait
 from .._tokens import Token
 from ._base import WAKE, NodeTask, error_info
 
 if TYPE_CHECKING:
-    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-
     from .._config import TransformSettings
 
 __all__ = ["TransformNode"]
@@ -67,25 +65,23 @@ class TransformNode(NodeTask):
 
     async def _run_concurrent(self, settings: TransformSettings) -> None:
         window: ReleaseWindow[_Processed] = ReleaseWindow(settings.window, ordered=settings.ordered)
-        # A worker finishing a row takes the next one waiting here without a scheduler
-        # round-trip; the window still bounds everything admitted.
-        jobs = settings.concurrency
-        send, receive = anyio.create_memory_object_stream[list[tuple[int, "Token"]]](jobs)
+        jobs: Jobs[list[tuple[int, Token]]] = Jobs()
         async with anyio.create_task_group() as tg:
             for _ in range(settings.concurrency):
-                tg.start_soon(self._work, receive.clone(), window, settings.batch_size > 1)
-            receive.close()
+                tg.start_soon(self._work, jobs, window, settings.batch_size > 1)
             tg.start_soon(self._emit, window)
-            async with send:
+            try:
                 if settings.batch_size == 1:
-                    await self._feed(send, window)
+                    await self._feed(jobs, window)
                 else:
-                    await self._feed_batches(send, window, settings)
+                    await self._feed_batches(jobs, window, settings)
+            finally:
+                jobs.close()
             window.close()
 
     async def _feed(
         self,
-        jobs: MemoryObjectSendStream[list[tuple[int, Token]]],
+        jobs: Jobs[list[tuple[int, Token]]],
         window: ReleaseWindow[_Processed],
     ) -> None:
         assert self.inbox is not None
@@ -93,11 +89,11 @@ class TransformNode(NodeTask):
             self.stats.received += 1
             seq = await window.admit()
             if not self._settled(seq, token, window):
-                await send_or_wait(jobs, [(seq, token)])
+                jobs.put([(seq, token)])
 
     async def _feed_batches(
         self,
-        jobs: MemoryObjectSendStream[list[tuple[int, Token]]],
+        jobs: Jobs[list[tuple[int, Token]]],
         window: ReleaseWindow[_Processed],
         settings: TransformSettings,
     ) -> None:
@@ -115,7 +111,7 @@ class TransformNode(NodeTask):
                 assert isinstance(token, Token)
                 self.stats.received += 1
                 if batch and not window.has_room():
-                    await send_or_wait(jobs, batch)
+                    jobs.put(batch)
                     batch, deadline = [], math.inf
                 seq = await window.admit()
                 if self._settled(seq, token, window):
@@ -126,10 +122,10 @@ class TransformNode(NodeTask):
                 if len(batch) < settings.batch_size:
                     continue
             if batch:
-                await send_or_wait(jobs, batch)
+                jobs.put(batch)
             batch, deadline = [], math.inf
         if batch:
-            await send_or_wait(jobs, batch)
+            jobs.put(batch)
 
     def _settled(self, seq: int, token: Token, window: ReleaseWindow[_Processed]) -> bool:
         """Complete ``seq`` at once if a resume found this node's work on ``token`` on
@@ -142,22 +138,21 @@ class TransformNode(NodeTask):
 
     async def _work(
         self,
-        jobs: MemoryObjectReceiveStream[list[tuple[int, Token]]],
+        jobs: Jobs[list[tuple[int, Token]]],
         window: ReleaseWindow[_Processed],
         batched: bool,
     ) -> None:
-        async with jobs:
-            while (job := await receive_or_wait(jobs)) is not None:
-                self.stats.in_flight += len(job)
-                try:
-                    if batched:
-                        results = await self.process_batch([token for _, token in job])
-                    else:
-                        results = [await self.process(job[0][1])]
-                finally:
-                    self.stats.in_flight -= len(job)
-                for (seq, _), processed in zip(job, results, strict=True):
-                    window.complete(seq, processed)
+        while (job := await jobs.get()) is not None:
+            self.stats.in_flight += len(job)
+            try:
+                if batched:
+                    results = await self.process_batch([token for _, token in job])
+                else:
+                    results = [await self.process(job[0][1])]
+            finally:
+                self.stats.in_flight -= len(job)
+            for (seq, _), processed in zip(job, results, strict=True):
+                window.complete(seq, processed)
 
     async def _emit(self, window: ReleaseWindow[_Processed]) -> None:
         while (processed := await window.release()) is not None:
