@@ -499,6 +499,14 @@ def test_the_environment_names_the_proxy_unless_no_proxy_names_the_host(
     assert environment_proxy("https://llm.internal/v1") is None
     monkeypatch.delenv("HTTPS_PROXY")
     assert environment_proxy("https://api.openai.com/v1") is None
+    monkeypatch.setenv("all_proxy", "http://fallback:8080")  # lower case, for any scheme
+    fallback = environment_proxy("https://api.openai.com/v1")
+    assert fallback is not None
+    assert (fallback.host, fallback.port) == ("fallback", 8080)
+    monkeypatch.setenv("https_proxy", "http://lower:3129")
+    lower = environment_proxy("https://api.openai.com/v1")
+    assert lower is not None
+    assert (lower.host, lower.port) == ("lower", 3129)
 
 
 def test_a_proxy_that_is_not_http_is_refused_without_its_credentials() -> None:
