@@ -10,7 +10,7 @@ every buffer stays bounded.  End of input is the stream closing (anyio's
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from anyio import EndOfStream, WouldBlock
 
@@ -21,32 +21,7 @@ if TYPE_CHECKING:
 
     from ._tokens import Token
 
-__all__ = ["Inbox", "Outbox", "receive_or_wait", "send_or_wait"]
-
-T = TypeVar("T")
-
-
-async def receive_or_wait(stream: MemoryObjectReceiveStream[T]) -> T | None:
-    """The next item — at once when one is buffered or a sender waits — or ``None``
-    once every sender has closed."""
-    try:
-        return stream.receive_nowait()
-    except WouldBlock:
-        pass
-    except EndOfStream:
-        return None
-    try:
-        return await stream.receive()
-    except EndOfStream:
-        return None
-
-
-async def send_or_wait(stream: MemoryObjectSendStream[T], item: T) -> None:
-    """Send ``item`` — at once when there is room or a receiver waits — else once there is."""
-    try:
-        stream.send_nowait(item)
-    except WouldBlock:
-        await stream.send(item)
+__all__ = ["Inbox", "Outbox"]
 
 
 class Inbox:
@@ -58,8 +33,18 @@ class Inbox:
         self._stream = stream
 
     async def receive(self) -> Token | None:
-        """The next token, or ``None`` once every producer has closed."""
-        return await receive_or_wait(self._stream)
+        """The next token — at once when one is buffered or a producer waits — or
+        ``None`` once every producer has closed."""
+        try:
+            return self._stream.receive_nowait()
+        except WouldBlock:
+            pass
+        except EndOfStream:
+            return None
+        try:
+            return await self._stream.receive()
+        except EndOfStream:
+            return None
 
     def receive_nowait(self) -> Token | None:
         """The next token if one is buffered, else ``None`` (never waits).
@@ -88,7 +73,11 @@ class Outbox:
 
     async def send(self, target: str, token: Token) -> None:
         """Hand ``token`` to node ``target``, waiting only while its buffer is full."""
-        await send_or_wait(self._streams[target], token)
+        stream = self._streams[target]
+        try:
+            stream.send_nowait(token)
+        except WouldBlock:
+            await stream.send(token)
 
     def close(self) -> None:
         """Close every output: each consumer sees end of input once all its producers did."""
