@@ -299,7 +299,12 @@ class GroupCommitWriter:
         rows, misfit = divmod(len(values), width)
         if misfit:
             raise AuditIntegrityError(f"{table.name}: a queued row has the wrong width")
-        empty = {i for i in self._nullable[table] if values[i::width].count(None) == rows}
+        # A column the first row sets is not empty: most are, and skip the scan.
+        empty = {
+            i
+            for i in self._nullable[table]
+            if values[i] is None and values[i::width].count(None) == rows
+        }
         columns = tuple(i for i in range(width) if i not in empty)
         sql = self._insert_sql.get((table, columns))
         if sql is None:  # a handful of shapes per run: compile each once
