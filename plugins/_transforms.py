@@ -130,12 +130,14 @@ class FieldMapTransform(Transform):
         return {field: row[field] for field in select}
 
     def _dropped(self, row: Row) -> Row:
-        if not any(field in row for field in self._drop):
+        if self._drop.isdisjoint(row):
             return row
         return {field: value for field, value in row.items() if field not in self._drop}
 
     def _with_constants(self, row: Row) -> Row:
         constants = self.options.constants
+        if not constants:
+            return row
         if all(row.get(field, _MISSING) is value for field, value in constants.items()):
             return row
         fresh = {field: copy.deepcopy(value) for field, value in constants.items()}

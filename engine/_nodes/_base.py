@@ -47,6 +47,8 @@ class NodeTask:
         self, spec: NodeSpec, run: RunContext, inbox: Inbox | None, outbox: Outbox
     ) -> None:
         self.spec = spec
+        #: The node's id (``spec.node_id``), read for every record the node makes.
+        self.node_id = spec.node_id
         self.run_ctx = run
         self.recorder = run.recorder
         self.inbox = inbox
@@ -55,10 +57,6 @@ class NodeTask:
         self._waiting: CancelScope | None = None
         self._woken = False
         self._scope = anyio.CancelScope()
-
-    @property
-    def node_id(self) -> str:
-        return self.spec.node_id
 
     async def run_task(self) -> None:
         """Run the node (until :meth:`cancel`), then close its streams whatever happened."""
