@@ -188,25 +188,7 @@ def canonical_bytes(value: Any) -> bytes:
 
     Raises :class:`CanonicalizationError` for values JSON cannot represent exactly.
     """
-    forms = _fast_forms(value)
-    if forms is not None:
-        return forms[0]
-    return _exact_canonical_bytes(value)
-
-
-def _fast_forms(value: Any) -> tuple[bytes, bytes] | None:
-    """:func:`payload_forms` of a row or a nested value orjson prints canonically, else
-    ``None`` (the exact path decides)."""
-    kind = type(value)
-    if kind is dict:
-        forms = _flat_row_forms(value)
-        if forms is not None:
-            return forms
-    if kind is dict or kind is list:
-        scanned = _scanned_bytes(value)
-        if scanned is not None:
-            return scanned, scanned
-    return None
+    return payload_forms(value)[0]
 
 
 def _exact_canonical_bytes(value: Any) -> bytes:
@@ -294,9 +276,17 @@ def payload_forms(value: Any) -> tuple[bytes, bytes]:
     ``int`` where it had a ``float``.  Then the stored JSON is orjson's, which keeps
     the ``.0`` (and canonicalises to the same bytes, so the hash still names it).
     """
-    forms = _fast_forms(value)
-    if forms is not None:
-        return forms
+    kind = type(value)
+    # A row or a nested value orjson prints canonically takes one pass in C; anything
+    # else (or anything these cannot prove canonical) the exact path decides.
+    if kind is dict:
+        forms = _flat_row_forms(value)
+        if forms is not None:
+            return forms
+    if kind is dict or kind is list:
+        scanned = _scanned_bytes(value)
+        if scanned is not None:
+            return scanned, scanned
     canonical = _exact_canonical_bytes(value)
     try:
         stored = orjson.dumps(value, option=_ORJSON_OPTIONS)

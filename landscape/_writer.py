@@ -94,7 +94,9 @@ class GroupCommitWriter:
         self._committed = anyio.Event()
         #: Set each time the queue is handed to the committer (room for producers).
         self._drained = anyio.Event()
-        self._submitted_seq = 0
+        #: Records taken from the queue so far: with the queue's size, the sequence
+        #: number of the latest record (what a flush waits to see committed).
+        self._handed_over = 0
         self._committed_seq = 0
         self._in_flight_seq = 0
         self._flushes_waiting = 0
@@ -139,8 +141,11 @@ class GroupCommitWriter:
         """Queue one row for ``table`` as a tuple in the table's column order (the fast path)."""
         if self._closing:
             self._ensure_open()
-        self._batch.inserts[table].extend(row)
-        self._queued()
+        batch = self._batch
+        batch.inserts[table].extend(row)
+        batch.size += 1  # _queued, inlined: a dozen records per row come this way
+        if not self._work_signalled:
+            self._signal_work()
 
     def payload(self, content_hash: str, content: str) -> None:
         """Queue a content-addressed payload; recently stored hashes are skipped.
@@ -156,8 +161,11 @@ class GroupCommitWriter:
         seen.add(content_hash)
         if len(seen) >= _SEEN_PAYLOADS:
             self._seen_before, self._seen_payloads = seen, set()
-        self._batch.payloads.extend((content_hash, content))
-        self._queued()
+        batch = self._batch
+        batch.payloads.extend((content_hash, content))
+        batch.size += 1  # _queued, inlined
+        if not self._work_signalled:
+            self._signal_work()
 
     def update(self, table: Table, key: Mapping[str, Any], values: Mapping[str, Any]) -> None:
         """Queue an update of the row of ``table`` whose primary key is ``key``."""
@@ -175,7 +183,7 @@ class GroupCommitWriter:
 
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""
-        target = self._submitted_seq
+        target = self._handed_over + self._batch.size
         self._flushes_waiting += 1
         try:
             while self._committed_seq < target:
@@ -197,8 +205,8 @@ class GroupCommitWriter:
         return WriterStatistics(self._batch.size, self._records_written, self._commits)
 
     def _queued(self) -> None:
+        """Count a record just queued (inlined in :meth:`insert_row` and :meth:`payload`)."""
         self._batch.size += 1
-        self._submitted_seq += 1
         if not self._work_signalled:
             self._signal_work()
 
@@ -257,7 +265,8 @@ class GroupCommitWriter:
         keeps at most one): it counts as committed once the committer confirms it.
         """
         async with self._lock:
-            batch, seq = self._batch, self._submitted_seq
+            batch = self._batch
+            seq = self._handed_over = self._handed_over + batch.size
             self._batch = _Batch()
             self._drained.set()
             self._drained = anyio.Event()
