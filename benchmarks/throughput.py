@@ -5,9 +5,10 @@
 Both run the same three transform plugins (compute, field_map, compute), the same gate
 condition and the same two JSONL sinks over the same synthetic rows, in one process:
 ledgerflow with every row, state and outcome in a SQLite Landscape, and a baseline of
-five asyncio tasks joined by bounded queues with no audit.  Prints rows/s of each (the
-median of ``--repeat`` runs), their ratio, the time to the first sink write, and the
-Landscape's size per row.  ``--rss`` instead runs ledgerflow alone in child processes
+five asyncio tasks joined by bounded queues with no audit.  Prints each alternation's
+pair as it finishes, then rows/s of each (the median of ``--repeat`` runs), the median
+per-pair ratio with its range, the time to the first sink write, and the Landscape's
+size per row.  ``--rss`` instead runs ledgerflow alone in child processes
 at N and 10 x N rows and prints their peak RSS and its ratio.
 """
 
