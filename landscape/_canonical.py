@@ -35,6 +35,7 @@ __all__ = [
 _MAX_SAFE_INT = 2**53 - 1
 _PLAIN = frozenset({str, bool, type(None)})
 _SCALARS = _PLAIN | {int, float}
+_NON_FLOAT_SCALARS = _PLAIN | {int}
 _SMALLEST_FAST_FLOAT = 1e-5
 # Once _normalise has vetted a value (ASCII keys, safe ints, finite non-integral floats),
 # orjson prints it exactly as RFC 8785 does; tests/landscape/test_canonical.py checks this
@@ -242,29 +243,30 @@ def _flat_row_forms(row: dict[Any, Any]) -> tuple[bytes, bytes] | None:
     (``100.0``), are printed as ints for the canonical form here too, so such a row
     does not fall to the general path.
     """
-    values = row.values()
-    kinds = set(map(type, values))
-    if not kinds <= _SCALARS:
-        return None
-    try:
-        if not "".join(row).isascii():
-            return None
-    except TypeError:
-        return None
-    canonical_row = row
-    if float in kinds and not _scalars_print_canonically(row, kinds):
-        try:
-            canonical_row = {
-                k: _normalise_float(v) if type(v) is float else v for k, v in row.items()
-            }
-        except (_NeedsSlowPath, CanonicalizationError):
+    # One pass over the values: are they plain scalars, and do the floats print as
+    # RFC 8785's (see _scalars_print_canonically, which checks the same per float)?
+    floats_print_canonically = True
+    for value in row.values():
+        kind = type(value)
+        if kind is float:
+            if value.is_integer() or not _SMALLEST_FAST_FLOAT <= abs(value) < math.inf:
+                floats_print_canonically = False
+        elif kind not in _NON_FLOAT_SCALARS:
             return None
     try:
         stored = orjson.dumps(row, option=_ORJSON_OPTIONS)
-        if canonical_row is row:
-            return stored, stored
+    except orjson.JSONEncodeError:  # a key that is not a str, an int beyond 64 bits
+        return None
+    # ASCII output has ASCII keys, which sort alike by UTF-16 unit and by code point;
+    # only output with other characters needs its keys looked at.
+    if not stored.isascii() and not "".join(row).isascii():
+        return None
+    if floats_print_canonically:
+        return stored, stored
+    try:
+        canonical_row = {k: _normalise_float(v) if type(v) is float else v for k, v in row.items()}
         return orjson.dumps(canonical_row, option=_ORJSON_OPTIONS), stored
-    except orjson.JSONEncodeError:
+    except (_NeedsSlowPath, CanonicalizationError, orjson.JSONEncodeError):
         return None
 
 
