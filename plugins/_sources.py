@@ -491,17 +491,14 @@ class JsonSource(Source):
 # -- memory -------------------------------------------------------------------------------
 
 
-_STRING_KEYS = frozenset({str})
-
-
 def _memory_record(item: Any, index: int) -> SourceRecord:
     """A record of a copy of ``item`` if it is a mapping with string keys, else malformed."""
     if type(item) is dict or isinstance(item, Mapping):
-        if set(map(type, item)) <= _STRING_KEYS:
-            row = dict(item)
-            return SourceRecord(row=row, raw=row)
-        bad_key = next(key for key in item if type(key) is not str)
-        return _bad(repr(item), f"item {index}: keys must be strings, got {bad_key!r}")
+        for key in item:
+            if type(key) is not str:
+                return _bad(repr(item), f"item {index}: keys must be strings, got {key!r}")
+        row = dict(item)
+        return SourceRecord(row=row, raw=row)
     return _bad(repr(item), f"item {index}: expected a dict, got {type(item).__name__}")
 
 
