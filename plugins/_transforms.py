@@ -103,6 +103,8 @@ class FieldMapTransform(Transform):
     def __init__(self, options: Any, setup: PluginSetup) -> None:
         super().__init__(options, setup)
         self._rename = {old: new for old, new in self.options.rename.items() if old != new}
+        #: New names that no field is renamed away from: a row that has one is clobbered.
+        self._kept_targets = frozenset(v for v in self._rename.values() if v not in self._rename)
         self._drop = frozenset(self.options.drop)
 
     async def process(self, row: Row, ctx: RowContext) -> TransformResult:
@@ -113,8 +115,10 @@ class FieldMapTransform(Transform):
 
     def _renamed(self, row: Row) -> Row:
         self._require("rename", self.options.rename, row)
-        clobbered = [new for new in self._rename.values() if new in row and new not in self._rename]
-        if clobbered:
+        if not self._kept_targets.isdisjoint(row):
+            clobbered = [
+                new for new in self._rename.values() if new in self._kept_targets and new in row
+            ]
             raise FieldMapError(f"field_map: rename would overwrite field {_names(clobbered)}")
         if not self._rename:
             return row
@@ -146,14 +150,16 @@ class FieldMapTransform(Transform):
     @staticmethod
     def _require(step: str, fields: Iterable[str], row: Row) -> None:
         """Raise :class:`FieldMapError` when ``row`` lacks any of ``fields``."""
+        for field in fields:  # a loop, not a comprehension: no frame per row
+            if field not in row:
+                break
+        else:
+            return
         missing = [field for field in fields if field not in row]
-        if missing:
-            shown = _names(list(row)[:_SHOWN_FIELDS]) + (
-                ", ..." if len(row) > _SHOWN_FIELDS else ""
-            )
-            raise FieldMapError(
-                f"field_map: {step}: no field {_names(missing)} in the row (it has: {shown})"
-            )
+        shown = _names(list(row)[:_SHOWN_FIELDS]) + (", ..." if len(row) > _SHOWN_FIELDS else "")
+        raise FieldMapError(
+            f"field_map: {step}: no field {_names(missing)} in the row (it has: {shown})"
+        )
 
 
 # -- compute ------------------------------------------------------------------------------
