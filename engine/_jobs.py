@@ -59,4 +59,7 @@ class Jobs(Generic[T]):
             except BaseException:  # cancelled: a later job must not wake this worker
                 if not wake.is_set():
                     self._idle.remove(wake)
+                elif self._waiting and self._idle:
+                    # Woken for a job it will not take: the next idle worker takes it.
+                    self._idle.popleft().set()
                 raise

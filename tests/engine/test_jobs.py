@@ -65,3 +65,28 @@ async def test_a_cancelled_worker_is_not_handed_the_next_job() -> None:
         await anyio.wait_all_tasks_blocked()
         jobs.put("job")
     assert got == ["job"]
+
+
+async def test_a_job_handed_to_a_worker_cancelled_meanwhile_goes_to_the_next_idle_one() -> None:
+    jobs: Jobs[str] = Jobs()
+    got: list[str | None] = []
+
+    async def waits_then_cancelled(scope: anyio.CancelScope) -> None:
+        with scope:
+            await jobs.get()
+
+    async def keeps_working() -> None:
+        got.append(await jobs.get())
+
+    scope = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waits_then_cancelled, scope)  # waits first: first in line
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(keeps_working)
+        await anyio.wait_all_tasks_blocked()
+        # The cancellation is on its way but not yet seen when the job wakes the worker.
+        scope.cancel()
+        jobs.put("job")
+        await anyio.wait_all_tasks_blocked()
+        assert got == ["job"]  # before close(), which would wake every worker anyway
+        jobs.close()
