@@ -34,6 +34,8 @@ __all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_INTERRUPTED", "build_parser", "ma
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 3
+#: Ctrl-C before a run began (the shell's convention, 128 + SIGINT).
+EXIT_SIGINT = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LedgerflowError, LandscapeError, LookupError) as exc:
         err.print(f"[bold red]error[/]: {exc}", highlight=False)
         return EXIT_FAILED
+    except KeyboardInterrupt:  # before the run listened for signals: nothing was recorded
+        err.print("interrupted before the run began", highlight=False)
+        return EXIT_SIGINT
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -288,24 +293,31 @@ def _freeze_startup_heap() -> None:
 
 
 async def _stop_on_signals(pipeline: Pipeline, drain: float, err: Console) -> None:
-    """First SIGINT/SIGTERM: stop gracefully.  Second: cancel what still runs."""
+    """First SIGINT/SIGTERM: stop gracefully.  Second: cancel what still runs.  Later
+    ones change nothing: the receiver stays open until the run has ended, so no signal
+    falls back to Python's default handler while the shutdown records are written."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        stopped = False
+        received = 0
         async for signum in signals:
             name = signal.Signals(signum).name
             if not pipeline.running:  # not started yet, or already over
                 continue
-            if stopped:
+            received += 1
+            if received == 1:
+                err.print(
+                    f"{name}: stopping — finishing in-flight rows (up to {drain:g} s); "
+                    "signal again to cancel them",
+                    highlight=False,
+                )
+                pipeline.stop()
+            elif received == 2:
                 err.print(f"{name}: cancelling in-flight work", highlight=False)
                 pipeline.stop(force=True)
-                return
-            stopped = True
-            err.print(
-                f"{name}: stopping — finishing in-flight rows (up to {drain:g} s); "
-                "signal again to cancel them",
-                highlight=False,
-            )
-            pipeline.stop()
+            else:
+                err.print(
+                    f"{name}: already cancelling; the run ends once its records are committed",
+                    highlight=False,
+                )
 
 
 def _print_result(out: Console, result: RunResult) -> None:

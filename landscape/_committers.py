@@ -118,7 +118,11 @@ class SqliteProcessCommitter:
         # the package would load SQLAlchemy in a process that needs only sqlite3.
         command = [sys.executable, str(_WORKER), self._database]
         try:
-            self._process = await anyio.open_process(command)
+            # A session of its own: a terminal's Ctrl-C, ``docker stop`` or ``kill -- -PGID``
+            # signal the engine's whole process group, and the engine must still be able
+            # to commit its shutdown records through this process.  It dies with the
+            # engine all the same (see ``_sqlite_worker._die_with_parent``).
+            self._process = await anyio.open_process(command, start_new_session=True)
         except OSError as exc:
             raise LandscapeUnavailable(f"cannot start the SQLite writer: {exc}") from exc
         assert self._process.stdout is not None

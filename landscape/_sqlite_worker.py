@@ -6,7 +6,9 @@ It reads frames from stdin — an 8-byte big-endian length, then a marshalled li
 ``(sql, width, columns, values)`` statements: ``values`` holds the rows' values one after
 another, ``width`` to a row, and the SQL binds those at the positions ``columns`` —
 executes each frame in one transaction, and answers ``K`` (committed) or ``E`` plus a
-length-prefixed message (``I`` for an integrity error).  EOF on stdin ends it.
+length-prefixed message (``I`` for an integrity error).  EOF on stdin ends it; SIGINT and
+SIGTERM do not (the engine decides when the audit trail is finished), and the death of
+the engine does (Linux: ``PR_SET_PDEATHSIG``).
 ``marshal`` carries the frames: the values are plain, and it is several times faster
 than pickle.
 
@@ -99,8 +101,16 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def _ignore_stop_signals() -> None:
+    """Leave SIGINT and SIGTERM to the engine: it stops the run and then closes stdin,
+    which ends this process once the shutdown records are committed."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def main(path: str) -> int:
     """Serve commits for the database at ``path`` until stdin closes."""
+    _ignore_stop_signals()
     _die_with_parent()
     source, sink = sys.stdin.buffer, sys.stdout.buffer
     db = _connect(path)
