@@ -458,11 +458,11 @@ async def _reread_source(graph: Graph, unfinished: UnfinishedRun) -> _SourceRere
     source_spec = next(spec for spec in graph.nodes.values() if spec.kind is NodeKind.SOURCE)
     node_id, source = source_spec.node_id, source_spec.plugin
     assert isinstance(source, Source)
-    rows = getattr(source.options, "rows", None)
-    if rows is not None and iter(rows) is rows:
+    if source.one_shot:
         raise ResumeError(
             f"source '{node_id}' reads a one-shot iterator, which cannot be read again to "
-            "resume; pass a re-iterable (such as a list)"
+            "resume; pass a re-iterable (such as a list, or an object whose __iter__ or "
+            "__aiter__ starts a new iteration)"
         )
     checkpoint = unfinished.checkpoint_state or {}
     rows_read = int(checkpoint.get("rows_read", 0))

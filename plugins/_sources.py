@@ -22,6 +22,7 @@ from collections import Counter, deque
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
+    AsyncIterator,
     Generator,
     Iterable,
     Iterator,
@@ -541,3 +542,11 @@ class MemorySource(Source):
         if isinstance(rows, AsyncIterable):
             return _memory_async(rows, start)
         return _memory_sync(rows, start)
+
+    @property
+    def one_shot(self) -> bool:
+        """Whether ``rows`` is an iterator (sync or async), which is used up by one read."""
+        rows = self.options.rows
+        if isinstance(rows, AsyncIterable):
+            return isinstance(rows, AsyncIterator) and aiter(rows) is rows
+        return isinstance(rows, Iterator) and iter(rows) is rows

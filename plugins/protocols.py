@@ -321,6 +321,12 @@ class Source(Plugin):
         what was read — or ``None`` when it can."""
         return f"a {self.name} source cannot resume from a position"
 
+    @property
+    def one_shot(self) -> bool:
+        """Whether the records can be read only once (a generator): resuming a run reads
+        its source again, so a run of a one-shot source cannot be resumed."""
+        return False
+
 
 @dataclass(frozen=True, slots=True)
 class Discard:

@@ -6,6 +6,8 @@ import time
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from landscape import CanonicalizationError, NodeStateStatus, Outcome
 
 from .._row_schema import RowSchema, RowValidationError
@@ -13,6 +15,8 @@ from .._tokens import Token, source_token_id
 from ._base import NodeTask
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from plugins import Source, SourceRecord
 
     from .._config import SourceSettings
@@ -27,9 +31,10 @@ class SourceNode(NodeTask):
     payload), a token and a node state, so any row index can be explained.  Malformed
     records go to ``on_validation_failure`` (a sink, or ``discard``) and otherwise end
     ``quarantined`` in the Landscape.  Before admitting a row the source waits for room
-    in the audit queue, which bounds the recorder's memory.  Reading stops at a row
-    boundary when a stop is requested; at the end the outbox closes, which is end of
-    input for the rest of the graph.
+    in the audit queue, which bounds the recorder's memory.  A stop ends reading at once,
+    also while the source waits for its next record; the row being admitted is
+    finished first.  At the end the outbox closes, which is end of input for the rest
+    of the graph.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -38,26 +43,45 @@ class SourceNode(NodeTask):
         schema = settings.row_schema
         self.schema = None if schema is None else RowSchema.from_config(schema.mode, schema.fields)
         self.row_prefix = f"{self.run_ctx.run_id}-r"
+        #: The wait for the next record, while there is one (a stop cancels it).
+        self._reading: anyio.CancelScope | None = None
 
     async def run(self) -> None:
         source: Source = self.spec.plugin  # type: ignore[assignment]
         run = self.run_ctx
-        stop = run.stop_requested
+        await run.restored.wait()
+        if run.stop_requested.is_set():
+            return
+        reader = run.source_records or source.read(start_index=run.rows_read)
+        async with aclosing(reader) as records, anyio.create_task_group() as tg:
+            tg.start_soon(self._interrupt_read_on_stop)
+            await self._read(records)
+            tg.cancel_scope.cancel()
+
+    async def _read(self, records: AsyncIterator[SourceRecord]) -> None:
+        """Admit records until the source ends or a stop is requested.  A stop also ends
+        a wait for the next record (an idle source): that record was never read, and a
+        resume reads it."""
+        run = self.run_ctx
         checkpoints = run.checkpoints
         index = run.rows_read  # above 0 when a run resumes
-        await run.restored.wait()
-        if stop.is_set():
-            return
-        reader = run.source_records or source.read(start_index=index)
-        async with aclosing(reader) as records:
-            async for record in records:
-                await self.recorder.wait_writable()
-                await self.admit(index, record)
-                index += 1
-                if index >= checkpoints.due_at_rows:
-                    checkpoints.rows_read(index)
-                if stop.is_set():
-                    break
+        while not run.stop_requested.is_set():
+            record = None
+            with anyio.CancelScope() as self._reading:
+                record = await anext(records, None)
+            self._reading = None
+            if record is None:  # the source ended, or the stop ended the wait
+                return
+            await self.recorder.wait_writable()
+            await self.admit(index, record)
+            index += 1
+            if index >= checkpoints.due_at_rows:
+                checkpoints.rows_read(index)
+
+    async def _interrupt_read_on_stop(self) -> None:
+        await self.run_ctx.stop_requested.wait()
+        if self._reading is not None:
+            self._reading.cancel()
 
     async def admit(self, index: int, record: SourceRecord) -> None:
         """Record one source record and send it on (or quarantine it)."""

@@ -1,4 +1,5 @@
-"""Stopping or cancelling a run that holds a batch: nothing is left open or unexplained."""
+"""Stopping or cancelling a run — one that holds a batch, one whose source is idle:
+nothing is left open or unexplained, and a resume goes on from there."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
+import pytest
 
-from engine import Pipeline, RunResult
+from engine import Pipeline, ResumeError, RunResult
 from landscape import Landscape
 from landscape import _schema as t
 from plugins import Aggregation, BatchContext, Row
-from tests._read import table_rows
+from tests._read import read_jsonl, table_rows
 
 from .conftest import linear_config
 
@@ -103,3 +105,111 @@ async def test_cancelling_the_run_mid_flush_closes_the_flush_state_cancelled(
     flush = next(s for s in states if s["state_id"] == batch["aggregation_state_id"])
     assert flush["status"] == "cancelled"
     assert all(s["status"] != "open" for s in states)
+
+
+class Feed:
+    """A re-iterable async source of an embedded service: each iteration yields
+    ``first`` rows, then waits (idle, as a queue with nothing in it) until ``more`` is
+    set, then yields ``rest`` rows and ends."""
+
+    def __init__(self, first: int, rest: int) -> None:
+        self.first, self.rest = first, rest
+        self.idle = anyio.Event()
+        self.more = anyio.Event()
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, int]]:
+        for i in range(self.first):
+            yield {"i": i}
+        self.idle.set()
+        await self.more.wait()
+        for i in range(self.first, self.first + self.rest):
+            yield {"i": i}
+
+
+def idle_feed_pipeline(feed: Feed, tmp_path: Path, url: str) -> Pipeline:
+    config = linear_config(
+        feed, tmp_path, source_to="raw", aggregations=[collect_into("out", trigger={"count": 100})]
+    )
+    # Far longer than the test's own limit: a stop that waited for it would fail the test.
+    config["runtime"] = {"drain_timeout_seconds": 3600}
+    return Pipeline.from_dict(config, landscape_url=url)
+
+
+async def assert_stopped_with_the_batch_flushed(url: str, result: RunResult, rows: int) -> None:
+    assert result.status == "interrupted"
+    assert result.rows_processed == rows
+    (batch,) = await table_rows(url, t.batches, t.batches.c.run_id == result.run_id)
+    assert (batch["trigger_reason"], batch["status"]) == ("shutdown", "completed")
+    async with Landscape.connect(url) as landscape:
+        report = await landscape.verify(result.run_id)
+    assert report.ok, report.violations
+
+
+async def test_a_stop_takes_effect_while_the_source_waits_for_its_next_row(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    feed = Feed(first=5, rest=5)
+    pipeline = idle_feed_pipeline(feed, tmp_path, sqlite_url)
+    results: list[RunResult] = []
+
+    async def run() -> None:
+        results.append(await pipeline.run())
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await feed.idle.wait()
+            await anyio.wait_all_tasks_blocked()
+            pipeline.stop()
+    (result,) = results
+    await assert_stopped_with_the_batch_flushed(sqlite_url, result, rows=5)
+    (summary,) = read_jsonl(tmp_path / "out.jsonl")
+    assert [row["i"] for row in summary["rows"]] == [0, 1, 2, 3, 4]
+
+    # The feed can be read again: a resume checks its first rows against the record
+    # and reads on from the first row the run never read.
+    feed.more.set()
+    with anyio.fail_after(60):
+        resumed = await pipeline.resume(result.run_id)
+    assert resumed.status == "completed"
+    assert resumed.rows_processed == 10
+    batches = [[row["i"] for row in line["rows"]] for line in read_jsonl(tmp_path / "out.jsonl")]
+    assert batches == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    async with Landscape.connect(sqlite_url) as landscape:
+        report = await landscape.verify(result.run_id)
+    assert report.ok, report.violations
+
+
+async def test_cancelling_the_caller_while_the_source_is_idle_stops_the_run_at_once(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    feed = Feed(first=3, rest=0)
+    pipeline = idle_feed_pipeline(feed, tmp_path, sqlite_url)
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pipeline.run)
+            await feed.idle.wait()
+            await anyio.wait_all_tasks_blocked()
+            tg.cancel_scope.cancel()
+    result = pipeline.last_result
+    assert result is not None
+    await assert_stopped_with_the_batch_flushed(sqlite_url, result, rows=3)
+
+
+async def test_a_one_shot_async_source_is_refused_on_resume_with_the_reason(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    feed = Feed(first=2, rest=0)
+    once = aiter(feed)
+    config = linear_config(once, tmp_path)
+    pipeline = Pipeline.from_dict(config, landscape_url=sqlite_url)
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pipeline.run)
+            await feed.idle.wait()
+            await anyio.wait_all_tasks_blocked()
+            pipeline.stop()
+    result = pipeline.last_result
+    assert result is not None
+    with pytest.raises(ResumeError, match="one-shot"):
+        await pipeline.resume(result.run_id)
