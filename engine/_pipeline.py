@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 
-from landscape import CallSummary, Landscape, LandscapeError, RunStatus
+from landscape import CallSummary, Landscape, LandscapeError, LandscapeNotFound, RunStatus
 
 from ._clock import Clock, SystemClock
 from ._config import PipelineSettings, load_settings, read_yaml
-from ._errors import AuditError, PipelineStateError, PluginError, RunFailed
+from ._errors import AuditError, PipelineStateError, PluginError, ResumeError, RunFailed
 from ._graph import Graph, NodeKind, compile_graph
 from ._nodes import (
     AggregationNode,
@@ -274,7 +274,8 @@ class Pipeline:
     ) -> RunResult:
         self._started = time.monotonic()
         try:
-            async with Landscape.connect(self.landscape_url) as landscape:
+            # A resume reads a run on record: it never creates a Landscape.
+            async with Landscape.connect(self.landscape_url, create=not start.resume) as landscape:
                 plan = replay = None
                 if start.resume:
                     plan = await ResumePlan.load(self.graph, landscape, run_id)
@@ -288,6 +289,8 @@ class Pipeline:
                     if plan is not None:
                         with anyio.CancelScope(shield=True):
                             await plan.aclose()
+        except LandscapeNotFound as exc:
+            raise ResumeError(f"cannot resume run {run_id}: {exc}") from exc
         except LandscapeError as exc:
             raise AuditError(str(exc)) from exc
         except BaseExceptionGroup as group:

@@ -221,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         err.print(str(exc), markup=False, highlight=False)
         return EXIT_CONFIG
+
     except RunFailed as exc:
         err.print(f"[bold red]failed[/]: {exc}", highlight=False)
         return EXIT_FAILED
@@ -341,7 +342,7 @@ async def _validate(args: argparse.Namespace, out: Console, err: Console) -> int
 
 
 async def _explain(args: argparse.Namespace, out: Console, err: Console) -> int:
-    async with Landscape.connect(args.landscape or DEFAULT_URL) as landscape:
+    async with Landscape.connect(args.landscape or DEFAULT_URL, create=False) as landscape:
         try:
             lineage = await landscape.explain(
                 args.run_id, row_index=args.row_index, row_id=args.row_id, token_id=args.token_id
@@ -357,7 +358,7 @@ async def _diff(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.limit < 0:
         err.print("[bold red]error[/]: --limit must be 0 or more", highlight=False)
         return EXIT_FAILED
-    async with Landscape.connect(args.landscape or DEFAULT_URL) as landscape:
+    async with Landscape.connect(args.landscape or DEFAULT_URL, create=False) as landscape:
         try:
             diff = await diff_runs(landscape, args.run_a, args.run_b, limit=args.limit or None)
         except RunNotFound as exc:
@@ -376,13 +377,13 @@ def _show(out: Console, result: dict[str, Any] | RenderableType) -> None:
 
 
 async def _runs(args: argparse.Namespace, out: Console, err: Console) -> int:
-    async with Landscape.connect(args.landscape or DEFAULT_URL) as landscape:
+    async with Landscape.connect(args.landscape or DEFAULT_URL, create=False) as landscape:
         out.print(render_runs(await landscape.list_runs()))
     return 0
 
 
 async def _verify(args: argparse.Namespace, out: Console, err: Console) -> int:
-    async with Landscape.connect(args.landscape or DEFAULT_URL) as landscape:
+    async with Landscape.connect(args.landscape or DEFAULT_URL, create=False) as landscape:
         try:
             report = await landscape.verify(args.run_id)
         except RunNotFound as exc:

@@ -17,7 +17,7 @@ from ._canonical import (
     sha256_hex,
 )
 from ._diff import Divergence, RowDiff, RunDiff, diff_runs
-from ._errors import AuditIntegrityError, LandscapeError, LandscapeUnavailable
+from ._errors import AuditIntegrityError, LandscapeError, LandscapeNotFound, LandscapeUnavailable
 from ._outcomes import TERMINAL_OUTCOMES, BatchStatus, NodeStateStatus, Outcome, RunStatus
 from ._recorder import Recorder
 from ._resume import OpenBatch, PendingToken, RecordedRoute, RecordedState, UnfinishedRun
@@ -35,6 +35,7 @@ __all__ = [
     "GroupCommitWriter",
     "Landscape",
     "LandscapeError",
+    "LandscapeNotFound",
     "LandscapeUnavailable",
     "NodeStateStatus",
     "OpenBatch",

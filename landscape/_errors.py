@@ -2,12 +2,13 @@
 
 LandscapeError
 ├── AuditIntegrityError   the trail would be (or is) inconsistent: fail the run loudly
+├── LandscapeNotFound     there is no Landscape where one was to be read
 └── LandscapeUnavailable  the database cannot be reached or opened
 """
 
 from __future__ import annotations
 
-__all__ = ["AuditIntegrityError", "LandscapeError", "LandscapeUnavailable"]
+__all__ = ["AuditIntegrityError", "LandscapeError", "LandscapeNotFound", "LandscapeUnavailable"]
 
 
 class LandscapeError(Exception):
@@ -16,6 +17,10 @@ class LandscapeError(Exception):
 
 class AuditIntegrityError(LandscapeError):
     """A write would break an audit invariant (e.g. a second terminal outcome)."""
+
+
+class LandscapeNotFound(LandscapeError):
+    """A reading command named a database, or a SQLite file, that holds no Landscape."""
 
 
 class LandscapeUnavailable(LandscapeError):

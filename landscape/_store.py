@@ -15,9 +15,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from . import _schema as t
 from ._committers import Committer, SqliteProcessCommitter
-from ._errors import LandscapeError, LandscapeUnavailable
+from ._errors import LandscapeError, LandscapeNotFound, LandscapeUnavailable
 from ._lineage import Lineage, explain
-from ._migrate import upgrade_schema
+from ._migrate import SchemaState, lock_schema, schema_state, upgrade_schema
 from ._recorder import Recorder
 from ._replay import load_answers
 from ._resume import UnfinishedRun, load_unfinished
@@ -75,6 +75,9 @@ class RunSummary:
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
+    # First: switching a new database to WAL needs its lock, which another process
+    # opening it at the same moment may hold.
+    cursor.execute("PRAGMA busy_timeout=30000")
     # Takes effect only on a database not yet written (a new Landscape).  The audit is
     # write-mostly and its hash indexes take inserts all over: with 64 KiB pages a
     # group commit writes the same bytes in a sixteenth of the pages, and the SQLite
@@ -82,14 +85,38 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute(f"PRAGMA page_size={_SQLITE_PAGE_SIZE}")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 
-def _prepare_sqlite_path(url: str) -> None:
+def _prepare_sqlite_path(url: str, *, create: bool) -> None:
+    """Make the directory of a SQLite Landscape file, or (``create=False``) check that
+    the file exists: SQLite would create an empty one."""
     database = make_url(url).database
-    if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database).expanduser()
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.is_file():
+        raise LandscapeNotFound(
+            f"there is no Landscape at {path.absolute()}: a run creates it; pass "
+            "--landscape (or landscape.url) to read one elsewhere"
+        )
+
+
+async def _open_schema(engine: AsyncEngine, *, create: bool, where: str) -> None:
+    """Check the schema and, if it is absent or outdated, create or upgrade it under the
+    schema lock (a current schema costs one inspection and no write)."""
+    async with engine.connect() as conn:
+        state = await conn.run_sync(schema_state)
+    if state is SchemaState.CURRENT:
+        return
+    if state is SchemaState.ABSENT and not create:
+        raise LandscapeNotFound(f"the database at {where} holds no Landscape (no runs table)")
+    async with engine.connect() as conn:
+        await lock_schema(conn)
+        await conn.run_sync(upgrade_schema)
+        await conn.commit()
 
 
 class Landscape:
@@ -99,14 +126,20 @@ class Landscape:
     queries; it refuses use outside its ``async with`` block.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, create: bool = True) -> None:
         self.url = url
+        self.create = create
         self._engine: AsyncEngine | None = None
 
     @classmethod
-    def connect(cls, url: str = DEFAULT_URL) -> Self:
-        """Return a Landscape for ``url``; enter it with ``async with`` to open it."""
-        return cls(url)
+    def connect(cls, url: str = DEFAULT_URL, *, create: bool = True) -> Self:
+        """Return a Landscape for ``url``; enter it with ``async with`` to open it.
+
+        With ``create=False`` (what reading commands use) only an existing Landscape is
+        opened: where there is none, entering raises :class:`LandscapeNotFound` and
+        nothing is created — no file, no directory, no table.
+        """
+        return cls(url, create=create)
 
     async def __aenter__(self) -> Self:
         if self._engine is not None:
@@ -118,12 +151,11 @@ class Landscape:
         engine: AsyncEngine | None = None
         try:
             if backend == "sqlite":
-                _prepare_sqlite_path(self.url)
+                _prepare_sqlite_path(self.url, create=self.create)
             engine = create_async_engine(self.url)
             if backend == "sqlite":
                 event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-            async with engine.begin() as conn:
-                await conn.run_sync(upgrade_schema)
+            await _open_schema(engine, create=self.create, where=redact_url(self.url))
         except LandscapeError:
             if engine is not None:
                 await engine.dispose()

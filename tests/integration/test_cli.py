@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,3 +106,46 @@ def test_mock_llm_serves_until_interrupted(tmp_path: Path) -> None:
         assert server.stdout is not None
         server.stdout.close()
     assert returncode == 0
+
+
+def test_reading_commands_never_create_a_landscape(cli: Cli, tmp_path: Path) -> None:
+    for args in (
+        ("verify", "some-run"),
+        ("explain", "some-run", "--row-index", "0"),
+        ("diff", "run-a", "run-b"),
+        ("runs",),
+    ):
+        result = cli(*args)
+        assert result.returncode == 1, result
+        assert "there is no Landscape" in result.stderr
+    elsewhere = tmp_path / "nonexist" / "dir" / "a.db"
+    result = cli("runs", "--landscape", f"sqlite+aiosqlite:///{elsewhere}")
+    assert result.returncode == 1
+    assert str(elsewhere) in result.stderr
+    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "nonexist").exists()
+
+
+def test_first_runs_started_together_on_a_new_landscape_all_complete(
+    quickstart: Path, tmp_path: Path
+) -> None:
+    env = {**os.environ, "NO_COLOR": "1"}
+    landscape = f"sqlite+aiosqlite:///{tmp_path / 'shared' / 'audit.db'}"
+    pipelines = []
+    for i in range(3):  # three pipelines (each its own outputs), one new Landscape
+        copy = shutil.copytree(quickstart.parent, tmp_path / f"copy{i}")
+        pipelines.append(Path(copy) / quickstart.name)
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "run", str(pipeline), *("--landscape", landscape)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for pipeline in pipelines
+    ]
+    outputs = [run.communicate(timeout=120) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], outputs
+    assert len({run_id_of(out) for out, _ in outputs}) == 3

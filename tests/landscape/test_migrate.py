@@ -1,20 +1,25 @@
-"""A Landscape written before a schema change keeps working after the upgrade."""
+"""Opening a Landscape: an old one keeps working after an upgrade, new ones opened
+together are created once, and reading never creates one."""
 
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from sqlalchemy import MetaData, Table, inspect, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from landscape import Landscape
+from landscape import Landscape, LandscapeNotFound
 from landscape import _schema as t
 from landscape._errors import LandscapeError
 from landscape._migrate import upgrade_schema
+from tests._postgres import PostgresServer
 
 #: Columns added after the first Landscapes were written.
 LATER_COLUMNS = {"runs": {"replayed_from"}, "node_states": {"external_job_id"}}
@@ -96,3 +101,66 @@ async def test_a_new_sqlite_landscape_has_large_pages_and_an_old_one_keeps_its_o
     assert page_size(old_url) == 4096
     assert (await run_verified(one_row_pipeline(tmp_path), url=old_url)).status == "completed"
     assert page_size(old_url) == 4096
+
+
+async def test_landscapes_opened_together_on_a_new_database_all_open(landscape_url: str) -> None:
+    opened: list[bool] = []
+
+    async def open_one() -> None:
+        async with Landscape.connect(landscape_url) as landscape:
+            opened.append(await landscape.get_run("none") is None)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(open_one)
+    assert opened == [True] * 4
+
+
+_OPEN_ONE = """
+import sys, anyio
+from landscape import Landscape
+async def main():
+    async with Landscape.connect(sys.argv[1]) as landscape:
+        await landscape.list_runs()
+anyio.run(main)
+"""
+
+
+def test_processes_opening_a_new_sqlite_landscape_together_all_open(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'runs' / 'audit.db'}"
+    processes = [
+        subprocess.Popen([sys.executable, "-c", _OPEN_ONE, url], stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0], errors
+
+
+async def test_reading_an_absent_landscape_creates_nothing(tmp_path: Path) -> None:
+    where = tmp_path / "no" / "such" / "audit.db"
+    with pytest.raises(LandscapeNotFound, match="no Landscape"):
+        async with Landscape.connect(f"sqlite+aiosqlite:///{where}", create=False):
+            pass
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.postgres
+async def test_reading_a_database_without_a_landscape_creates_no_table(
+    postgres_server: PostgresServer,
+) -> None:
+    name = "t_readonly_probe"
+    await postgres_server.create_database(name)
+    try:
+        url = postgres_server.url(name)
+        with pytest.raises(LandscapeNotFound, match="holds no Landscape"):
+            async with Landscape.connect(url, create=False):
+                pass
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as conn:
+                tables = await conn.run_sync(lambda c: inspect(c).get_table_names())
+        finally:
+            await engine.dispose()
+        assert tables == []
+    finally:
+        await postgres_server.drop_database(name)
