@@ -76,6 +76,34 @@ class RuntimeSettings(_Model):
     checkpoint_interval_seconds: float = Field(
         10.0, gt=0, description="Write a checkpoint at least this often while rows are read."
     )
+    stop_aggregations: Literal["flush", "hold"] = Field(
+        "flush",
+        description="What a stop does with the rows aggregations hold: flush them as "
+        "partial batches (trigger shutdown), or hold them in the checkpoint so that resume "
+        "goes on filling the same batches (outputs then equal an uninterrupted run's).",
+    )
+    heartbeat_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How often the run's owner confirms its lease when it has nothing to "
+        "commit (every commit confirms it too).",
+    )
+    lease_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="How long after its last heartbeat a run's owner counts as gone on "
+        "another machine, so that a resume may take the run over (on the same machine a "
+        "resume sees at once that the owner's process ended).  At least three heartbeats.",
+    )
+
+    @model_validator(mode="after")
+    def _lease_outlasts_heartbeats(self) -> RuntimeSettings:
+        if self.lease_seconds < 3 * self.heartbeat_seconds:
+            raise ValueError(
+                f"lease_seconds ({self.lease_seconds:g}) must be at least three "
+                f"heartbeat_seconds ({self.heartbeat_seconds:g})"
+            )
+        return self
 
 
 class BudgetSettings(_Model):

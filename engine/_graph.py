@@ -159,6 +159,11 @@ class Graph:
     def config_hash(self) -> str:
         return canonical_hash({node_id: spec.config() for node_id, spec in self.nodes.items()})
 
+    @property
+    def source(self) -> NodeSpec:
+        """The source node (every graph has exactly one)."""
+        return next(spec for spec in self.nodes.values() if spec.kind is NodeKind.SOURCE)
+
     def routes(self) -> Iterator[tuple[NodeSpec, Route]]:
         for spec in self.nodes.values():
             for route in spec.all_routes():

@@ -12,11 +12,26 @@ from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 
-from landscape import CallSummary, Landscape, LandscapeError, LandscapeNotFound, RunStatus
+from landscape import (
+    CallSummary,
+    Landscape,
+    LandscapeError,
+    LandscapeNotFound,
+    OwnershipLost,
+    RunOwned,
+    RunStatus,
+)
 
 from ._clock import Clock, SystemClock
 from ._config import PipelineSettings, load_settings, read_yaml
-from ._errors import AuditError, PipelineStateError, PluginError, ResumeError, RunFailed
+from ._errors import (
+    AuditError,
+    ConfigError,
+    PipelineStateError,
+    PluginError,
+    ResumeError,
+    RunFailed,
+)
 from ._graph import Graph, NodeKind, compile_graph
 from ._nodes import (
     AggregationNode,
@@ -28,7 +43,7 @@ from ._nodes import (
     TransformNode,
 )
 from ._replay import load_replay
-from ._resume import ResumePlan
+from ._resume import ResumePlan, check_resumable
 from ._run_context import NodeStatistics, RunContext
 from ._streams import Inbox, Outbox
 from ._version import ENGINE_VERSION
@@ -36,8 +51,8 @@ from ._version import ENGINE_VERSION
 if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectSendStream
 
-    from landscape import Recorder
-    from plugins import Plugin
+    from landscape import Fence, Recorder
+    from plugins import Plugin, Source
 
     from ._calls import AnswerBook
     from ._tokens import Token
@@ -120,8 +135,11 @@ class Pipeline:
         base_dir: Path | str = ".",
         landscape_url: str | None = None,
         clock: Clock | None = None,
+        pipeline_file: Path | None = None,
     ) -> None:
         self.settings = settings
+        #: The file the pipeline was loaded from (``None``: built from a dict).
+        self.pipeline_file = pipeline_file
         self.graph: Graph = compile_graph(settings, Path(base_dir).resolve())
         self.landscape_url = landscape_url or settings.landscape.url
         self.clock: Clock = clock if clock is not None else SystemClock()
@@ -138,10 +156,14 @@ class Pipeline:
         cls, path: str | Path, *, landscape_url: str | None = None, clock: Clock | None = None
     ) -> Self:
         """Load a pipeline file; relative paths in it are relative to the file."""
-        path = Path(path)
+        path = Path(path).resolve()
         settings = load_settings(read_yaml(path))
         return cls(
-            settings, base_dir=path.resolve().parent, landscape_url=landscape_url, clock=clock
+            settings,
+            base_dir=path.parent,
+            landscape_url=landscape_url,
+            clock=clock,
+            pipeline_file=path,
         )
 
     @classmethod
@@ -273,30 +295,54 @@ class Pipeline:
         progress_interval: float,
     ) -> RunResult:
         self._started = time.monotonic()
+        runtime = self.settings.runtime
+        if not start.resume:
+            await self.check_inputs()  # before anything is recorded or any sink opened
         try:
             # A resume reads a run on record: it never creates a Landscape.
             async with Landscape.connect(self.landscape_url, create=not start.resume) as landscape:
-                plan = replay = None
-                if start.resume:
-                    plan = await ResumePlan.load(self.graph, landscape, run_id)
+                replay = None
                 if start.replay is not None:
                     replay = await load_replay(landscape, start.replay)
-                try:
-                    status = await self._run_recorded(
-                        landscape, run_id, plan, replay, on_progress, progress_interval
-                    )
-                finally:
-                    if plan is not None:
-                        with anyio.CancelScope(shield=True):
-                            await plan.aclose()
+                if start.resume:
+                    await check_resumable(self.graph, landscape, run_id, self.pipeline_file)
+                async with landscape.own_run(
+                    run_id,
+                    new=not start.resume,
+                    lease_seconds=runtime.lease_seconds,
+                    heartbeat_seconds=runtime.heartbeat_seconds,
+                ) as fence:
+                    plan = None
+                    if start.resume:
+                        plan = await ResumePlan.load(self.graph, landscape, run_id)
+                    try:
+                        status = await self._run_recorded(
+                            landscape, fence, plan, replay, on_progress, progress_interval
+                        )
+                    finally:
+                        if plan is not None:
+                            with anyio.CancelScope(shield=True):
+                                await plan.aclose()
         except LandscapeNotFound as exc:
             raise ResumeError(f"cannot resume run {run_id}: {exc}") from exc
+        except RunOwned as exc:
+            raise ResumeError(
+                f"cannot resume run {run_id}: it is being executed by {exc.holder.describe()}; "
+                "stop that process (Ctrl-C, or SIGTERM to its pid) or wait for it to end, "
+                "then resume"
+            ) from exc
         except LandscapeError as exc:
             raise AuditError(str(exc)) from exc
         except BaseExceptionGroup as group:
             audit_failures = group.subgroup(LandscapeError)
             if audit_failures is None:
                 raise
+            if audit_failures.subgroup(OwnershipLost) is not None:
+                raise AuditError(
+                    f"run {run_id}: another process took the run over after this process's "
+                    "lease expired (its heartbeat had stopped); this process stopped and "
+                    "wrote nothing more"
+                ) from group
             raise AuditError(f"run {run_id}: {_describe(audit_failures)}") from group
         finally:
             run, self._run = self._run, None
@@ -311,6 +357,15 @@ class Pipeline:
             calls=run.calls.snapshot(),
             stop_reason=run.stop_reason,
         )
+
+    async def check_inputs(self) -> None:
+        """Raise :class:`~engine.ConfigError` (key path ``source.options``) when the
+        source cannot be read now.  A run checks this before it records anything or
+        opens a sink, so a missing input never costs an output; so does ``validate``."""
+        source: Source = self.graph.source.plugin  # type: ignore[assignment]
+        problem = await source.check_readable()
+        if problem is not None:
+            raise ConfigError.at(f"{self.graph.source.node_id}.options", problem)
 
     def statistics(self) -> RunStatistics | None:
         """A snapshot of the current run, or ``None`` when not running."""
@@ -330,7 +385,7 @@ class Pipeline:
     async def _run_recorded(
         self,
         landscape: Landscape,
-        run_id: str,
+        fence: Fence,
         resume: ResumePlan | None,
         replay: AnswerBook | None,
         on_progress: ProgressCallback | None,
@@ -339,7 +394,8 @@ class Pipeline:
         interval = self.settings.runtime.commit_interval_ms / 1000.0
         failure: BaseException | None = None
         status = RunStatus.FAILED
-        async with landscape.open_writer(commit_interval=interval) as writer:
+        run_id = fence.run_id
+        async with landscape.open_writer(commit_interval=interval, fence=fence) as writer:
             recorder = landscape.recorder(writer, run_id)
             run = self._run = RunContext(run_id, self.graph, recorder, self.clock)
             if resume is not None:
@@ -372,6 +428,7 @@ class Pipeline:
                             outcomes=run.outcomes,
                             error=_describe(failure) if failure is not None else run.stop_reason,
                         )
+                        recorder.release_run(fence)
                         await writer.aclose()
         if failure is not None:
             raise RunFailed(run_id, _describe(failure)) from _unwrap(failure)
@@ -388,6 +445,7 @@ class Pipeline:
             engine_version=ENGINE_VERSION,
             pipeline_name=self.settings.name,
             replayed_from=replayed_from,
+            pipeline_file=None if self.pipeline_file is None else str(self.pipeline_file),
         )
         for node_id, spec in graph.nodes.items():
             plugin = spec.plugin
@@ -416,6 +474,8 @@ class Pipeline:
         on_progress: ProgressCallback | None,
         progress_interval: float,
     ) -> None:
+        # Opening sinks creates or cuts their files: only as the run's confirmed owner.
+        await run.recorder.ensure_lease()
         async with AsyncExitStack() as plugins:
             for spec in self.graph.nodes.values():
                 if spec.plugin is not None:

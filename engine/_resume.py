@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from landscape import (
@@ -59,11 +60,16 @@ if TYPE_CHECKING:
     from ._run_context import RunContext
     from ._streams import Outbox
 
-__all__ = ["ResumePlan"]
+__all__ = ["ResumePlan", "check_resumable"]
 
 _COMPLETED = NodeStateStatus.COMPLETED.value
 _FAILED = NodeStateStatus.FAILED.value
-_RESUMABLE = {RunStatus.RUNNING.value, RunStatus.INTERRUPTED.value, RunStatus.FAILED.value}
+_RESUMABLE = {
+    RunStatus.RUNNING.value,
+    RunStatus.CRASHED.value,
+    RunStatus.INTERRUPTED.value,
+    RunStatus.FAILED.value,
+}
 
 
 @dataclass(slots=True)
@@ -131,12 +137,8 @@ class ResumePlan:
         """Read ``run_id``'s unfinished state; raise :class:`ResumeError` if it cannot
         be resumed with ``graph``."""
         unfinished = await landscape.unfinished_run(run_id)
-        if unfinished is None:
-            raise ResumeError(f"run {run_id} is not in the Landscape")
-        if unfinished.status == RunStatus.COMPLETED.value:
-            raise ResumeError(f"run {run_id} is completed: there is nothing to resume")
-        if unfinished.status not in _RESUMABLE:
-            raise ResumeError(f"run {run_id} has status {unfinished.status!r}")
+        _refuse_status(run_id, None if unfinished is None else unfinished.status)
+        assert unfinished is not None
         _check_graph(graph, unfinished)
         summary = await landscape.get_run(run_id)
         calls = CallSummary() if summary is None else summary.calls
@@ -372,6 +374,40 @@ class ResumePlan:
                 token.fork = fork
 
 
+async def check_resumable(
+    graph: Graph, landscape: Landscape, run_id: str, pipeline_file: Path | None
+) -> None:
+    """Raise :class:`ResumeError` when run ``run_id`` cannot be resumed at all — it is
+    not on record, it completed, or its source cannot be read — before the resume takes
+    the run over.  ``pipeline_file`` is the file ``graph`` was loaded from, if any."""
+    summary = await landscape.get_run(run_id)
+    _refuse_status(run_id, None if summary is None else summary.status)
+    assert summary is not None
+    source: Source = graph.source.plugin  # type: ignore[assignment]
+    problem = await source.check_readable()
+    if problem is None:
+        return
+    started_with = summary.pipeline_file
+    if started_with is not None and Path(started_with) != pipeline_file:
+        how = (
+            f"it was started with {started_with}, and relative paths in a pipeline file "
+            "are read from the file's directory: resume with --pipeline "
+            f"{started_with}, or put the input where this pipeline file expects it"
+        )
+    else:
+        how = "put the input back where it was (the rows the run read are checked against it)"
+    raise ResumeError(f"cannot resume run {run_id}: its source cannot be read ({problem}); {how}")
+
+
+def _refuse_status(run_id: str, status: str | None) -> None:
+    if status is None:
+        raise ResumeError(f"run {run_id} is not in the Landscape")
+    if status == RunStatus.COMPLETED.value:
+        raise ResumeError(f"run {run_id} is completed: there is nothing to resume")
+    if status not in _RESUMABLE:
+        raise ResumeError(f"run {run_id} has status {status!r}")
+
+
 def _releases_in_order(spec: NodeSpec) -> bool:
     """Whether ``spec`` is a transform that works on several rows at once and releases
     them in arrival order (a row it completed may have waited there for an earlier one)."""
@@ -455,8 +491,7 @@ async def _reread_source(graph: Graph, unfinished: UnfinishedRun) -> _SourceRere
     one by one with their recorded hashes.  The reader then goes on from the first row
     the run never read.
     """
-    source_spec = next(spec for spec in graph.nodes.values() if spec.kind is NodeKind.SOURCE)
-    node_id, source = source_spec.node_id, source_spec.plugin
+    node_id, source = graph.source.node_id, graph.source.plugin
     assert isinstance(source, Source)
     if source.one_shot:
         raise ResumeError(

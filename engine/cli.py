@@ -108,7 +108,10 @@ def _add_validate(commands: Commands) -> None:
     validate = commands.add_parser(
         "validate",
         help="check a pipeline file and print its graph",
-        description="Check the configuration and DAG; print the graph.",
+        description=(
+            "Check the configuration, the DAG and that the source can be read; print the "
+            "graph. Exit code 2 and every problem with its key path when there is one."
+        ),
     )
     validate.add_argument("pipeline", metavar="PIPELINE.yaml", help="the pipeline file")
 
@@ -335,6 +338,7 @@ def _print_result(out: Console, result: RunResult) -> None:
 
 async def _validate(args: argparse.Namespace, out: Console, err: Console) -> int:
     pipeline = Pipeline.from_yaml(args.pipeline)
+    await pipeline.check_inputs()
     out.print(f"{args.pipeline}: valid, {len(pipeline.graph.nodes)} nodes", highlight=False)
     for line in pipeline.graph.describe():
         out.print(f"  {line}", highlight=False, markup=False)

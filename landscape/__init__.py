@@ -18,6 +18,7 @@ from ._canonical import (
 )
 from ._diff import Divergence, RowDiff, RunDiff, diff_runs
 from ._errors import AuditIntegrityError, LandscapeError, LandscapeNotFound, LandscapeUnavailable
+from ._leases import Fence, LeaseHolder, OwnershipLost, RunOwned
 from ._outcomes import TERMINAL_OUTCOMES, BatchStatus, NodeStateStatus, Outcome, RunStatus
 from ._recorder import Recorder
 from ._resume import OpenBatch, PendingToken, RecordedRoute, RecordedState, UnfinishedRun
@@ -32,20 +33,24 @@ __all__ = [
     "CallSummary",
     "CanonicalizationError",
     "Divergence",
+    "Fence",
     "GroupCommitWriter",
     "Landscape",
     "LandscapeError",
     "LandscapeNotFound",
     "LandscapeUnavailable",
+    "LeaseHolder",
     "NodeStateStatus",
     "OpenBatch",
     "Outcome",
+    "OwnershipLost",
     "PendingToken",
     "RecordedRoute",
     "RecordedState",
     "Recorder",
     "RowDiff",
     "RunDiff",
+    "RunOwned",
     "RunStatus",
     "RunSummary",
     "UnfinishedRun",

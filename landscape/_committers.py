@@ -3,6 +3,9 @@
 A committer takes a list of ``(sql, width, columns, values)`` statements — positional SQL
 compiled for its dialect; its rows' values one after another, ``width`` to a row; and the
 positions in a row of the values the SQL binds — and executes them in one transaction.
+A statement of width 0 is a **guard**: executed once with ``values`` as its parameters,
+it must change exactly one row, or the transaction is rolled back and the committer
+raises :class:`OwnershipLost` (the run's lease is someone else's).
 :meth:`submit` may return before the transaction is durable (the SQLite process commits
 one batch while the engine prepares the next); :meth:`wait_durable` returns once everything
 submitted is committed, and raises the error of a batch that failed.  Both translate
@@ -25,6 +28,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from ._errors import AuditIntegrityError, LandscapeUnavailable
+from ._leases import OwnershipLost
 from ._sqlite_worker import rows_of
 
 if TYPE_CHECKING:
@@ -44,6 +48,7 @@ __all__ = [
 Statement = tuple[str, int, tuple[int, ...], list[Any]]
 Statements = list[Statement]
 _HEADER = struct.Struct(">Q")
+_LEASE_LOST = "the run's lease is held by another owner: this process may write nothing more"
 _WORKER = Path(__file__).with_name("_sqlite_worker.py")
 
 
@@ -97,7 +102,12 @@ class SqlAlchemyCommitter:
         try:
             async with self._engine.begin() as conn:
                 for sql, width, columns, values in statements:
-                    await conn.exec_driver_sql(sql, list(rows_of(width, columns, values)))
+                    if width:
+                        await conn.exec_driver_sql(sql, list(rows_of(width, columns, values)))
+                        continue
+                    guarded = await conn.exec_driver_sql(sql, tuple(values))
+                    if guarded.rowcount != 1:
+                        raise OwnershipLost(_LEASE_LOST)
         except IntegrityError as exc:
             raise AuditIntegrityError(f"audit write refused by the database: {exc.orig}") from exc
         except SQLAlchemyError as exc:
@@ -174,4 +184,6 @@ class SqliteProcessCommitter:
             raise LandscapeUnavailable(f"the SQLite writer process died: {exc!r}") from exc
         if code == b"I":
             raise AuditIntegrityError(f"audit write refused by the database: {message}")
+        if code == b"F":
+            raise OwnershipLost(_LEASE_LOST)
         raise LandscapeUnavailable(f"audit write failed: {message}")

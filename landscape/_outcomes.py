@@ -52,10 +52,14 @@ class NodeStateStatus(StrEnum):
 
 
 class RunStatus(StrEnum):
+    """Status of a run.  ``crashed`` is never stored: it is what a ``running`` run whose
+    owner is no longer alive is shown as (see ``landscape._leases``)."""
+
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
+    CRASHED = "crashed"
 
 
 class BatchStatus(StrEnum):

@@ -24,6 +24,7 @@ from ._outcomes import BatchStatus, NodeStateStatus, Outcome, RunStatus
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
+    from ._leases import Fence
     from ._writer import GroupCommitWriter, WriterStatistics
 
 __all__ = ["Recorder"]
@@ -144,6 +145,7 @@ class Recorder:
         engine_version: str,
         pipeline_name: str | None,
         replayed_from: str | None = None,
+        pipeline_file: str | None = None,
     ) -> None:
         self._writer.insert(
             t.runs,
@@ -160,6 +162,7 @@ class Recorder:
                 "outcomes_json": None,
                 "error": None,
                 "replayed_from": replayed_from,
+                "pipeline_file": pipeline_file,
             },
         )
 
@@ -182,6 +185,11 @@ class Recorder:
                 "error": error,
             },
         )
+
+    def release_run(self, fence: Fence) -> None:
+        """Give up the run's lease (the last record of an execution): the run has no
+        live owner from this commit on, and a resume may take it at once."""
+        self._writer.update(t.run_leases, fence.release_key(), {"released_at": time.time()})
 
     def resume_run(self) -> None:
         """Mark the run ``running`` again: a resume continues it."""
@@ -536,6 +544,11 @@ class Recorder:
     async def flush(self) -> None:
         """Return once every record made so far is committed."""
         await self._writer.flush()
+
+    async def ensure_lease(self) -> None:
+        """Return once the run's lease is confirmed as this process's (see
+        ``GroupCommitWriter.ensure_lease``); at once when commits flow."""
+        await self._writer.ensure_lease()
 
     def statistics(self) -> WriterStatistics:
         return self._writer.statistics()

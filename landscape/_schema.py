@@ -44,6 +44,30 @@ runs = Table(
     Column("error", Text),
     #: The run whose recorded answers this one replays (no network), if any.
     Column("replayed_from", _ID),
+    #: The pipeline file the run was started with (relative paths in it are relative
+    #: to it): what a resume that cannot find the source points the user at.
+    Column("pipeline_file", Text),
+)
+
+#: Who executes each run (see ``landscape._leases``): one lease per run (and, for a
+#: partitioned run, per partition), taken over only from an owner no longer alive.
+run_leases = Table(
+    "run_leases",
+    metadata,
+    Column("run_id", _ID, primary_key=True),
+    Column("partition_index", Integer, primary_key=True),
+    Column("owner_id", _ID, nullable=False),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    #: Boot id, pid namespace and start time of the owner's process (Linux).
+    Column("process_key", Text),
+    #: The database's clock, in UNIX epoch seconds.
+    Column("acquired_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+    Column("lease_seconds", Float, nullable=False),
+    Column("released_at", Float),
+    #: How many owners the run has had, this one included.
+    Column("epoch", Integer, nullable=False),
 )
 
 nodes = Table(

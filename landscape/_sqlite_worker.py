@@ -6,7 +6,9 @@ It reads frames from stdin — an 8-byte big-endian length, then a marshalled li
 ``(sql, width, columns, values)`` statements: ``values`` holds the rows' values one after
 another, ``width`` to a row, and the SQL binds those at the positions ``columns`` —
 executes each frame in one transaction, and answers ``K`` (committed) or ``E`` plus a
-length-prefixed message (``I`` for an integrity error).  EOF on stdin ends it; SIGINT and
+length-prefixed message (``I`` for an integrity error, ``F`` when a guard — a statement
+of width 0, executed once with ``values`` as parameters — changed other than one row:
+the transaction is rolled back).  EOF on stdin ends it; SIGINT and
 SIGTERM do not (the engine decides when the audit trail is finished), and the death of
 the engine does (Linux: ``PR_SET_PDEATHSIG``).
 ``marshal`` carries the frames: the values are plain, and it is several times faster
@@ -77,11 +79,18 @@ def _connect(path: str) -> sqlite3.Connection:
     return db
 
 
+class _GuardFailed(Exception):
+    """A guard statement changed other than exactly one row."""
+
+
 def _commit(db: sqlite3.Connection, statements: _Statements) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
         for sql, width, columns, values in statements:
-            db.executemany(sql, rows_of(width, columns, values))
+            if width:
+                db.executemany(sql, rows_of(width, columns, values))
+            elif db.execute(sql, values).rowcount != 1:
+                raise _GuardFailed(sql)
     except BaseException:
         db.execute("ROLLBACK")
         raise
@@ -118,6 +127,8 @@ def main(path: str) -> int:
         while (statements := _read_frame(source)) is not None:
             try:
                 _commit(db, statements)
+            except _GuardFailed as exc:
+                _reply(sink, b"F", str(exc))
             except sqlite3.IntegrityError as exc:
                 _reply(sink, b"I", str(exc))
             except sqlite3.Error as exc:

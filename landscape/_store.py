@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -16,8 +17,18 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from . import _schema as t
 from ._committers import Committer, SqliteProcessCommitter
 from ._errors import LandscapeError, LandscapeNotFound, LandscapeUnavailable
+from ._leases import (
+    Fence,
+    LeaseHolder,
+    Owner,
+    claim_run,
+    forget_lease,
+    lease_holders,
+    take_over_run,
+)
 from ._lineage import Lineage, explain
 from ._migrate import SchemaState, lock_schema, schema_state, upgrade_schema
+from ._outcomes import RunStatus
 from ._recorder import Recorder
 from ._replay import load_answers
 from ._resume import UnfinishedRun, load_unfinished
@@ -26,7 +37,7 @@ from ._verify import VerifyReport, verify
 from ._writer import GroupCommitWriter
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import AsyncIterator, Iterable
     from types import TracebackType
 
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -71,6 +82,10 @@ class RunSummary:
     calls: CallSummary = field(default_factory=CallSummary)
     #: The run whose recorded answers this one replayed, if it is a replay.
     replayed_from: str | None = None
+    #: The pipeline file the run was started with, when it was started from one.
+    pipeline_file: str | None = None
+    #: Who executes the run, or executed it last (``None``: no lease on record).
+    owner: LeaseHolder | None = None
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -190,8 +205,43 @@ class Landscape:
 
     # -- recording ---------------------------------------------------------------------
 
-    def open_writer(self, *, commit_interval: float = 0.05) -> GroupCommitWriter:
-        """A group-commit writer on this database.
+    @asynccontextmanager
+    async def own_run(
+        self,
+        run_id: str,
+        *,
+        new: bool,
+        lease_seconds: float = 10.0,
+        heartbeat_seconds: float = 2.0,
+    ) -> AsyncIterator[Fence]:
+        """Become the one owner of run ``run_id`` for the block; the fence that its
+        writer (:meth:`open_writer`) checks on every commit.
+
+        ``new``: the run is being started (its lease is recorded with it); otherwise it
+        is taken over from its last owner, which raises :class:`RunOwned` while that
+        owner is alive (see :mod:`landscape._leases`).  The lease is released by the
+        execution's last commit (:meth:`Recorder.release_run`); should that never come,
+        it expires ``lease_seconds`` after the last heartbeat.
+        """
+        owner = Owner.here()
+        fence = Fence(run_id, owner.owner_id, 0, lease_seconds, heartbeat_seconds)
+        try:
+            async with self.engine.connect() as conn:
+                if new:
+                    await claim_run(conn, owner, fence)
+                else:
+                    await take_over_run(conn, owner, fence)
+        except SQLAlchemyError as exc:
+            raise LandscapeUnavailable(f"cannot take run {run_id}: {exc}") from exc
+        try:
+            yield fence
+        finally:
+            forget_lease(owner)
+
+    def open_writer(
+        self, *, commit_interval: float = 0.05, fence: Fence | None = None
+    ) -> GroupCommitWriter:
+        """A group-commit writer on this database (for the owner of ``fence``'s run).
 
         Use it as ``async with landscape.open_writer() as writer:`` and run
         ``writer.run`` in a task group inside that block.  On a SQLite file the commits
@@ -203,7 +253,9 @@ class Landscape:
         on_file = database not in ("", ":memory:") and not database.startswith("file:")
         if self.engine.dialect.name == "sqlite" and on_file:
             committer = SqliteProcessCommitter(str(Path(database).expanduser().resolve()))
-        return GroupCommitWriter(self.engine, committer, commit_interval=commit_interval)
+        return GroupCommitWriter(
+            self.engine, committer, commit_interval=commit_interval, fence=fence
+        )
 
     def recorder(self, writer: GroupCommitWriter, run_id: str) -> Recorder:
         return Recorder(writer, run_id)
@@ -211,19 +263,26 @@ class Landscape:
     # -- reading -----------------------------------------------------------------------
 
     async def list_runs(self) -> list[RunSummary]:
-        """Every run, newest first."""
+        """Every run, newest first (a ``running`` run whose owner died is ``crashed``)."""
         query = select(t.runs).order_by(t.runs.c.started_at.desc())
         async with self.engine.connect() as conn:
             runs = list(await conn.execute(query))
             calls = await _call_summaries(conn, None)
-        return [_summary(row._mapping, calls.get(row.run_id)) for row in runs]
+            owners = await lease_holders(conn)
+        return [
+            _summary(row._mapping, calls.get(row.run_id), owners.get(row.run_id)) for row in runs
+        ]
 
     async def get_run(self, run_id: str) -> RunSummary | None:
+        """The run ``run_id`` (``None`` if there is none), its status as :meth:`list_runs`."""
         async with self.engine.connect() as conn:
             result = await conn.execute(select(t.runs).where(t.runs.c.run_id == run_id))
             row = result.first()
             calls = await _call_summaries(conn, run_id)
-        return None if row is None else _summary(row._mapping, calls.get(run_id))
+            owners = await lease_holders(conn, [run_id])
+        if row is None:
+            return None
+        return _summary(row._mapping, calls.get(run_id), owners.get(run_id))
 
     async def outcome_counts(self, run_id: str) -> dict[str, int]:
         """Terminal outcome counts of ``run_id`` as recorded."""
@@ -300,10 +359,14 @@ async def _call_summaries(conn: AsyncConnection, run_id: str | None) -> dict[str
     }
 
 
-def _summary(row: Any, calls: CallSummary | None) -> RunSummary:
+def _summary(row: Any, calls: CallSummary | None, owner: LeaseHolder | None) -> RunSummary:
+    status = row["status"]
+    if status == RunStatus.RUNNING and owner is not None and not owner.alive():
+        status = RunStatus.CRASHED.value
     return RunSummary(
         run_id=row["run_id"],
-        status=row["status"],
+        status=status,
+        owner=owner,
         started_at=row["started_at"],
         completed_at=row["completed_at"],
         pipeline_name=row["pipeline_name"],
@@ -311,6 +374,7 @@ def _summary(row: Any, calls: CallSummary | None) -> RunSummary:
         outcomes=json.loads(row["outcomes_json"]) if row["outcomes_json"] else {},
         calls=calls or CallSummary(),
         replayed_from=row["replayed_from"],
+        pipeline_file=row["pipeline_file"],
     )
 
 

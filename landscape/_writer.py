@@ -6,10 +6,17 @@ transaction, tables in :data:`INSERT_ORDER`.  A record appended after another is
 committed in the same transaction or a later one, which is what the ordering rules of
 the audit trail rely on.  The queue is bounded by its producers: they await
 :meth:`wait_writable` before admitting new work.
+
+A writer given a :class:`~landscape._leases.Fence` writes for the owner of a run: each
+transaction begins with the fence's guard (the run's lease, still held by this owner,
+gets its heartbeat), and fails with :class:`OwnershipLost` when the lease is someone
+else's.  While there is nothing to commit the writer commits the guard alone every
+``heartbeat_seconds``, so a live owner's lease never runs out.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
@@ -19,6 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ._committers import Committer, SqlAlchemyCommitter, Statement, Statements
 from ._errors import AuditIntegrityError, LandscapeUnavailable
+from ._leases import OwnershipLost, guard_statement
 from ._schema import INSERT_ORDER, payloads
 
 if TYPE_CHECKING:
@@ -28,6 +36,8 @@ if TYPE_CHECKING:
     from anyio.abc import TaskStatus
     from sqlalchemy import Table
     from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from ._leases import Fence
 
 __all__ = ["GroupCommitWriter", "WriterStatistics"]
 
@@ -72,10 +82,23 @@ class GroupCommitWriter:
         *,
         commit_interval: float = 0.05,
         high_water: int = 50_000,
+        fence: Fence | None = None,
     ) -> None:
         self._dialect = engine.dialect
         self._committer: Committer = committer or SqlAlchemyCommitter(engine)
         self._commit_interval = commit_interval
+        self._fence = fence
+        #: The first statement of every transaction of a fenced writer.
+        self._guard: Statement | None = None
+        if fence is not None:
+            sql, params = guard_statement(self._dialect, fence)
+            self._guard = (sql, 0, (), params)
+        self._heartbeat = math.inf if fence is None else fence.heartbeat_seconds
+        #: Until when (``anyio.current_time()``) a confirmed commit vouches for the lease.
+        self._trusted_until = -math.inf
+        self._lease_confirmed = anyio.Event()
+        self._beat_requested = False
+        self._in_flight_sent = -math.inf
         # While the committer takes one batch the next one fills: 50,000 records keep a
         # run that outpaces its writer at flat memory (the same peak RSS at 10**5 and
         # 10**6 rows in throughput.py --rss).  A larger mark gives a lagging writer
@@ -195,6 +218,24 @@ class GroupCommitWriter:
         finally:
             self._flushes_waiting -= 1
 
+    async def ensure_lease(self) -> None:
+        """Return once a commit has confirmed the run's lease recently enough to act on
+        it — at once, in a run whose commits flow; raise :class:`OwnershipLost` when
+        another process holds it.  A writer without a fence returns at once.
+
+        What the run does outside the database (a sink's write) waits on this, so a
+        process whose lease ran out never writes after another took the run over.
+        """
+        while self._fence is not None and anyio.current_time() >= self._trusted_until:
+            if self._failure is not None:
+                if isinstance(self._failure, OwnershipLost):
+                    raise self._failure
+                raise AuditIntegrityError("the Landscape writer has failed") from self._failure
+            self._beat_requested = True
+            self._urgent.set()
+            self._has_work.set()
+            await self._lease_confirmed.wait()
+
     def close(self) -> None:
         """Ask the writer to commit what is queued and stop."""
         self._closing = True
@@ -234,14 +275,19 @@ class GroupCommitWriter:
             while not (self._closing and not self._batch.size):
                 if not self._work_signalled and self._in_flight_seq > self._committed_seq:
                     await self._commit_queued()  # idle: confirm the batch in flight now
-                await self._has_work.wait()
-                if not self._closing:
+                with anyio.move_on_after(self._heartbeat) as idle:
+                    await self._has_work.wait()
+                if not self._closing and not idle.cancelled_caught:
                     with anyio.move_on_after(self._commit_interval):
                         await self._urgent.wait()
                 self._has_work = anyio.Event()
                 self._work_signalled = False
                 self._urgent = anyio.Event()
-                await self._commit_queued(durable=self._closing or self._flushes_waiting > 0)
+                beat, self._beat_requested = self._beat_requested, False
+                await self._commit_queued(
+                    durable=self._closing or self._flushes_waiting > 0 or beat,
+                    beat=beat or idle.cancelled_caught,
+                )
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await self._commit_queued()
@@ -251,6 +297,7 @@ class GroupCommitWriter:
             self._closing = True  # producers now get the failure from _ensure_open
             self._committed.set()
             self._drained.set()
+            self._lease_confirmed.set()
             raise
 
     async def aclose(self) -> None:
@@ -258,11 +305,13 @@ class GroupCommitWriter:
         self.close()
         await self._commit_queued()
 
-    async def _commit_queued(self, *, durable: bool = True) -> None:
+    async def _commit_queued(self, *, durable: bool = True, beat: bool = False) -> None:
         """Submit what is queued; with ``durable``, also wait until it is committed.
 
         Without ``durable`` the batch may still be in flight on return (the committer
         keeps at most one): it counts as committed once the committer confirms it.
+        With ``beat`` a fenced writer commits even an empty batch (its guard alone: the
+        lease's heartbeat).
         """
         async with self._lock:
             batch = self._batch
@@ -270,22 +319,30 @@ class GroupCommitWriter:
             self._batch = _Batch()
             self._drained.set()
             self._drained = anyio.Event()
-            if batch.size:
+            if batch.size or (beat and self._guard is not None):
+                sent = anyio.current_time()
                 await self._commit(batch)
-                self._mark_committed(self._in_flight_seq)
-                self._in_flight_seq = seq
+                # Submitting waited for the answer to the batch before: it is committed.
+                self._mark_committed(self._in_flight_seq, self._in_flight_sent)
+                self._in_flight_seq, self._in_flight_sent = seq, sent
             if durable:
                 await self._committer.wait_durable()
-                self._mark_committed(seq)
+                self._mark_committed(seq, self._in_flight_sent)
 
-    def _mark_committed(self, seq: int) -> None:
+    def _mark_committed(self, seq: int, sent: float) -> None:
+        """Everything up to record ``seq`` is committed, by a transaction sent at ``sent``
+        (whose guard confirmed the lease then)."""
         if seq > self._committed_seq:
             self._committed_seq = seq
             self._committed.set()
             self._committed = anyio.Event()
+        if self._fence is not None and sent + self._fence.trusted_for > self._trusted_until:
+            self._trusted_until = sent + self._fence.trusted_for
+            self._lease_confirmed.set()
+            self._lease_confirmed = anyio.Event()
 
     async def _commit(self, batch: _Batch) -> None:
-        statements: Statements = []
+        statements: Statements = [] if self._guard is None else [self._guard]
         if batch.payloads:
             statements.append((self._payload_insert, 2, (0, 1), batch.payloads))
         for table in INSERT_ORDER:

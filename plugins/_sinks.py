@@ -14,6 +14,8 @@ file; the database sink hashes the canonical JSON lines of the rows it wrote, in
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -122,16 +124,38 @@ class JsonlSinkOptions(_FileSinkOptions):
     pass
 
 
+def _lock(file: IO[bytes]) -> None:
+    """Hold ``file`` exclusively for as long as it is open (an advisory lock, POSIX).
+
+    Two processes writing one output — two runs of a pipeline, or a run and a resume
+    of it — would interleave their bytes; the second is refused instead.  The lock
+    ends with the process, however it ends.
+    """
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OSError(
+            errno.EAGAIN, "another process is writing it (another run of this pipeline?)"
+        ) from None
+
+
 def _create_file(path: Path) -> IO[bytes]:
-    """Create (or truncate) ``path`` and its parent directories; the entry is fsynced."""
+    """Create (or truncate) ``path`` and its parent directories, locked (see
+    :func:`_lock`: a file another process writes is left untouched); the entry is
+    fsynced."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    file = open(path, "wb")  # noqa: SIM115 (closed by the sink's aclose)
-    if os.name == "posix":
+    file = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666), "wb")
+    try:
+        _lock(file)
+        file.truncate(0)
         directory = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(directory)
         finally:
             os.close(directory)
+    except BaseException:
+        file.close()
+        raise
     return file
 
 
@@ -146,6 +170,7 @@ def _reopen_at(path: Path, size: int) -> tuple[IO[bytes], Any]:
     off, durably), with the SHA-256 of those bytes."""
     file = open(path, "r+b")  # noqa: SIM115 (closed by the sink's aclose)
     try:
+        _lock(file)
         actual = os.fstat(file.fileno()).st_size
         if actual < size:
             raise OSError(0, f"the file has {actual} bytes, fewer than the {size} recorded")

@@ -159,6 +159,24 @@ def _cannot_open(path: Path, exc: OSError) -> SourceError:
     return SourceError(f"cannot open {path}: {exc.strerror or exc}")
 
 
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` cannot be opened for reading (``None`` when it can)."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as exc:
+        return str(_cannot_open(path, exc))
+
+
+class _FileSource(Source):
+    """A source reading one file, named by its ``path`` option."""
+
+    options: _FileOptions
+
+    async def check_readable(self) -> str | None:
+        return await anyio.to_thread.run_sync(_unreadable, self.setup.resolve(self.options.path))
+
+
 def _bad(raw: Any, error: str) -> SourceRecord:
     return SourceRecord(row=None, raw=raw, error=error)
 
@@ -289,7 +307,7 @@ def _csv_records(path: Path, options: CsvSourceOptions) -> Records:
         yield from _CsvParser(lines, options).records()
 
 
-class CsvSource(Source):
+class CsvSource(_FileSource):
     """Rows of a CSV file with a header line; every value is a ``str``.
 
     Blank lines are skipped (they are not records).  A record with a wrong number of
@@ -402,7 +420,7 @@ def _jsonl_records(path: Path, start: _LinePosition) -> Records:
                 yield _jsonl_record(data, number, _LinePosition(offset, number, digest.copy()))
 
 
-class JsonlSource(Source):
+class JsonlSource(_FileSource):
     """Rows of a JSON Lines file: one JSON object per line; blank lines are skipped.
 
     A line that is not UTF-8, not JSON (NaN and infinities included) or not an object
@@ -469,7 +487,7 @@ def _json_records(path: Path, data_key: str | None) -> Records:
             yield _bad(item, f"element [{index}]: expected a JSON object, got {_json_type(item)}")
 
 
-class JsonSource(Source):
+class JsonSource(_FileSource):
     """Rows of a JSON array of objects: the whole file, or the array under ``data_key``.
 
     An element that is not an object is yielded as malformed; a document that does not

@@ -321,6 +321,14 @@ class Source(Plugin):
         what was read — or ``None`` when it can."""
         return f"a {self.name} source cannot resume from a position"
 
+    async def check_readable(self) -> str | None:
+        """Why the source cannot be read now (a missing or unreadable file), or ``None``.
+
+        Called before a run records anything or opens a sink (and by ``ledgerflow
+        validate``), so that a missing input costs no output.
+        """
+        return None
+
     @property
     def one_shot(self) -> bool:
         """Whether the records can be read only once (a generator): resuming a run reads

@@ -81,6 +81,8 @@ class SinkNode(NodeTask):
         started = time.time()
         items = [SinkItem(t.token_id, t.row_index, t.row) for t in batch]
         self.stats.in_flight = len(batch)
+        # A process that lost the run to another never writes its sinks again.
+        await self.recorder.ensure_lease()
         try:
             rejections = await sink.write(items)
         except Exception as exc:

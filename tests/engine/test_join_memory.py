@@ -42,6 +42,9 @@ class DroppingWriter:
     async def wait_writable(self) -> None:
         return None
 
+    async def ensure_lease(self) -> None:
+        return None
+
 
 class SamplingSink(Sink):
     """Counts rows and samples the interpreter's allocated blocks every 100,000 rows."""

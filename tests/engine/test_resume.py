@@ -266,9 +266,13 @@ async def test_resume_refuses_a_one_shot_source(tmp_path: Path, sqlite_url: str)
 
 
 async def test_resume_of_an_unknown_run_is_refused(tmp_path: Path, sqlite_url: str) -> None:
-    config = stall_config([{"i": 1}], tmp_path)
+    pipeline = Pipeline.from_dict(stall_config([{"i": 1}], tmp_path), landscape_url=sqlite_url)
+    with pytest.raises(ResumeError, match="there is no Landscape at"):
+        await pipeline.resume("nope")
+    assert not (tmp_path / "audit.db").exists()
+    await pipeline.run()
     with pytest.raises(ResumeError, match="not in the Landscape"):
-        await Pipeline.from_dict(config, landscape_url=sqlite_url).resume("nope")
+        await pipeline.resume("nope")
 
 
 class StallFlush(CollectAggregation):

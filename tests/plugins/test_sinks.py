@@ -154,6 +154,24 @@ async def test_file_sink_creates_parents_and_truncates(
 
 
 @pytest.mark.parametrize(("sink_class", "name"), FILE_SINKS)
+async def test_a_file_another_sink_writes_is_refused_and_left_untouched(
+    setup: PluginSetup, sink_class: type[Sink], name: str
+) -> None:
+    first = sink_class.from_options({"path": name}, setup)
+    second = sink_class.from_options({"path": name}, setup)
+    async with first:
+        await first.write(items({"x": 1}))
+        written = (setup.base_dir / name).read_bytes()
+        with pytest.raises(SinkError, match="another process is writing it"):
+            await second.open()
+        with pytest.raises(SinkError, match="another process is writing it"):
+            await second.resume(first.position())
+        assert (setup.base_dir / name).read_bytes() == written
+    async with second:  # free again once the first is closed
+        await second.write(items({"x": 2}))
+
+
+@pytest.mark.parametrize(("sink_class", "name"), FILE_SINKS)
 async def test_file_sink_fsyncs_once_per_batch_off_the_event_loop(
     setup: PluginSetup, sink_class: type[Sink], name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
