@@ -18,6 +18,7 @@ from landscape import (
     LandscapeError,
     LandscapeNotFound,
     OwnershipLost,
+    RunExists,
     RunOwned,
     RunStatus,
 )
@@ -184,12 +185,15 @@ class Pipeline:
     async def run(
         self,
         *,
+        run_id: str | None = None,
         replay: str | None = None,
         on_progress: ProgressCallback | None = None,
         progress_interval: float = 0.5,
     ) -> RunResult:
         """Run the pipeline to the end of its source and return how it went.
 
+        ``run_id`` names the new run (default: one made of the start time and a random
+        part); a run of that id on record already is refused before anything runs.
         With ``replay`` (a run id), every external call is answered from that run's
         recorded answers, matched by request hash, and nothing goes over the network:
         a request it never made is the row's error (``replay_miss``).  Raises
@@ -204,7 +208,7 @@ class Pipeline:
         (:attr:`last_result` says how the run ended).
         """
         start = _Start(replay=replay)
-        return await self._guarded(new_run_id(), start, on_progress, progress_interval)
+        return await self._guarded(run_id or new_run_id(), start, on_progress, progress_interval)
 
     async def resume(
         self,
@@ -325,6 +329,8 @@ class Pipeline:
                                 await plan.aclose()
         except LandscapeNotFound as exc:
             raise ResumeError(f"cannot resume run {run_id}: {exc}") from exc
+        except RunExists as exc:
+            raise PipelineStateError(str(exc)) from exc
         except RunOwned as exc:
             raise ResumeError(
                 f"cannot resume run {run_id}: it is being executed by {exc.holder.describe()}; "

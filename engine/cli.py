@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import signal
 import sys
 from contextlib import nullcontext
@@ -19,7 +20,7 @@ from landscape._lineage import LineageNotFound
 from landscape._verify import RunNotFound
 
 from ._errors import ConfigError, LedgerflowError, RunFailed
-from ._pipeline import Pipeline, RunResult
+from ._pipeline import Pipeline, RunResult, new_run_id
 from ._progress import LiveProgress
 from ._render import render_lineage, render_runs, render_verify
 from ._render_diff import render_diff
@@ -214,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ledgerflow`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     out = Console()
-    err = Console(stderr=True)
+    # Messages on stderr are never wrapped: logs and scripts grep them whole.
+    err = Console(stderr=True, soft_wrap=True)
     handler = _COMMANDS[args.command]
     try:
         try:
@@ -263,27 +265,42 @@ async def _drive(
     *,
     replay: str | None = None,
 ) -> int:
-    """Run (or resume, or replay) with progress, stopping on signals; print how it ended."""
+    """Run (or resume, or replay) with progress, stopping on signals; print how it ended.
+
+    The run id is printed on stderr first: a process killed outright prints nothing
+    more, and the id is what ``resume`` needs.
+    """
     show_progress = not args.no_progress and out.is_terminal
     drain = pipeline.settings.runtime.drain_timeout_seconds
+    run_id = resume_id or new_run_id()
+    err.print(
+        f"{'resuming' if resume_id else 'starting'} run {run_id} (pid {os.getpid()})",
+        highlight=False,
+    )
     _freeze_startup_heap()
     async with anyio.create_task_group() as tg:
         tg.start_soon(_stop_on_signals, pipeline, drain, err)
         with LiveProgress(out) if show_progress else nullcontext() as live:
             on_progress = None if live is None else live.update
             if resume_id is None:
-                result = await pipeline.run(replay=replay, on_progress=on_progress)
+                result = await pipeline.run(run_id=run_id, replay=replay, on_progress=on_progress)
             else:
                 result = await pipeline.resume(resume_id, on_progress=on_progress)
         tg.cancel_scope.cancel()
     _print_result(out, result)
     if result.status == "interrupted":
-        command = f"ledgerflow resume {result.run_id} --pipeline {args.pipeline}"
-        if args.landscape:
-            command += f" --landscape '{args.landscape}'"
-        out.print(f"resume with: {command}", highlight=False, markup=False)
+        out.print(
+            f"resume with: {_resume_command(result.run_id, args)}", highlight=False, markup=False
+        )
         return EXIT_INTERRUPTED
     return 0
+
+
+def _resume_command(run_id: str, args: argparse.Namespace) -> str:
+    command = f"ledgerflow resume {run_id} --pipeline {args.pipeline}"
+    if args.landscape:
+        command += f" --landscape '{args.landscape}'"
+    return command
 
 
 def _freeze_startup_heap() -> None:

@@ -18,7 +18,7 @@ from ._canonical import (
 )
 from ._diff import Divergence, RowDiff, RunDiff, diff_runs
 from ._errors import AuditIntegrityError, LandscapeError, LandscapeNotFound, LandscapeUnavailable
-from ._leases import Fence, LeaseHolder, OwnershipLost, RunOwned
+from ._leases import Fence, LeaseHolder, OwnershipLost, RunExists, RunOwned
 from ._outcomes import TERMINAL_OUTCOMES, BatchStatus, NodeStateStatus, Outcome, RunStatus
 from ._recorder import Recorder
 from ._resume import OpenBatch, PendingToken, RecordedRoute, RecordedState, UnfinishedRun
@@ -50,6 +50,7 @@ __all__ = [
     "Recorder",
     "RowDiff",
     "RunDiff",
+    "RunExists",
     "RunOwned",
     "RunStatus",
     "RunSummary",

@@ -44,6 +44,7 @@ __all__ = [
     "LeaseHolder",
     "Owner",
     "OwnershipLost",
+    "RunExists",
     "RunOwned",
     "claim_run",
     "db_now",
@@ -65,6 +66,10 @@ class RunOwned(LandscapeError):
         self.run_id = run_id
         self.holder = holder
         super().__init__(f"run {run_id} is being executed by {holder.describe()}")
+
+
+class RunExists(LandscapeError):
+    """A new run was to be started under the id of a run on record."""
 
 
 class OwnershipLost(AuditIntegrityError):
@@ -264,23 +269,33 @@ async def lease_holders(
 
 
 async def claim_run(conn: AsyncConnection, owner: Owner, fence: Fence) -> None:
-    """Record ``owner`` as the first owner of the new run ``fence.run_id`` (committed)."""
-    now = _db_now(conn.dialect)
-    await conn.execute(
-        insert(t.run_leases).values(
-            run_id=fence.run_id,
-            partition_index=fence.partition_index,
-            owner_id=owner.owner_id,
-            host=owner.host,
-            pid=owner.pid,
-            process_key=owner.process_key,
-            acquired_at=now,
-            heartbeat_at=now,
-            lease_seconds=fence.lease_seconds,
-            released_at=None,
-            epoch=1,
-        )
+    """Record ``owner`` as the first owner of the new run ``fence.run_id`` (committed);
+    raise :class:`RunExists` when a run of that id is on record."""
+    known = await conn.execute(
+        select(t.runs.c.run_id)
+        .where(t.runs.c.run_id == fence.run_id)
+        .union(select(t.run_leases.c.run_id).where(t.run_leases.c.run_id == fence.run_id))
     )
+    if known.first() is not None:
+        raise RunExists(f"run {fence.run_id} is on record already: choose another id")
+    now = _db_now(conn.dialect)
+    statement = insert(t.run_leases).values(
+        run_id=fence.run_id,
+        partition_index=fence.partition_index,
+        owner_id=owner.owner_id,
+        host=owner.host,
+        pid=owner.pid,
+        process_key=owner.process_key,
+        acquired_at=now,
+        heartbeat_at=now,
+        lease_seconds=fence.lease_seconds,
+        released_at=None,
+        epoch=1,
+    )
+    try:
+        await conn.execute(statement)
+    except IntegrityError as exc:  # claimed by another process since the check
+        raise RunExists(f"run {fence.run_id} is on record already: choose another id") from exc
     await conn.commit()
     _HELD_HERE.add(owner.owner_id)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, NoReturn, Self
 
 import anyio
 from sqlalchemy import and_, bindparam, update
@@ -94,7 +94,9 @@ class GroupCommitWriter:
             sql, params = guard_statement(self._dialect, fence)
             self._guard = (sql, 0, (), params)
         self._heartbeat = math.inf if fence is None else fence.heartbeat_seconds
-        #: Until when (``anyio.current_time()``) a confirmed commit vouches for the lease.
+        #: When the latest confirmed commit was sent (``anyio.current_time()``), and until
+        #: when it vouches for the lease.
+        self._confirmed_sent = -math.inf
         self._trusted_until = -math.inf
         self._lease_confirmed = anyio.Event()
         self._beat_requested = False
@@ -202,7 +204,7 @@ class GroupCommitWriter:
             self._urgent.set()
             await self._drained.wait()
         if self._failure is not None:
-            raise AuditIntegrityError("the Landscape writer has failed") from self._failure
+            self._raise_failure()
 
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""
@@ -213,7 +215,7 @@ class GroupCommitWriter:
                 self._urgent.set()
                 self._has_work.set()
                 if self._failure is not None:
-                    raise AuditIntegrityError("the Landscape writer has failed") from self._failure
+                    self._raise_failure()
                 await self._committed.wait()
         finally:
             self._flushes_waiting -= 1
@@ -226,11 +228,14 @@ class GroupCommitWriter:
         What the run does outside the database (a sink's write) waits on this, so a
         process whose lease ran out never writes after another took the run over.
         """
-        while self._fence is not None and anyio.current_time() >= self._trusted_until:
+        asked = anyio.current_time()
+        while (
+            self._fence is not None
+            and anyio.current_time() >= self._trusted_until
+            and self._confirmed_sent < asked  # no commit sent since the call confirmed it
+        ):
             if self._failure is not None:
-                if isinstance(self._failure, OwnershipLost):
-                    raise self._failure
-                raise AuditIntegrityError("the Landscape writer has failed") from self._failure
+                self._raise_failure()
             self._beat_requested = True
             self._urgent.set()
             self._has_work.set()
@@ -255,9 +260,16 @@ class GroupCommitWriter:
         self._work_signalled = True
         self._has_work.set()
 
+    def _raise_failure(self) -> NoReturn:
+        """Raise, to a producer, why the writer failed (a lost lease as itself)."""
+        failure = self._failure
+        if isinstance(failure, OwnershipLost):
+            raise OwnershipLost(str(failure)) from failure
+        raise AuditIntegrityError("the Landscape writer has failed") from failure
+
     def _ensure_open(self) -> None:
         if self._failure is not None:
-            raise AuditIntegrityError("the Landscape writer has failed") from self._failure
+            self._raise_failure()
         if self._closing:
             raise AuditIntegrityError("audit record submitted after the writer was closed")
 
@@ -336,7 +348,8 @@ class GroupCommitWriter:
             self._committed_seq = seq
             self._committed.set()
             self._committed = anyio.Event()
-        if self._fence is not None and sent + self._fence.trusted_for > self._trusted_until:
+        if self._fence is not None and sent > self._confirmed_sent:
+            self._confirmed_sent = sent
             self._trusted_until = sent + self._fence.trusted_for
             self._lease_confirmed.set()
             self._lease_confirmed = anyio.Event()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import sys
 from collections import Counter
@@ -22,8 +23,10 @@ from typing import Any
 import anyio
 import pytest
 from anyio.abc import Process
+from sqlalchemy import func, select
 
-from landscape import Landscape
+from landscape import Landscape, LandscapeNotFound
+from landscape import _schema as t
 from plugins.llm import FixedLatency, MockLlmServer, MockSettings
 
 from .conftest import run_id_of
@@ -33,7 +36,7 @@ EXIT_INTERRUPTED = 3
 
 PIPELINE = """
 name: crash-resume
-landscape: {{url: "sqlite+aiosqlite:///{landscape}"}}
+landscape: {{url: "{landscape}"}}
 runtime: {{checkpoint_every_rows: 25, drain_timeout_seconds: 10{runtime}}}
 endpoints:
   mock:
@@ -107,9 +110,21 @@ sinks:
 """
 
 
-def write_pipeline(work: Path, base_url: str, *, pool_count: int = 5, runtime: str = "") -> Path:
+def sqlite_landscape(work: Path) -> str:
+    """The Landscape a trial in ``work`` writes unless told otherwise."""
+    return f"sqlite+aiosqlite:///{work / 'audit.db'}"
+
+
+def write_pipeline(
+    work: Path,
+    base_url: str,
+    *,
+    pool_count: int = 5,
+    runtime: str = "",
+    landscape: str | None = None,
+) -> Path:
     """The pipeline file and its data in ``work``; ``runtime`` adds ``key: value`` pairs
-    to its ``runtime`` block."""
+    to its ``runtime`` block; ``landscape`` is its URL (default :func:`sqlite_landscape`)."""
     work.mkdir(parents=True, exist_ok=True)
     with (work / "data.jsonl").open("w") as data:
         for i in range(ROWS):
@@ -117,7 +132,7 @@ def write_pipeline(work: Path, base_url: str, *, pool_count: int = 5, runtime: s
     path = work / "pipeline.yaml"
     path.write_text(
         PIPELINE.format(
-            landscape=work / "audit.db",
+            landscape=landscape or sqlite_landscape(work),
             database=work / "out" / "negatives.db",
             base_url=base_url,
             pool_count=pool_count,
@@ -173,6 +188,15 @@ async def read_stderr_until(process: Process, text: str) -> bytes:
     raise AssertionError(f"the process ended without printing {text!r}: {seen.decode()}")
 
 
+async def started_run(process: Process) -> tuple[str, bytes]:
+    """The id of the run ``process`` (``ledgerflow run`` or ``resume``) announced on
+    stderr when it began, and what it had printed there so far."""
+    seen = await read_stderr_until(process, " (pid ")
+    found = re.search(r"(?:starting|resuming) run (\S+) \(pid ", seen.decode())
+    assert found is not None, seen
+    return found.group(1), seen
+
+
 async def finish(process: Process, stderr_read: bytes = b"") -> tuple[int, str]:
     """Wait for ``process`` to end; its exit code and its output (stdout, then stderr,
     after ``stderr_read``: what :func:`read_stderr_until` took of it already)."""
@@ -200,36 +224,45 @@ async def run_cli(work: Path, *args: str, env: dict[str, str] | None = None) -> 
     return done.returncode, output
 
 
-async def single_run_id(work: Path) -> str | None:
-    url = f"sqlite+aiosqlite:///{work / 'audit.db'}"
-    if not (work / "audit.db").exists():
+async def single_run_id(work: Path, url: str | None = None) -> str | None:
+    """The one run in the trial's Landscape, if the killed process recorded it."""
+    try:
+        async with Landscape.connect(url or sqlite_landscape(work), create=False) as landscape:
+            runs = await landscape.list_runs()
+    except LandscapeNotFound:
         return None
-    async with Landscape.connect(url) as landscape:
-        runs = await landscape.list_runs()
     assert len(runs) <= 1
     return runs[0].run_id if runs else None
 
 
-async def check_audit(work: Path, run_id: str) -> None:
+async def check_audit(work: Path, run_id: str, url: str | None = None) -> None:
     """``verify`` passes, and no request has two successful calls on record."""
-    url = f"sqlite+aiosqlite:///{work / 'audit.db'}"
-    async with Landscape.connect(url) as landscape:
+    calls = t.calls
+    paid_twice_query = (
+        select(calls.c.request_hash, func.count())
+        .where(calls.c.status == "success")
+        .group_by(calls.c.request_hash)
+        .having(func.count() > 1)
+    )
+    async with Landscape.connect(url or sqlite_landscape(work)) as landscape:
         report = await landscape.verify(run_id)
         assert report.ok, [str(v) for v in report.violations]
-    with sqlite3.connect(work / "audit.db") as conn:
-        paid_twice = conn.execute(
-            "SELECT request_hash, COUNT(*) FROM calls WHERE status = 'success' "
-            "GROUP BY request_hash HAVING COUNT(*) > 1"
-        ).fetchall()
+        async with landscape.engine.connect() as conn:
+            paid_twice = list(await conn.execute(paid_twice_query))
     assert paid_twice == []
 
 
-def successful_calls(work: Path) -> int:
-    if not (work / "audit.db").exists():
+async def successful_calls(work: Path, url: str | None = None) -> int:
+    """How many answered calls the trial's Landscape holds."""
+    query = select(func.count()).where(t.calls.c.status == "success")
+    try:
+        async with (
+            Landscape.connect(url or sqlite_landscape(work), create=False) as landscape,
+            landscape.engine.connect() as conn,
+        ):
+            return int((await conn.execute(query)).scalar_one())
+    except LandscapeNotFound:
         return 0
-    with sqlite3.connect(work / "audit.db") as conn:
-        (count,) = conn.execute("SELECT COUNT(*) FROM calls WHERE status = 'success'").fetchone()
-    return int(count)
 
 
 _REFERENCE: dict[str, Any] = {}

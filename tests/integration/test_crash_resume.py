@@ -64,7 +64,7 @@ async def test_kill_9_at_a_random_moment_then_resume(
         await process.aclose()
         at_kill = server.statistics()
         run_id = await single_run_id(tmp_path)
-        recorded = successful_calls(tmp_path)
+        recorded = await successful_calls(tmp_path)
         if run_id is not None:
             code, output = await run_cli(tmp_path, "resume", run_id, "--pipeline", str(pipeline))
             if "is completed" not in output:  # else the kill came after the run ended
