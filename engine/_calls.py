@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from ._run_context import RunContext
 
-__all__ = ["AnswerBook", "CallTotals", "SharedCalls", "StateCalls"]
+__all__ = ["AnswerBook", "CallTotals", "SharedCalls", "StateCalls", "StateRef"]
 
 
 @dataclass(slots=True)
@@ -96,19 +96,28 @@ class AnswerBook:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class StateRef:
+    """A node state and whose it is: the token and the node of the visit."""
+
+    state_id: str
+    token_id: str
+    node_id: str
+
+
 class StateCalls:
     """The :class:`~plugins.CallLog` of one node state: each call becomes a ``calls``
     row linked to the state, its request and response stored content-addressed."""
 
-    __slots__ = ("_run", "_state_id")
+    __slots__ = ("_run", "_state")
 
-    def __init__(self, run: RunContext, state_id: str) -> None:
+    def __init__(self, run: RunContext, state: StateRef) -> None:
         self._run = run
-        self._state_id = state_id
+        self._state = state
 
     def record(self, call: ExternalCall) -> None:
         payloads = _store_payloads(self._run, call)
-        _write_call(self._run, self._state_id, call, payloads)
+        _write_call(self._run, self._state, call, payloads)
         self._run.count_call(call)
 
     def recorded_answer(self, request: Any) -> RecordedAnswer | None:
@@ -123,21 +132,21 @@ class SharedCalls:
     add up to the call; the run's totals count the call once.
     """
 
-    __slots__ = ("_run", "_state_ids")
+    __slots__ = ("_run", "_states")
 
-    def __init__(self, run: RunContext, state_ids: Sequence[str]) -> None:
+    def __init__(self, run: RunContext, states: Sequence[StateRef]) -> None:
         self._run = run
-        self._state_ids = list(state_ids)
+        self._states = list(states)
 
     def record(self, call: ExternalCall) -> None:
-        n = len(self._state_ids)
+        n = len(self._states)
         payloads = _store_payloads(self._run, call)
         prompt = _shares(call.prompt_tokens, n)
         completion = _shares(call.completion_tokens, n)
         cost = None if call.cost is None else call.cost / n
-        for i, state_id in enumerate(self._state_ids):
+        for i, state in enumerate(self._states):
             share = (prompt[i], completion[i], cost)
-            _write_call(self._run, state_id, call, payloads, share)
+            _write_call(self._run, state, call, payloads, share)
         self._run.count_call(call)
 
     def recorded_answer(self, request: Any) -> RecordedAnswer | None:
@@ -156,16 +165,18 @@ def _store_payloads(run: RunContext, call: ExternalCall) -> tuple[str, str | Non
 
 def _write_call(
     run: RunContext,
-    state_id: str,
+    state: StateRef,
     call: ExternalCall,
     payloads: tuple[str, str | None],
     share: tuple[int | None, int | None, float | None] | None = None,
 ) -> None:
-    """One ``calls`` row for ``state_id``; ``share`` replaces the call's tokens and cost."""
+    """One ``calls`` row for ``state``; ``share`` replaces the call's tokens and cost."""
     request_hash, response_hash = payloads
     prompt, completion, cost = share or (call.prompt_tokens, call.completion_tokens, call.cost)
     run.recorder.call(
-        state_id=state_id,
+        state_id=state.state_id,
+        token_id=state.token_id,
+        node_id=state.node_id,
         call_index=call.call_index,
         call_type=call.call_type,
         provider=call.provider,

@@ -31,6 +31,7 @@ from landscape import (
     CanonicalizationError,
     NodeStateStatus,
     Outcome,
+    RecordedState,
     RunStatus,
     canonical_bytes,
     canonical_hash,
@@ -52,7 +53,7 @@ from ._watermark import RowTracker
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Mapping
 
-    from landscape import Landscape, PendingToken, RecordedState, UnfinishedRun
+    from landscape import Landscape, PendingToken, UnfinishedRun
     from plugins import Sink, SourcePosition, SourceRecord
 
     from ._config import TransformSettings
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ResumePlan", "check_resumable"]
 
+_INTERRUPTED = {"type": "Interrupted", "message": "the run stopped during this work"}
 _COMPLETED = NodeStateStatus.COMPLETED.value
 _FAILED = NodeStateStatus.FAILED.value
 _RESUMABLE = {
@@ -178,11 +180,47 @@ class ResumePlan:
                 status=NodeStateStatus.CANCELLED,
                 started_at=state.started_at,
                 completed_at=state.started_at,
-                error={"type": "Interrupted", "message": "the run stopped during this work"},
+                error=_INTERRUPTED,
             )
+        self._record_orphan_states(run)
         for token in unfinished.pending:
             run.rows.add(token.row_index)
         self._restore_batches(run)
+
+    def _record_orphan_states(self, run: RunContext) -> None:
+        """Record ``cancelled`` each state a crash left with calls but no record of its
+        own, as an attempt of its token at its node (the re-done work is the next)."""
+        pending = {token.token_id: token for token in self.unfinished.pending}
+        for orphan in self.unfinished.orphan_states:
+            token = pending.get(orphan.token_id)
+            states = [] if token is None else token.states
+            at_node = [s for s in states if s.node_id == orphan.node_id]
+            state = RecordedState(
+                state_id=orphan.state_id,
+                node_id=orphan.node_id,
+                status=NodeStateStatus.CANCELLED.value,
+                step=max((s.step for s in states), default=-1) + 1,
+                attempt=1 + sum(1 for s in at_node if s.status not in (_COMPLETED, _FAILED)),
+                started_at=orphan.started_at,
+                input_hash=None,
+                output_hash=None,
+                context=None,
+                error=_INTERRUPTED,
+            )
+            run.recorder.node_state(
+                state_id=state.state_id,
+                token_id=orphan.token_id,
+                node_id=state.node_id,
+                status=NodeStateStatus.CANCELLED,
+                input_hash=None,
+                output_hash=None,
+                started_at=state.started_at,
+                completed_at=state.started_at,
+                step_index=state.step,
+                attempt=state.attempt,
+                error=state.error,
+            )
+            states.append(state)  # counted as an attempt when the token re-enters
 
     def _restore_batches(self, run: RunContext) -> None:
         """Put each open batch's pending members back into it: a draft goes on

@@ -81,6 +81,8 @@ _TUPLE_LAYOUTS = {
         "completion_tokens",
         "cost",
         "created_at",
+        "token_id",
+        "node_id",
     ),
     t.routing_events: ("event_id", "run_id", "state_id", "edge_id", "route_label", "reason_json"),
     t.token_outcomes: (
@@ -425,6 +427,8 @@ class Recorder:
         self,
         *,
         state_id: str,
+        token_id: str,
+        node_id: str,
         call_index: int,
         call_type: str,
         provider: str | None,
@@ -441,8 +445,9 @@ class Recorder:
         error: Mapping[str, Any] | None = None,
         call_id: str | None = None,
     ) -> None:
-        """Record one external call attempt; its payloads are stored (:meth:`store`) under
-        ``request_hash`` / ``response_hash``."""
+        """Record one external call attempt of the state ``state_id`` (of ``token_id`` at
+        ``node_id``); its payloads are stored (:meth:`store`) under ``request_hash`` /
+        ``response_hash``."""
         self._writer.insert_row(
             t.calls,
             (
@@ -466,6 +471,8 @@ class Recorder:
                 completion_tokens,
                 cost,
                 time.time(),
+                token_id,
+                node_id,
             ),
         )
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OpenBatch",
+    "OrphanState",
     "PendingToken",
     "RecordedRoute",
     "RecordedState",
@@ -91,6 +92,18 @@ class OpenBatch:
     members: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class OrphanState:
+    """A node state whose calls are on record but which itself is not: the process died
+    while the state's work (an LLM call and its retries) was under way."""
+
+    state_id: str
+    token_id: str
+    node_id: str
+    #: When its first call was recorded.
+    started_at: float
+
+
 @dataclass(slots=True)
 class UnfinishedRun:
     """Everything a resume reads from the Landscape about one run."""
@@ -119,6 +132,9 @@ class UnfinishedRun:
     reusable_calls: dict[str, str]
     #: The run this one replays (its answers answer this one's calls), if any.
     replayed_from: str | None = None
+    #: States a crash left with calls but no record of their own (a resume records
+    #: them ``cancelled``).
+    orphan_states: list[OrphanState] = field(default_factory=list)
 
     @property
     def open_states(self) -> list[RecordedState]:
@@ -191,6 +207,7 @@ async def load_unfinished(conn: AsyncConnection, run_id: str) -> UnfinishedRun |
         sink_positions=await _sink_positions(conn, run_id),
         reusable_calls=await _reusable_calls(conn, run_id),
         replayed_from=run.replayed_from,
+        orphan_states=await _orphan_states(conn, run_id),
     )
 
 
@@ -324,6 +341,21 @@ async def _sink_positions(conn: AsyncConnection, run_id: str) -> dict[str, tuple
         str(node): (int(seq), loads_json(position))
         for node, seq, position in await conn.execute(query)
     }
+
+
+async def _orphan_states(conn: AsyncConnection, run_id: str) -> list[OrphanState]:
+    C, S = t.calls, t.node_states
+    recorded = select(S.c.state_id).where(S.c.state_id == C.c.state_id).correlate(C).exists()
+    query = (
+        select(C.c.state_id, C.c.token_id, C.c.node_id, func.min(C.c.created_at))
+        .where(C.c.run_id == run_id, C.c.token_id.is_not(None), ~recorded)
+        .group_by(C.c.state_id, C.c.token_id, C.c.node_id)
+        .order_by(C.c.state_id)
+    )
+    return [
+        OrphanState(str(state), str(token), str(node), float(started or 0.0))
+        for state, token, node, started in await conn.execute(query)
+    ]
 
 
 async def _reusable_calls(conn: AsyncConnection, run_id: str) -> dict[str, str]:

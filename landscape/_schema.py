@@ -185,6 +185,10 @@ calls = Table(
     Column("completion_tokens", Integer),
     Column("cost", Float),
     Column("created_at", Float),
+    #: The token and node of the call's state: a crash may come before the state is
+    #: recorded, and a resume then records the state ``cancelled`` from these.
+    Column("token_id", _ID),
+    Column("node_id", _ID),
     Index("ix_calls_state", "state_id"),
     Index("ix_calls_run_request", "run_id", "request_hash"),
 )

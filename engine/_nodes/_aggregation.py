@@ -399,7 +399,8 @@ class AggregationNode(NodeTask):
             output_mode=self.settings.output_mode,
             state_id=state_id,
             grouped=self.spec.group_by is not None,
-            calls=self.run_ctx.calls_for(state_id),
+            # The flush state is recorded on the batch's first member.
+            calls=self.run_ctx.calls_for(state_id, batch.members[0].token.token_id, self.node_id),
             members=tuple(member.token.token_id for member in batch.members),
         )
 
@@ -554,7 +555,7 @@ class AggregationNode(NodeTask):
                 continue
             failure = {**error_info(result.error or ValueError("no result")), **context}
             failed_state = self.recorder.new_id("s")
-            self._record_calls(failed_state, result.calls)
+            self._record_calls(failed_state, member.token, result.calls)
             self.record_state(
                 member.token, failed_state, member.at, now, output_hash=None, error=failure,
                 context=context,
@@ -565,8 +566,8 @@ class AggregationNode(NodeTask):
         for member, failure, failed_state in failed:
             await self.fail_row(member.token, failure, failed_state)
 
-    def _record_calls(self, state_id: str, calls: Sequence[ExternalCall]) -> None:
-        log = self.run_ctx.calls_for(state_id)
+    def _record_calls(self, state_id: str, token: Token, calls: Sequence[ExternalCall]) -> None:
+        log = self.run_ctx.calls_for(state_id, token.token_id, self.node_id)
         for call in calls:
             log.record(call)
 
@@ -604,7 +605,7 @@ class AggregationNode(NodeTask):
             member: _Member, spent: Sequence[ExternalCall], output: str | None
         ) -> None:
             member_state_id = self.recorder.new_id("s")
-            self._record_calls(member_state_id, spent)
+            self._record_calls(member_state_id, member.token, spent)
             self.record_state(
                 member.token, member_state_id, member.at, now, output_hash=output,
                 context=context,

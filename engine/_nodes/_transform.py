@@ -12,7 +12,7 @@ import anyio
 from landscape import CanonicalizationError, Outcome
 from plugins import Discard, RowContext, Transform, TransformResult
 
-from .._calls import SharedCalls
+from .._calls import SharedCalls, StateRef
 from .._jobs import Jobs
 from .._reorder import ReleaseWindow
 from .._tokens import Token
@@ -180,7 +180,10 @@ class TransformNode(NodeTask):
         started = time.time()
         plugin: Transform = self.spec.plugin  # type: ignore[assignment]
         contexts = [self._context(t, s) for t, s in zip(tokens, state_ids, strict=True)]
-        shared = SharedCalls(self.run_ctx, state_ids)
+        shared = SharedCalls(
+            self.run_ctx,
+            [StateRef(s, t.token_id, self.node_id) for t, s in zip(tokens, state_ids, strict=True)],
+        )
         try:
             results = await plugin.process_batch([t.row for t in tokens], contexts, shared)
         except anyio.get_cancelled_exc_class():
@@ -207,7 +210,7 @@ class TransformNode(NodeTask):
             token.token_id,
             token.row_index,
             state_id,
-            run.calls_for(state_id),
+            run.calls_for(state_id, token.token_id, self.node_id),
         )
 
     def _settle(

@@ -27,6 +27,7 @@ from plugins.llm import FixedLatency, MockLlmServer, MockSettings
 
 from ._crash import (
     EXIT_INTERRUPTED,
+    ROWS,
     check_audit,
     finish,
     mock_server,
@@ -36,6 +37,7 @@ from ._crash import (
     run_cli,
     single_run_id,
     start_run,
+    started_run,
     successful_calls,
     write_pipeline,
 )
@@ -198,3 +200,32 @@ async def test_the_sqlite_writer_process_dies_with_a_killed_engine(tmp_path: Pat
         gone, alive = await anyio.to_thread.run_sync(lambda: psutil.wait_procs(writers, 30))
     assert alive == []
     assert len(gone) == 1
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("seed", range(3))
+async def test_kill_9_while_calls_are_retried_then_resume_leaves_a_verified_trail(
+    seed: int, tmp_path: Path
+) -> None:
+    """A third of the answers are 500s, so rows are mid-retry when the process dies:
+    every attempt's call record must still belong to a node state after the resume."""
+    rng = random.Random(seed)
+    async with mock_server(latency=0.05, faults={"server_error": 0.3}) as server:
+        pipeline = write_pipeline(tmp_path, server.base_url)
+        process = await start_run(tmp_path, pipeline)
+        run_id, _ = await started_run(process)
+        with anyio.fail_after(60):
+            await server.wait_in_flight(8)
+        await anyio.sleep(rng.uniform(0.0, 1.0))
+        with contextlib.suppress(ProcessLookupError):  # it may have finished already
+            process.kill()
+        await finish(process)
+        code, output = await run_cli(tmp_path, "resume", run_id, "--pipeline", str(pipeline))
+        if "is completed" not in output:
+            assert code == 0, output
+    await check_audit(tmp_path, run_id)
+    with sqlite3.connect(tmp_path / "audit.db") as conn:
+        retried = conn.execute("SELECT COUNT(*) FROM calls WHERE attempt > 1").fetchone()[0]
+        rows = conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+    assert retried > 0
+    assert rows == ROWS

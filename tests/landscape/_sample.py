@@ -171,7 +171,14 @@ def _linear(b: _Builder) -> None:
     request = b.rec.store({"model": "m", "messages": [{"role": "user", "content": "hello"}]})
     response = b.rec.store({"choices": [{"message": {"content": "greeting"}}]})
     b.sample.hashes["request"], b.sample.hashes["response"] = request, response
-    common = {"state_id": state, "call_index": 0, "call_type": "llm", "provider": "openai"}
+    common = {
+        "state_id": state,
+        "token_id": tok,
+        "node_id": "clean",
+        "call_index": 0,
+        "call_type": "llm",
+        "provider": "openai",
+    }
     b.rec.call(
         **common, call_id=f"{b.p}call-0-1", model="m", status="error", attempt=1,
         http_status=503, request_hash=request, response_hash=None,
