@@ -223,12 +223,15 @@ class ResumePlan:
             states.append(state)  # counted as an attempt when the token re-enters
 
     def _restore_batches(self, run: RunContext) -> None:
-        """Put each open batch's pending members back into it: a draft goes on
-        collecting, a batch whose external job is pending waits for that job, and a batch
-        caught mid-flush fails that attempt and is flushed again as the next one."""
+        """Put each open batch's pending members back into it: a first-attempt draft
+        goes on collecting, a batch whose external job is pending waits for that job, a
+        retry recorded before its flush began is flushed, and a batch caught mid-flush
+        fails that attempt and is flushed again as the next one.  Attempt numbers go on
+        from the recorded ones, and ``retries`` counts the failed attempts of the
+        batch's whole life (an attempt a stop or crash cut short is no failure)."""
         unfinished = self.unfinished
         recorder = run.recorder
-        pending = {token.token_id for token in unfinished.pending}
+        pending = {token.token_id: token for token in unfinished.pending}
         unfinished_states = (NodeStateStatus.PENDING.value, NodeStateStatus.OPEN.value)
         flush_states = {
             state.state_id: (token.token_id, state)
@@ -239,11 +242,25 @@ class ResumePlan:
         for batch in unfinished.open_batches:
             members = [m for m in batch.members if m in pending]
             trigger = batch.trigger_reason or FlushTrigger.END_OF_SOURCE
-            if batch.status == BatchStatus.DRAFT.value:
-                batch_id = batch.batch_id
+            failures = 0
+            if members:
+                failures = sum(
+                    1
+                    for state in pending[members[0]].states  # flushes are on the first member
+                    if state.node_id == batch.node_id
+                    and state.status == _FAILED
+                    and self._is_flush(state)
+                )
+            batch_id = batch.batch_id
+            if batch.status == BatchStatus.DRAFT.value and batch.attempt == 1:
+                pass  # restored as its group's draft: rows may still join it
+            elif batch.status == BatchStatus.DRAFT.value:
+                # A retry whose flush never began: flush it, as the attempt it is.
+                run.held_batches[batch_id] = HeldBatch(
+                    len(members), trigger, attempt=batch.attempt, failures=failures
+                )
             elif batch.status == BatchStatus.PENDING.value and batch.external_job_id:
                 # Its job runs on at the provider: wait for it again, never resubmit.
-                batch_id = batch.batch_id
                 anchor, state = flush_states[str(batch.aggregation_state_id)]
                 job = RecordedJob(
                     job_id=batch.external_job_id,
@@ -252,7 +269,9 @@ class ResumePlan:
                     started_at=state.started_at,
                     attempt=batch.attempt,
                 )
-                run.held_batches[batch_id] = HeldBatch(len(members), trigger, job)
+                run.held_batches[batch_id] = HeldBatch(
+                    len(members), trigger, job, attempt=batch.attempt, failures=failures
+                )
             else:  # caught mid-flush: that attempt failed, its members make the next one
                 recorder.update_batch(batch.batch_id, status=BatchStatus.FAILED)
                 batch_id = recorder.new_id("b")
@@ -262,7 +281,13 @@ class ResumePlan:
                 earlier = None
                 if flush is not None:
                     earlier = EarlierAttempt(batch.batch_id, flush[1].started_at)
-                run.held_batches[batch_id] = HeldBatch(len(members), trigger, earlier=earlier)
+                run.held_batches[batch_id] = HeldBatch(
+                    len(members),
+                    trigger,
+                    earlier=earlier,
+                    attempt=batch.attempt + 1,
+                    failures=failures,
+                )
                 recorder.batch(
                     batch_id=batch_id,
                     node_id=batch.node_id,

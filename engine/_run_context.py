@@ -69,6 +69,10 @@ class HeldBatch:
     trigger: str
     job: RecordedJob | None = None
     earlier: EarlierAttempt | None = None
+    #: The attempt the resume makes (or waits for), and the batch's failed attempts so
+    #: far: ``retries`` is a budget over the run's whole life.
+    attempt: int = 1
+    failures: int = 0
 
 
 @dataclass(frozen=True, slots=True)

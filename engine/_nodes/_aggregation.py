@@ -66,6 +66,10 @@ class _Batch:
     began: float  # on the run's clock
     deadline: float
     members: list[_Member] = field(default_factory=list)
+    #: The attempt its next flush is (a resumed batch goes on from its record), and
+    #: its failed attempts so far, which ``retries`` bounds.
+    attempt: int = 1
+    failures: int = 0
 
 
 class _FlushFailed(Exception):
@@ -214,12 +218,14 @@ class AggregationNode(NodeTask):
         """Put ``token`` back into a batch a resume re-flushes or waits for the job of,
         and go on with that batch once all its members are back."""
         del self.run_ctx.restored_members[token.token_id]
+        held = self.run_ctx.held_batches[batch_id]
         batch = self.restoring.get(batch_id)
         if batch is None:
             now = self.run_ctx.clock.now()
-            batch = self.restoring[batch_id] = _Batch(batch_id, key, label, now, math.inf)
+            batch = self.restoring[batch_id] = _Batch(
+                batch_id, key, label, now, math.inf, attempt=held.attempt, failures=held.failures
+            )
         batch.members.append(_Member(token, time.time()))
-        held = self.run_ctx.held_batches[batch_id]
         if len(batch.members) < held.members:
             return
         del self.restoring[batch_id]
@@ -285,24 +291,24 @@ class AggregationNode(NodeTask):
             outputs, state_id = await self._flush_once(batch, rows, trigger, number)
             return functools.partial(self._pass_on, batch, outputs, state_id)
 
-        await self._attempts(batch, 1, attempt)
+        await self._attempts(batch, attempt)
 
-    async def _attempts(
-        self, batch: _Batch, first: int, attempt: Callable[[int], Awaitable[_PassOn]]
-    ) -> None:
-        """Try ``attempt`` from number ``first`` until one succeeds or ``retries`` are
-        spent (each retry a new batch attempt), then pass its results on or fail the
-        members."""
-        last = first + self.settings.retries
-        for number in range(first, last + 1):
-            if number > first:
-                batch.batch_id = self._retry_batch(batch, number)
+    async def _attempts(self, batch: _Batch, attempt: Callable[[int], Awaitable[_PassOn]]) -> None:
+        """Try ``attempt`` from the batch's attempt number on until one succeeds or the
+        batch has failed ``retries + 1`` times (each retry a new batch attempt), then
+        pass its results on or fail the members."""
+        first = batch.attempt
+        while True:
+            if batch.attempt > first:
+                batch.batch_id = self._retry_batch(batch, batch.attempt)
             try:
-                pass_on = await attempt(number)
+                pass_on = await attempt(batch.attempt)
             except _FlushFailed as failed:
-                if number == last:
+                batch.failures += 1
+                if batch.failures > self.settings.retries:
                     await self._fail_members(batch, failed.error)
                     return
+                batch.attempt += 1
             else:
                 await pass_on()
                 return
@@ -450,7 +456,7 @@ class AggregationNode(NodeTask):
         assert self.job_slots is not None
         recorded = None if held is None else held.job
         earlier = None if held is None else held.earlier
-        first = 1 if recorded is None else recorded.attempt
+        first = batch.attempt
 
         async def attempt(number: int) -> _PassOn:
             if number == first and recorded is not None:
@@ -461,7 +467,7 @@ class AggregationNode(NodeTask):
             return functools.partial(self._pass_on_members, batch, done)
 
         try:
-            await self._attempts(batch, first, attempt)
+            await self._attempts(batch, attempt)
         finally:
             self.job_slots.release()
 

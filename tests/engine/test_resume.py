@@ -343,6 +343,59 @@ async def test_a_flush_cancelled_by_the_stop_is_redone_as_a_new_attempt_of_its_b
     await verified(landscape_url, first.run_id)
 
 
+class FailingFlush(CollectAggregation):
+    """A flush that always fails; its second attempt hangs until cancelled while
+    ``stall`` is set.  ``attempts`` lists the attempt of every flush it was handed."""
+
+    stall: ClassVar[bool] = False
+    stalled: ClassVar[anyio.Event]
+    attempts: ClassVar[list[int]] = []
+
+    async def flush(self, rows: Sequence[Row], ctx: BatchContext) -> list[Row]:
+        FailingFlush.attempts.append(ctx.attempt)
+        if ctx.attempt == 2 and FailingFlush.stall:
+            FailingFlush.stalled.set()
+            await anyio.sleep_forever()
+        raise RuntimeError(f"attempt {ctx.attempt} fails")
+
+
+async def test_batch_attempts_go_on_counting_across_a_resume_and_retries_bound_them(
+    tmp_path: Path, landscape_url: str
+) -> None:
+    FailingFlush.stall, FailingFlush.stalled, FailingFlush.attempts = True, anyio.Event(), []
+    config = pooled_config([{"i": i} for i in range(4)], tmp_path, plugin=FailingFlush, retries=1)
+    pipeline = Pipeline.from_dict(config, landscape_url=landscape_url)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pipeline.run)
+            await FailingFlush.stalled.wait()
+            pipeline.stop()  # attempt 2 is cut short: no failure of the batch's
+    first = pipeline.last_result
+    assert first is not None
+    assert first.status == "interrupted"
+    FailingFlush.stall = False
+    resumed = await Pipeline.from_dict(config, landscape_url=landscape_url).resume(first.run_id)
+    assert resumed.status == "completed"
+    # Attempt 1 failed, 2 was cut short, 3 failed: with retries 1 the batch gives up.
+    assert FailingFlush.attempts == [1, 2, 3]
+    batches = await table_rows(landscape_url, t.batches)
+    assert sorted((b["attempt"], b["status"]) for b in batches) == [
+        (1, "failed"),
+        (2, "failed"),
+        (3, "failed"),
+    ]
+    states = await table_rows(landscape_url, t.node_states, t.node_states.c.node_id == "pool")
+    flushes = {b["aggregation_state_id"]: b["attempt"] for b in batches}
+    assert sorted((s["attempt"], s["status"]) for s in states if s["state_id"] in flushes) == [
+        (1, "failed"),
+        (2, "cancelled"),
+        (3, "failed"),
+    ]
+    assert all(s["attempt"] == flushes[s["state_id"]] for s in states if s["state_id"] in flushes)
+    assert resumed.outcomes == {"failed": 4}
+    await verified(landscape_url, first.run_id)
+
+
 async def test_a_draft_batch_held_at_a_forced_stop_is_restored_with_its_members(
     tmp_path: Path, sqlite_url: str
 ) -> None:
