@@ -11,6 +11,11 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import anyio
+import anyio.lowlevel
+
+from engine import Pipeline
+
 from .conftest import Cli, run_id_of
 
 
@@ -149,3 +154,48 @@ def test_first_runs_started_together_on_a_new_landscape_all_complete(
     outputs = [run.communicate(timeout=120) for run in runs]
     assert [run.returncode for run in runs] == [0, 0, 0], outputs
     assert len({run_id_of(out) for out, _ in outputs}) == 3
+
+
+def test_a_missing_source_is_refused_before_any_output_is_touched(
+    cli: Cli, quickstart: Path
+) -> None:
+    first = cli("run", str(quickstart), "--no-progress")
+    assert first.returncode == 0, first.stderr
+    outputs = {p: p.read_bytes() for p in (quickstart.parent / "out").iterdir()}
+    assert any(outputs.values())
+    (quickstart.parent / "data" / "orders.csv").rename(quickstart.parent / "orders.csv.bak")
+    for command in ("validate", "run"):
+        result = cli(command, str(quickstart))
+        assert result.returncode == 2, result
+        assert "source.options: cannot open" in result.stderr
+        assert "orders.csv" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert {p: p.read_bytes() for p in (quickstart.parent / "out").iterdir()} == outputs
+
+
+async def interrupted_at_once(pipeline: Pipeline) -> str:
+    """The id of a run of ``pipeline`` stopped as soon as it began (``interrupted``)."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pipeline.run)
+        await anyio.lowlevel.checkpoint()  # the run has begun
+        pipeline.stop()
+    assert pipeline.last_result is not None
+    assert pipeline.last_result.status == "interrupted"
+    return pipeline.last_result.run_id
+
+
+def test_a_resume_with_a_moved_pipeline_file_says_where_the_run_began(
+    cli: Cli, quickstart: Path, tmp_path: Path
+) -> None:
+    landscape = f"sqlite+aiosqlite:///{tmp_path / 'runs' / 'audit.db'}"
+    run_id = anyio.run(interrupted_at_once, Pipeline.from_yaml(quickstart, landscape_url=landscape))
+    moved = tmp_path / "elsewhere" / "pipeline.yaml"
+    moved.parent.mkdir()
+    quickstart.rename(moved)
+    result = cli("resume", run_id, "--pipeline", str(moved), "--landscape", landscape)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert f"cannot resume run {run_id}: its source cannot be read" in message
+    assert str(moved.parent / "data" / "orders.csv") in message
+    assert f"resume with --pipeline {quickstart}" in message
