@@ -105,7 +105,8 @@ class AggregationNode(NodeTask):
     through its plugin when a trigger fires: ``count``, ``timeout_seconds`` after the
     batch's first row (on the run's clock; the node waits for input *or* the earliest
     deadline), ``condition``, or end of input (``end_of_source``, or ``shutdown`` when
-    the run was asked to stop).
+    the run was asked to stop — unless ``runtime.stop_aggregations`` is ``hold``: then
+    a stop leaves the draft batches on record, and a resume goes on filling them).
 
     Each batch is recorded ``draft`` with its members as they arrive, ``executing``
     with the node state of its flush (opened before the plugin runs, on the batch's
@@ -161,6 +162,8 @@ class AggregationNode(NodeTask):
                 self.stats.received += 1
                 await self._add(token)
         stopped = self.run_ctx.stop_requested.is_set()
+        if stopped and self.run_ctx.graph.settings.runtime.stop_aggregations == "hold":
+            return  # the drafts stay on record as drafts: a resume goes on filling them
         trigger = FlushTrigger.SHUTDOWN if stopped else FlushTrigger.END_OF_SOURCE
         for batch in list(self.drafts.values()):
             await self.flush(batch, trigger)

@@ -213,3 +213,48 @@ async def test_a_one_shot_async_source_is_refused_on_resume_with_the_reason(
     assert result is not None
     with pytest.raises(ResumeError, match="one-shot"):
         await pipeline.resume(result.run_id)
+
+
+async def test_with_stop_aggregations_hold_a_stop_keeps_the_draft_and_resume_fills_it(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    feed = Feed(first=6, rest=4)
+    config = linear_config(
+        feed, tmp_path, source_to="raw", aggregations=[collect_into("out", trigger={"count": 4})]
+    )
+    config["runtime"] = {"drain_timeout_seconds": 3600, "stop_aggregations": "hold"}
+    pipeline = Pipeline.from_dict(config, landscape_url=sqlite_url)
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pipeline.run)
+            await feed.idle.wait()
+            await anyio.wait_all_tasks_blocked()
+            pipeline.stop()
+    first = pipeline.last_result
+    assert first is not None
+    assert first.status == "interrupted"
+    assert [[r["i"] for r in line["rows"]] for line in read_jsonl(tmp_path / "out.jsonl")] == [
+        [0, 1, 2, 3]
+    ]
+    batches = await table_rows(sqlite_url, t.batches)
+    assert sorted((b["status"], b["trigger_reason"]) for b in batches) == [
+        ("completed", "count"),
+        ("draft", None),
+    ]
+    async with Landscape.connect(sqlite_url) as landscape:
+        report = await landscape.verify(first.run_id)
+    assert report.ok, report.violations
+    assert report.watermark == 3  # rows 4 and 5 are held in the draft
+    feed.more.set()
+    with anyio.fail_after(60):
+        resumed = await pipeline.resume(first.run_id)
+    assert resumed.status == "completed"
+    # As an uninterrupted run batches them: no partial batch at the stop.
+    assert [[r["i"] for r in line["rows"]] for line in read_jsonl(tmp_path / "out.jsonl")] == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [8, 9],
+    ]
+    async with Landscape.connect(sqlite_url) as landscape:
+        report = await landscape.verify(first.run_id)
+    assert report.ok, report.violations

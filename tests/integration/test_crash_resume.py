@@ -229,3 +229,28 @@ async def test_kill_9_while_calls_are_retried_then_resume_leaves_a_verified_trai
         rows = conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
     assert retried > 0
     assert rows == ROWS
+
+
+@pytest.mark.timeout(300)
+async def test_with_stop_aggregations_hold_stop_and_resume_write_what_an_uninterrupted_run_does(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    expected, _ = await reference(tmp_path_factory)
+    async with mock_server() as server:
+        pipeline = write_pipeline(tmp_path, server.base_url, runtime="stop_aggregations: hold")
+        process = await start_run(tmp_path, pipeline)
+        with anyio.fail_after(60):
+            await server.wait_in_flight(8)
+        os.killpg(process.pid, signal.SIGINT)
+        with anyio.fail_after(10 + 15):
+            code, output = await finish(process)
+        assert code == EXIT_INTERRUPTED, output
+        run_id = run_id_of(output)
+        await check_audit(tmp_path, run_id)
+        with sqlite3.connect(tmp_path / "audit.db") as conn:
+            triggers = {r for (r,) in conn.execute("SELECT trigger_reason FROM batches")}
+        assert "shutdown" not in triggers
+        code, output = await run_cli(tmp_path, "resume", run_id, "--pipeline", str(pipeline))
+        assert code == 0, output
+    await check_audit(tmp_path, run_id)
+    assert outputs(tmp_path) == expected
