@@ -271,6 +271,8 @@ def render_verify(report: VerifyReport) -> RenderableType:
     covered = f"{report.checked_tokens} tokens checked"
     if report.watermark is not None:
         covered += f", watermark row {report.watermark}"
+    if report.payloads_checked is not None:
+        covered += f", {report.payloads_checked} payloads hashed again"
     if report.ok:
         return Text.from_markup(
             f"[green]✓[/] run {escape(report.run_id)}: audit trail OK ({covered})"

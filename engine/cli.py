@@ -173,10 +173,16 @@ def _add_verify(commands: Commands) -> None:
         "verify",
         help="check a run's audit invariants",
         description=(
-            "Check the audit invariants of a run; exit code 1 and each violation printed if any."
+            "Check the audit invariants of a run, and that each file sink's file is still what "
+            "the run wrote (size and SHA-256); exit code 1 and each violation printed if any."
         ),
     )
     verify.add_argument("run_id", metavar="RUN_ID")
+    verify.add_argument(
+        "--deep",
+        action="store_true",
+        help="also hash every payload the run names again and compare it with its hash",
+    )
     _landscape_option(verify)
 
 
@@ -406,7 +412,7 @@ async def _runs(args: argparse.Namespace, out: Console, err: Console) -> int:
 async def _verify(args: argparse.Namespace, out: Console, err: Console) -> int:
     async with Landscape.connect(args.landscape or DEFAULT_URL, create=False) as landscape:
         try:
-            report = await landscape.verify(args.run_id)
+            report = await landscape.verify(args.run_id, deep=args.deep)
         except RunNotFound as exc:
             err.print(f"[bold red]not found[/]: {exc}", highlight=False)
             return EXIT_FAILED

@@ -332,10 +332,11 @@ class Landscape:
                 conn, run_id, row_index=row_index, row_id=row_id, token_id=token_id
             )
 
-    async def verify(self, run_id: str) -> VerifyReport:
-        """Check the audit invariants of DESIGN.md for ``run_id``."""
+    async def verify(self, run_id: str, *, deep: bool = False) -> VerifyReport:
+        """Check the audit invariants of ``run_id`` (``docs/audit.md``), its sink files
+        against their records and, with ``deep``, every payload against its hash."""
         async with self.engine.connect() as conn:
-            return await verify(conn, run_id)
+            return await verify(conn, run_id, deep=deep)
 
 
 async def _call_summaries(conn: AsyncConnection, run_id: str | None) -> dict[str, CallSummary]:

@@ -1,4 +1,4 @@
-"""Check a run's audit trail against the invariants of DESIGN.md ("Audit invariants").
+"""Check a run's audit trail against its invariants (``docs/audit.md`` lists them).
 
 Every check is one set-based query that returns only the offending records: a scan
 of one table with ``NOT EXISTS`` probes on indexed keys, or a correlated count per
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, case, false, func, not_, or_, select, text, true
 
 from . import _schema as t
+from ._integrity import PAYLOAD_REFS, PayloadRef, altered_payloads, altered_sink_files
 from ._lineage import RunNotFound
 from ._outcomes import ANSWERED_CALL_STATUSES, PARENT_OUTCOMES, NodeStateStatus, Outcome, RunStatus
 
@@ -37,7 +38,7 @@ __all__ = ["Invariant", "RunNotFound", "VerifyReport", "Violation", "verify"]
 
 
 class Invariant(StrEnum):
-    """What a violation breaks (numbers refer to DESIGN.md's audit invariants)."""
+    """What a violation breaks (numbers refer to the audit invariants of ``docs/audit.md``)."""
 
     TERMINAL_OUTCOME = "1-terminal-outcome"
     NODE_STATE = "2-node-state"
@@ -46,7 +47,9 @@ class Invariant(StrEnum):
     COALESCE_FAILURE = "5-coalesce-failure"
     CALL = "6-call"
     SINK_COUNT = "8-sink-count"
+    SINK_FILE = "8-sink-file"
     REFERENCE = "referential-integrity"
+    PAYLOAD_CONTENT = "payload-content"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,8 @@ class VerifyReport:
     checked_tokens: int
     #: The latest checkpoint's watermark row index (``None`` without a checkpoint).
     watermark: int | None
+    #: Payloads hashed again (``verify --deep``; ``None`` when not asked for).
+    payloads_checked: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of the report."""
@@ -83,6 +88,7 @@ class VerifyReport:
             "violations": [v.to_dict() for v in self.violations],
             "checked_tokens": self.checked_tokens,
             "watermark": self.watermark,
+            "payloads_checked": self.payloads_checked,
         }
 
 
@@ -103,8 +109,12 @@ class _Scope:
     """Which tokens the per-token invariants cover."""
 
     run_id: str
-    complete: bool
+    status: str
     watermark: int | None
+
+    @property
+    def complete(self) -> bool:
+        return self.status == RunStatus.COMPLETED.value
 
     def rows(self, row_index: ColumnElement[int]) -> ColumnElement[bool]:
         """True for the row indexes in scope."""
@@ -605,31 +615,7 @@ def _describe_reference(source: Table, ref: _Ref, row: RowMapping) -> str:
     return f"{what}: {ref.column} {row[ref.column]!r} not found in {ref.target.name}"
 
 
-@dataclass(frozen=True, slots=True)
-class _PayloadRef:
-    """``column`` of ``table`` holds a payload hash; rows where ``skip`` holds need no probe."""
-
-    table: Table
-    column: str
-    skip: Callable[[], ColumnElement[bool]] | None = None
-
-
-def _same_as_source_ref() -> ColumnElement[bool]:
-    return R.c.source_data_hash == R.c.source_data_ref
-
-
-_PAYLOAD_REFS = (
-    _PayloadRef(R, "source_data_ref"),
-    _PayloadRef(R, "source_data_hash", _same_as_source_ref),
-    _PayloadRef(NS, "input_hash"),
-    _PayloadRef(NS, "output_hash"),
-    _PayloadRef(t.calls, "request_ref"),
-    _PayloadRef(t.calls, "response_ref"),
-    _PayloadRef(t.validation_errors, "row_data_ref"),
-)
-
-
-def _missing_payloads(ref: _PayloadRef, run_id: str, *, sort: bool) -> Select[Any]:
+def _missing_payloads(ref: PayloadRef, run_id: str, *, sort: bool) -> Select[Any]:
     """The distinct hashes in ``ref`` that name no payload.
 
     Hashes are random, so probing the payload index in table order misses the cache on
@@ -650,7 +636,7 @@ def _missing_payloads(ref: _PayloadRef, run_id: str, *, sort: bool) -> Select[An
 
 async def _check_payloads(c: _Collector, run_id: str) -> None:
     sort = c.conn.dialect.name == "sqlite"
-    for ref in _PAYLOAD_REFS:
+    for ref in PAYLOAD_REFS:
         query = _missing_payloads(ref, run_id, sort=sort).limit(c.limit + 1)
         missing = list((await c.conn.execute(query)).scalars())
         if missing:
@@ -658,7 +644,7 @@ async def _check_payloads(c: _Collector, run_id: str) -> None:
 
 
 async def _report_missing_payloads(
-    c: _Collector, ref: _PayloadRef, run_id: str, missing: list[str]
+    c: _Collector, ref: PayloadRef, run_id: str, missing: list[str]
 ) -> None:
     """One violation per record of ``ref.table`` that names one of the ``missing`` hashes."""
     table, column = ref.table, ref.table.c[ref.column]
@@ -692,7 +678,7 @@ async def _scope(conn: AsyncConnection, run_id: str) -> _Scope:
         .limit(1)
     )
     watermark = (await conn.execute(latest)).scalar()
-    return _Scope(run_id, status == RunStatus.COMPLETED.value, watermark)
+    return _Scope(run_id, str(status), watermark)
 
 
 async def _checked_tokens(conn: AsyncConnection, scope: _Scope) -> int:
@@ -700,11 +686,15 @@ async def _checked_tokens(conn: AsyncConnection, scope: _Scope) -> int:
     return int((await conn.execute(query)).scalar_one())
 
 
-async def verify(conn: AsyncConnection, run_id: str, *, limit: int = 100) -> VerifyReport:
+async def verify(
+    conn: AsyncConnection, run_id: str, *, limit: int = 100, deep: bool = False
+) -> VerifyReport:
     """Check the audit invariants for ``run_id`` and report every violation found.
 
-    Each check reports at most ``limit`` violations, then one line counting the rest.
-    Raises :class:`RunNotFound` when the run does not exist.
+    The file of each file sink is compared with the run's record of it (size and
+    SHA-256) once the run is no longer executing; with ``deep`` every payload the run
+    names is hashed again too.  Each check reports at most ``limit`` violations, then
+    one line counting the rest.  Raises :class:`RunNotFound` when the run does not exist.
     """
     scope = await _scope(conn, run_id)
     c = _Collector(conn, limit)
@@ -716,12 +706,27 @@ async def verify(conn: AsyncConnection, run_id: str, *, limit: int = 100) -> Ver
     await _check_calls(c, scope)
     if scope.complete:
         await _check_sinks(c, run_id)
+    if scope.status != RunStatus.RUNNING.value:  # its files are as it left them
+        altered = await altered_sink_files(conn, run_id)
+        c.add_capped(
+            Invariant.SINK_FILE, [Violation(Invariant.SINK_FILE.value, m) for m in altered]
+        )
     await _check_references(c, run_id)
     await _check_payloads(c, run_id)
+    payloads_checked = None
+    if deep:
+        audit = await altered_payloads(conn, run_id, c.limit)
+        payloads_checked = audit.checked
+        for message in audit.problems:
+            c.add(Invariant.PAYLOAD_CONTENT, message)
+        if audit.altered > len(audit.problems):
+            more = audit.altered - len(audit.problems)
+            c.add(Invariant.PAYLOAD_CONTENT, f"... and {more} more altered payloads")
     return VerifyReport(
         run_id=run_id,
         ok=not c.violations,
         violations=c.violations,
         checked_tokens=await _checked_tokens(conn, scope),
         watermark=scope.watermark,
+        payloads_checked=payloads_checked,
     )

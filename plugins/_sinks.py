@@ -231,13 +231,15 @@ class _FileSink(Sink):
             await anyio.to_thread.run_sync(file.close)
 
     def position(self) -> dict[str, Any]:
-        """The file's size and row count after the last write."""
-        return {"bytes": self._size, "rows": self._rows}
+        """The file's size, row count and SHA-256 after the last write."""
+        return {"bytes": self._size, "rows": self._rows, "sha256": self._hash.hexdigest()}
 
     async def resume(self, position: Any) -> None:
         """Re-open the file, cut to ``position`` (what the recorded outcomes cover), to append.
 
-        Without a position (nothing recorded as written) the file is created afresh.
+        Without a position (nothing recorded as written) the file is created afresh.  A
+        file whose bytes up to the position are not the ones the run wrote (their
+        SHA-256 is in the position) is refused: appending to it would hide the change.
         """
         if position is None:
             await self.open()
@@ -249,6 +251,13 @@ class _FileSink(Sink):
             self._file, self._hash = await anyio.to_thread.run_sync(_reopen_at, self._path, size)
         except OSError as exc:
             raise SinkError(f"cannot resume {self._path}: {exc.strerror or exc}") from exc
+        recorded = position.get("sha256")
+        if recorded is not None and recorded != self._hash.hexdigest():
+            await self.aclose()
+            raise SinkError(
+                f"cannot resume {self._path}: its first {size} bytes are not what the run "
+                "wrote (the file was changed since); restore it, or start a new run"
+            )
         self._size, self._rows = size, rows
         self._restore(position)
 

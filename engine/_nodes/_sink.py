@@ -34,10 +34,11 @@ class SinkNode(NodeTask):
     ``routed`` when a gate sent the row here, ``quarantined`` for an error sink), so a
     recorded outcome always names a row that is really in the sink.  Rows the plugin
     rejects end ``failed`` with its reason.  A write that raises fails the run
-    (:class:`PluginError`): the sink's state is then unknown.  At end of input the
-    artifact is recorded.  After each write the sink's position is recorded with the
-    write's outcomes, so a resumed run can cut an appending sink back to what the
-    Landscape says was written.
+    (:class:`PluginError`): the sink's state is then unknown.  When the node ends — at
+    end of input, on cancellation or failure — the artifact (what the sink holds: a
+    file's size and SHA-256) is recorded; ``verify`` compares it with the file.  After
+    each write the sink's position is recorded with the write's outcomes, so a resumed
+    run can cut an appending sink back to what the Landscape says was written.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -49,8 +50,15 @@ class SinkNode(NodeTask):
         settings: SinkSettings = self.spec.settings  # type: ignore[assignment]
         sink: Sink = self.spec.plugin  # type: ignore[assignment]
         interval = settings.flush_interval_ms / 1000.0
-        while batch := await self._collect(settings.batch_size, interval):
-            await self._write(sink, batch)
+        try:
+            while batch := await self._collect(settings.batch_size, interval):
+                await self._write(sink, batch)
+        except BaseException:
+            self._record_artifact(sink)  # what the sink holds, also when cut short
+            raise
+        self._record_artifact(sink)
+
+    def _record_artifact(self, sink: Sink) -> None:
         artifact = sink.artifact()
         if artifact is not None:
             self.recorder.artifact(

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import urllib.request
@@ -199,3 +200,33 @@ def test_a_resume_with_a_moved_pipeline_file_says_where_the_run_began(
     assert f"cannot resume run {run_id}: its source cannot be read" in message
     assert str(moved.parent / "data" / "orders.csv") in message
     assert f"resume with --pipeline {quickstart}" in message
+
+
+def test_verify_reports_an_edited_sink_file_and_deep_verify_an_edited_payload(
+    cli: Cli, quickstart: Path, tmp_path: Path
+) -> None:
+    run_id = run_id_of(cli("run", str(quickstart), "--no-progress").stdout)
+    deep = cli("verify", run_id, "--deep")
+    assert deep.returncode == 0, deep.stdout
+    assert "payloads hashed again" in deep.stdout
+    accepted = quickstart.parent / "out" / "accepted.jsonl"
+    lines = accepted.read_text().splitlines(keepends=True)
+    lines[3] = lines[3].replace('"country":"', '"country":"X')
+    accepted.write_text("".join(lines))
+    with sqlite3.connect(tmp_path / "runs" / "audit.db") as db:
+        (edited,) = db.execute(
+            "SELECT source_data_ref FROM rows WHERE run_id = ? AND row_index = 5", (run_id,)
+        ).fetchone()
+        db.execute(
+            "UPDATE payloads SET content = replace(content, 'express', 'expresz') WHERE hash = ?",
+            (edited,),
+        )
+    plain = cli("verify", run_id)
+    assert plain.returncode == 1
+    assert "8-sink-file" in plain.stdout
+    assert "accepted.jsonl" in plain.stdout
+    assert "payload-content" not in plain.stdout
+    deep = cli("verify", run_id, "--deep")
+    assert deep.returncode == 1
+    assert "8-sink-file" in deep.stdout
+    assert f"payload {edited}" in deep.stdout

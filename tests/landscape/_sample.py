@@ -16,9 +16,11 @@ Graph: ``src`` → ``clean`` → {``risk`` gate, ``split`` fork gate, ``daily`` 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -279,11 +281,19 @@ def _aggregated(b: _Builder) -> None:
     b.sink(output, "out", b.sample.hashes[f"{output}@daily"], Outcome.COMPLETED)
 
 
-def _artifacts(rec: Recorder) -> None:
+def _artifacts(rec: Recorder, out_dir: Path | None) -> None:
+    """An artifact per sink: a file in ``out_dir`` holding what is recorded of it, or
+    (without ``out_dir``) a sink with no file."""
     for sink, rows_written in (("out", 3), ("review", 1), ("quarantine", 1)):
+        content = b"".join(b'{"row": %d}\n' % i for i in range(rows_written))
+        uri = f"memory://sample/{sink}"
+        if out_dir is not None:
+            path = out_dir / f"{sink}.jsonl"
+            path.write_bytes(content)
+            uri = path.as_uri()
         rec.artifact(
-            sink_node_id=sink, uri=f"file:///tmp/{sink}.jsonl", content_hash="0" * 64,
-            size_bytes=10 * rows_written, rows_written=rows_written,
+            sink_node_id=sink, uri=uri, content_hash=hashlib.sha256(content).hexdigest(),
+            size_bytes=len(content), rows_written=rows_written,
         )  # fmt: skip
 
 
@@ -303,8 +313,10 @@ async def record_sample_run(
     *,
     status: RunStatus = RunStatus.COMPLETED,
     watermark: int | None = None,
+    out_dir: Path | None = None,
 ) -> SampleRun:
-    """Record the sample run; optionally end it ``status`` with a checkpoint at ``watermark``."""
+    """Record the sample run; optionally end it ``status`` with a checkpoint at ``watermark``;
+    with ``out_dir``, its sinks are files written there."""
     sample = SampleRun(run_id)
 
     def build(rec: Recorder, writer: GroupCommitWriter) -> None:
@@ -319,7 +331,7 @@ async def record_sample_run(
         _quarantined(b)
         _aggregated(b)
         _fork(b, 7, topics_fails=True)
-        _artifacts(rec)
+        _artifacts(rec, out_dir)
         if watermark is not None:
             rec.checkpoint(watermark_row_index=watermark, state={})
         rec.finish_run(status, rows_processed=8, outcomes={"completed": 3})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +20,8 @@ Damage = Callable[[SampleRun], list[Any]]
 
 
 @pytest.fixture
-async def sample(landscape: Landscape) -> SampleRun:
-    return await record_sample_run(landscape)
+async def sample(landscape: Landscape, tmp_path: Path) -> SampleRun:
+    return await record_sample_run(landscape, out_dir=tmp_path)
 
 
 async def _damage(landscape: Landscape, statements: list[Any]) -> None:
@@ -328,3 +329,49 @@ async def test_latest_checkpoint_sets_the_watermark(landscape: Landscape) -> Non
     sample = await record_sample_run(landscape, status=RunStatus.COMPLETED, watermark=7)
     report = await landscape.verify(sample.run_id)
     assert (report.ok, report.watermark) == (True, 7)
+
+
+# -- what the run left: sink files and payload content ---------------------------------------
+
+
+async def test_an_edited_or_missing_sink_file_is_reported(
+    landscape: Landscape, sample: SampleRun, tmp_path: Path
+) -> None:
+    assert (await landscape.verify(sample.run_id)).ok
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(out.read_bytes().replace(b'"row": 1', b'"row": 7'))  # same size
+    (tmp_path / "review.jsonl").write_bytes(b"")
+    (tmp_path / "quarantine.jsonl").unlink()
+    report = await landscape.verify(sample.run_id)
+    assert _found(report, Invariant.SINK_FILE, f"sink 'out': {out} differs from what", None)
+    assert _found(report, Invariant.SINK_FILE, "has 0 bytes where the run recorded 11", None)
+    assert _found(report, Invariant.SINK_FILE, "quarantine.jsonl is missing", None)
+
+
+async def test_a_running_runs_files_are_not_compared(landscape: Landscape, tmp_path: Path) -> None:
+    sample = await record_sample_run(landscape, status=RunStatus.RUNNING, out_dir=tmp_path)
+    (tmp_path / "out.jsonl").write_bytes(b"more rows written since\n")
+    assert (await landscape.verify(sample.run_id)).ok
+
+
+async def test_deep_verify_hashes_every_payload_again(
+    landscape: Landscape, sample: SampleRun
+) -> None:
+    report = await landscape.verify(sample.run_id, deep=True)
+    assert report.ok, report.violations
+    assert report.payloads_checked is not None
+    assert report.payloads_checked > 10
+    edited = sample.hashes["response"]
+    payloads = t.payloads
+    await _damage(
+        landscape,
+        [
+            update(payloads)
+            .where(payloads.c.hash == edited)
+            .values(content='{"choices":[{"message":{"content":"forged"}}]}')
+        ],
+    )
+    assert (await landscape.verify(sample.run_id)).ok  # the structure is intact
+    report = await landscape.verify(sample.run_id, deep=True)
+    assert [v.invariant for v in report.violations] == [Invariant.PAYLOAD_CONTENT.value]
+    assert f"payload {edited}: its content hashes to" in report.violations[0].message

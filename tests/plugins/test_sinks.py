@@ -172,6 +172,21 @@ async def test_a_file_another_sink_writes_is_refused_and_left_untouched(
 
 
 @pytest.mark.parametrize(("sink_class", "name"), FILE_SINKS)
+async def test_resuming_a_file_changed_since_it_was_written_is_refused(
+    setup: PluginSetup, sink_class: type[Sink], name: str
+) -> None:
+    sink = sink_class.from_options({"path": name}, setup)
+    async with sink:
+        await sink.write(items({"x": 1}, {"x": 2}))
+        position = sink.position()
+    path = setup.base_dir / name
+    path.write_bytes(path.read_bytes().replace(b"1", b"9"))
+    again = sink_class.from_options({"path": name}, setup)
+    with pytest.raises(SinkError, match="not what the run wrote"):
+        await again.resume(position)
+
+
+@pytest.mark.parametrize(("sink_class", "name"), FILE_SINKS)
 async def test_file_sink_fsyncs_once_per_batch_off_the_event_loop(
     setup: PluginSetup, sink_class: type[Sink], name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
