@@ -1,4 +1,4 @@
-"""The pipeline file, as pydantic models (the YAML contract of DESIGN.md).
+"""The pipeline file, as pydantic models (the YAML contract, ``docs/configuration.md``).
 
 Loading validates shape and types only; graph checks (dangling connections, cycles,
 unfed nodes, expressions) are :mod:`engine._graph`'s.  Every model forbids unknown keys,

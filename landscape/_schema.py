@@ -1,6 +1,6 @@
 """The Landscape's tables (SQLAlchemy Core).
 
-Table and column names listed in DESIGN.md are contract; the extra columns here carry
+Table and column names listed in ``docs/audit.md`` are contract; the extra columns here carry
 ``run_id`` wherever a lookup needs it.  Timestamps are UNIX epoch seconds (float, UTC):
 cheap to bind on every dialect and exact to the microsecond.  Append-only event tables
 (``routing_events``, ``token_outcomes``, ``validation_errors``) carry their generated id

@@ -464,7 +464,7 @@ def _stats(name: str, rows: list[Row]) -> Row:
 
 
 def _merge(join: Join, taken: list[tuple[str, Tok]]) -> Row | None:
-    """DESIGN.md's merges; ``None`` when the merge fails."""
+    """The documented merges; ``None`` when the merge fails."""
     rows = {label: tok.row for label, tok in taken}
     if join.merge == "nested":
         return rows
