@@ -84,6 +84,9 @@ class RunResult:
     calls: CallSummary = field(default_factory=CallSummary)
     #: Why the run stopped early when it did so by itself (a budget), else ``None``.
     stop_reason: str | None = None
+    #: Rows whose processing failed: ended ``failed`` or sent down an ``on_error`` route
+    #: (in every session of the run; invalid source records are quarantined, not counted).
+    row_errors: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +330,7 @@ class Pipeline:
                         if plan is not None:
                             with anyio.CancelScope(shield=True):
                                 await plan.aclose()
+                row_errors = await landscape.row_errors(run_id)
         except LandscapeNotFound as exc:
             raise ResumeError(f"cannot resume run {run_id}: {exc}") from exc
         except RunExists as exc:
@@ -362,6 +366,7 @@ class Pipeline:
             landscape_url=self.landscape_url,
             calls=run.calls.snapshot(),
             stop_reason=run.stop_reason,
+            row_errors=row_errors,
         )
 
     async def check_inputs(self) -> None:

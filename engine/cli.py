@@ -30,11 +30,21 @@ if TYPE_CHECKING:
 
     from rich.console import RenderableType
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_INTERRUPTED", "build_parser", "main"]
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_ROW_ERRORS",
+    "EXIT_SIGINT",
+    "build_parser",
+    "main",
+]
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 3
+#: The run completed, but some rows failed or took an error route.
+EXIT_ROW_ERRORS = 4
 #: Ctrl-C before a run began (the shell's convention, 128 + SIGINT).
 EXIT_SIGINT = 130
 
@@ -68,8 +78,9 @@ def _add_run(commands: Commands) -> None:
         help="run a pipeline",
         description=(
             "Run a pipeline with a live progress display; prints the run id and outcome counts. "
-            "Exit code 0 when the run completed, 3 when it was interrupted, 1 when it failed, "
-            "2 for an invalid pipeline file."
+            "Exit code 0 when the run completed with no row errors, 4 when it completed but "
+            "rows failed or took an error route, 3 when it was interrupted, 1 when it failed, "
+            "2 for an invalid pipeline file or a source that cannot be read."
         ),
     )
     run.add_argument("pipeline", metavar="PIPELINE.yaml", help="the pipeline file")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from sqlalchemy import case, event, func, select
+from sqlalchemy import and_, case, event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -294,6 +294,26 @@ class Landscape:
         async with self.engine.connect() as conn:
             result = await conn.execute(query)
             return dict(result)
+
+    async def row_errors(self, run_id: str) -> int:
+        """How many tokens of ``run_id`` had an error: they ended ``failed``, or a node
+        sent them down its error route (a ``divert`` edge of any node but the source,
+        whose invalid records are quarantined, not errors)."""
+        out, e, d, n = t.token_outcomes, t.routing_events, t.edges, t.nodes
+        failed = select(func.count()).where(
+            out.c.run_id == run_id, out.c.is_terminal, out.c.outcome == "failed"
+        )
+        diverted = (
+            select(func.count())
+            .select_from(e)
+            .join(d, and_(d.c.run_id == e.c.run_id, d.c.edge_id == e.c.edge_id))
+            .join(n, and_(n.c.run_id == d.c.run_id, n.c.node_id == d.c.from_node_id))
+            .where(e.c.run_id == run_id, d.c.mode == "divert", n.c.node_type != "source")
+        )
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(failed)).scalar_one()) + int(
+                (await conn.execute(diverted)).scalar_one()
+            )
 
     async def load_payload(self, content_hash: str) -> Any:
         """The value stored under ``content_hash`` (``None`` if absent)."""

@@ -230,3 +230,19 @@ def test_verify_reports_an_edited_sink_file_and_deep_verify_an_edited_payload(
     assert deep.returncode == 1
     assert "8-sink-file" in deep.stdout
     assert f"payload {edited}" in deep.stdout
+
+
+def test_a_run_whose_rows_had_errors_completes_with_exit_code_4(
+    cli: Cli, quickstart: Path
+) -> None:
+    text = quickstart.read_text().replace(
+        "round(row['amount'] * row['rate'], 2)",
+        "round(row['amount'] * row['rate'] / (0 if row['currency'] == 'GBP' else 1), 2)",
+    )
+    quickstart.write_text(text)
+    result = cli("run", str(quickstart), "--no-progress")
+    assert result.returncode == 4, result.stderr
+    errors = (quickstart.parent / "out" / "errors.jsonl").read_text().splitlines()
+    assert errors
+    assert f"rows with errors: {len(errors)}" in result.stdout
+    assert "status: completed" in result.stdout
