@@ -310,6 +310,12 @@ async def _drive(
             f"resume with: {_resume_command(result.run_id, args)}", highlight=False, markup=False
         )
         return EXIT_INTERRUPTED
+    if result.row_errors:
+        out.print(
+            f"rows with errors: {result.row_errors} (failed, or sent to an error sink)",
+            highlight=False,
+        )
+        return EXIT_ROW_ERRORS
     return 0
 
 
