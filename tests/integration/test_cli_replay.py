@@ -108,7 +108,8 @@ async def test_a_changed_threshold_replayed_shows_exactly_the_rerouted_rows(
         code, output = await run_cli(
             tmp_path, "run", str(reworded), "--no-progress", "--replay", run_a
         )
-        assert code == 0, output
+        assert code == 4, output  # the reworded rows' replay misses are row errors
+        assert "rows with errors: 4" in output
         run_c = run_id_of(output)
         assert server.statistics().requests == requests  # the replays sent nothing
     for run_id in (run_a, run_b, run_c):
