@@ -302,34 +302,14 @@ class Pipeline:
         progress_interval: float,
     ) -> RunResult:
         self._started = time.monotonic()
-        runtime = self.settings.runtime
         if not start.resume:
             await self.check_inputs()  # before anything is recorded or any sink opened
         try:
             # A resume reads a run on record: it never creates a Landscape.
             async with Landscape.connect(self.landscape_url, create=not start.resume) as landscape:
-                replay = None
-                if start.replay is not None:
-                    replay = await load_replay(landscape, start.replay)
-                if start.resume:
-                    await check_resumable(self.graph, landscape, run_id, self.pipeline_file)
-                async with landscape.own_run(
-                    run_id,
-                    new=not start.resume,
-                    lease_seconds=runtime.lease_seconds,
-                    heartbeat_seconds=runtime.heartbeat_seconds,
-                ) as fence:
-                    plan = None
-                    if start.resume:
-                        plan = await ResumePlan.load(self.graph, landscape, run_id)
-                    try:
-                        status = await self._run_recorded(
-                            landscape, fence, plan, replay, on_progress, progress_interval
-                        )
-                    finally:
-                        if plan is not None:
-                            with anyio.CancelScope(shield=True):
-                                await plan.aclose()
+                status = await self._execute_owned(
+                    landscape, run_id, start, on_progress, progress_interval
+                )
                 row_errors = await landscape.row_errors(run_id)
         except LandscapeNotFound as exc:
             raise ResumeError(f"cannot resume run {run_id}: {exc}") from exc
@@ -341,6 +321,8 @@ class Pipeline:
                 "stop that process (Ctrl-C, or SIGTERM to its pid) or wait for it to end, "
                 "then resume"
             ) from exc
+        except OwnershipLost as exc:
+            raise _run_taken_over(run_id) from exc
         except LandscapeError as exc:
             raise AuditError(str(exc)) from exc
         except BaseExceptionGroup as group:
@@ -348,11 +330,7 @@ class Pipeline:
             if audit_failures is None:
                 raise
             if audit_failures.subgroup(OwnershipLost) is not None:
-                raise AuditError(
-                    f"run {run_id}: another process took the run over after this process's "
-                    "lease expired (its heartbeat had stopped); this process stopped and "
-                    "wrote nothing more"
-                ) from group
+                raise _run_taken_over(run_id) from group
             raise AuditError(f"run {run_id}: {_describe(audit_failures)}") from group
         finally:
             run, self._run = self._run, None
@@ -368,6 +346,38 @@ class Pipeline:
             stop_reason=run.stop_reason,
             row_errors=row_errors,
         )
+
+    async def _execute_owned(
+        self,
+        landscape: Landscape,
+        run_id: str,
+        start: _Start,
+        on_progress: ProgressCallback | None,
+        progress_interval: float,
+    ) -> RunStatus:
+        """Take the run — record it new, or take it over from its last owner — and run
+        it as its one owner."""
+        replay = None if start.replay is None else await load_replay(landscape, start.replay)
+        if start.resume:
+            await check_resumable(self.graph, landscape, run_id, self.pipeline_file)
+        runtime = self.settings.runtime
+        async with landscape.own_run(
+            run_id,
+            new=not start.resume,
+            lease_seconds=runtime.lease_seconds,
+            heartbeat_seconds=runtime.heartbeat_seconds,
+        ) as fence:
+            plan = None
+            if start.resume:
+                plan = await ResumePlan.load(self.graph, landscape, run_id)
+            try:
+                return await self._run_recorded(
+                    landscape, fence, plan, replay, on_progress, progress_interval
+                )
+            finally:
+                if plan is not None:
+                    with anyio.CancelScope(shield=True):
+                        await plan.aclose()
 
     async def check_inputs(self) -> None:
         """Raise :class:`~engine.ConfigError` (key path ``source.options``) when the
@@ -570,6 +580,13 @@ async def _close_shielded(plugin: Plugin) -> None:
     """Release a plugin's resources even while the run is being cancelled."""
     with anyio.CancelScope(shield=True):
         await plugin.aclose()
+
+
+def _run_taken_over(run_id: str) -> AuditError:
+    return AuditError(
+        f"run {run_id}: another process took the run over after this process's lease "
+        "expired (its heartbeat had stopped); this process stopped and wrote nothing more"
+    )
 
 
 def _unwrap(exc: BaseException) -> BaseException:

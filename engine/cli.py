@@ -243,7 +243,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         err.print(str(exc), markup=False, highlight=False)
         return EXIT_CONFIG
-
     except RunFailed as exc:
         err.print(f"[bold red]failed[/]: {exc}", highlight=False)
         return EXIT_FAILED

@@ -43,8 +43,9 @@ class SourceNode(NodeTask):
         schema = settings.row_schema
         self.schema = None if schema is None else RowSchema.from_config(schema.mode, schema.fields)
         self.row_prefix = f"{self.run_ctx.run_id}-r"
-        #: The wait for the next record, while there is one (a stop cancels it).
-        self._reading: anyio.CancelScope | None = None
+        #: The reading loop's scope, which a stop cancels while a record is awaited.
+        self._reading = anyio.CancelScope()
+        self._awaiting_record = False
 
     async def run(self) -> None:
         source: Source = self.spec.plugin  # type: ignore[assignment]
@@ -65,22 +66,24 @@ class SourceNode(NodeTask):
         run = self.run_ctx
         checkpoints = run.checkpoints
         index = run.rows_read  # above 0 when a run resumes
-        while not run.stop_requested.is_set():
-            record = None
-            with anyio.CancelScope() as self._reading:
+        # One scope for the whole loop, cancelled only while a record is awaited (a
+        # scope per record would cost more than the rest of reading it).
+        with self._reading:
+            while not run.stop_requested.is_set():
+                self._awaiting_record = True
                 record = await anext(records, None)
-            self._reading = None
-            if record is None:  # the source ended, or the stop ended the wait
-                return
-            await self.recorder.wait_writable()
-            await self.admit(index, record)
-            index += 1
-            if index >= checkpoints.due_at_rows:
-                checkpoints.rows_read(index)
+                self._awaiting_record = False
+                if record is None:
+                    return
+                await self.recorder.wait_writable()
+                await self.admit(index, record)
+                index += 1
+                if index >= checkpoints.due_at_rows:
+                    checkpoints.rows_read(index)
 
     async def _interrupt_read_on_stop(self) -> None:
         await self.run_ctx.stop_requested.wait()
-        if self._reading is not None:
+        if self._awaiting_record:
             self._reading.cancel()
 
     async def admit(self, index: int, record: SourceRecord) -> None:

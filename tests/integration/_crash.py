@@ -216,6 +216,25 @@ async def finish(process: Process, stderr_read: bytes = b"") -> tuple[int, str]:
     return code, b"".join(chunks["out"] + chunks["err"]).decode()
 
 
+async def resume_together(
+    work: Path, pipeline: Path, run_id: str, count: int
+) -> list[tuple[int, str]]:
+    """``count`` ``ledgerflow resume`` processes started at once; each exit code and output."""
+    processes = [
+        await start_cli(work, "resume", run_id, "--pipeline", str(pipeline)) for _ in range(count)
+    ]
+    results: list[tuple[int, str]] = [(-1, "")] * count
+
+    async def wait(i: int) -> None:
+        results[i] = await finish(processes[i])
+
+    with anyio.fail_after(240):
+        async with anyio.create_task_group() as tg:
+            for i in range(count):
+                tg.start_soon(wait, i)
+    return results
+
+
 async def run_cli(work: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run ``ledgerflow ARGS`` in ``work`` (with ``env`` added); exit code and output."""
     full_env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "160", **(env or {})}

@@ -232,9 +232,7 @@ def test_verify_reports_an_edited_sink_file_and_deep_verify_an_edited_payload(
     assert f"payload {edited}" in deep.stdout
 
 
-def test_a_run_whose_rows_had_errors_completes_with_exit_code_4(
-    cli: Cli, quickstart: Path
-) -> None:
+def test_a_run_whose_rows_had_errors_completes_with_exit_code_4(cli: Cli, quickstart: Path) -> None:
     text = quickstart.read_text().replace(
         "round(row['amount'] * row['rate'], 2)",
         "round(row['amount'] * row['rate'] / (0 if row['currency'] == 'GBP' else 1), 2)",

@@ -34,6 +34,7 @@ from ._crash import (
     outputs,
     read_stderr_until,
     reference,
+    resume_together,
     run_cli,
     single_run_id,
     start_run,
@@ -52,26 +53,37 @@ EXIT_ROW_ERRORS = 4
 async def test_kill_9_at_a_random_moment_then_resume(
     seed: int, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    """Even trials kill the engine process and resume once; odd ones kill its whole
+    process group, as a container runtime would, and start two resumes together."""
     expected, seconds = await reference(tmp_path_factory)
     assert sum(expected["batches"].values()) > 0
     assert sum(expected["negatives"].values()) > 0
     rng = random.Random(seed)
+    racing = seed % 2 == 1
     async with mock_server() as server:
         pipeline = write_pipeline(tmp_path, server.base_url)
         process = await start_run(tmp_path, pipeline)
         # From during start-up to about the end of the run.
         await anyio.sleep(rng.uniform(0.05, 0.9) * seconds)
         with contextlib.suppress(ProcessLookupError):  # it may have finished already
-            process.kill()
+            if racing:
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                process.kill()
         await process.wait()
         await process.aclose()
         at_kill = server.statistics()
         run_id = await single_run_id(tmp_path)
         recorded = await successful_calls(tmp_path)
         if run_id is not None:
-            code, output = await run_cli(tmp_path, "resume", run_id, "--pipeline", str(pipeline))
-            if "is completed" not in output:  # else the kill came after the run ended
-                assert code == 0, output
+            resumes = 2 if racing else 1
+            results = await resume_together(tmp_path, pipeline, run_id, resumes)
+            if not any("is completed" in output for _, output in results):
+                # The kill came before the run ended: one resume finished it, and a
+                # second one started with it was refused, naming the owner.
+                assert sorted(code for code, _ in results) == [0, 1][:resumes], results
+                refused = [output for code, output in results if code == 1]
+                assert all("it is being executed by pid" in output for output in refused)
         else:  # killed before the run was on record: a new run is the way on
             code, output = await run_cli(tmp_path, "run", str(pipeline), "--no-progress")
             assert code == 0, output

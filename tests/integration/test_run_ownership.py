@@ -24,6 +24,7 @@ from ._crash import (
     mock_server,
     outputs,
     reference,
+    resume_together,
     start_cli,
     start_run,
     started_run,
@@ -77,19 +78,7 @@ async def test_of_two_resumes_racing_after_a_crash_one_finishes_the_run_and_one_
         await finish(process)
         # The killed process's lease is still fresh, but this machine sees it ended.
         assert await run_status(landscape_url, run_id) == "crashed"
-        resumes = [
-            await start_cli(tmp_path, "resume", run_id, "--pipeline", str(pipeline))
-            for _ in range(2)
-        ]
-        results: list[tuple[int, str]] = [(-1, "")] * 2
-
-        async def wait(i: int) -> None:
-            results[i] = await finish(resumes[i])
-
-        with anyio.fail_after(240):
-            async with anyio.create_task_group() as tg:
-                for i in range(2):
-                    tg.start_soon(wait, i)
+        results = await resume_together(tmp_path, pipeline, run_id, 2)
     codes = Counter(code for code, _ in results)
     assert codes == {0: 1, 1: 1}, results
     refusal = next(output for code, output in results if code == 1)
