@@ -126,6 +126,22 @@ class Feed:
             yield {"i": i}
 
 
+async def stopped_when_idle(pipeline: Pipeline, feed: Feed, *, cancel: bool = False) -> RunResult:
+    """Run ``pipeline`` until ``feed`` is idle, then stop it (or cancel the caller's
+    scope); how the run ended."""
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pipeline.run)
+            await feed.idle.wait()
+            await anyio.wait_all_tasks_blocked()
+            if cancel:
+                tg.cancel_scope.cancel()
+            else:
+                pipeline.stop()
+    assert pipeline.last_result is not None
+    return pipeline.last_result
+
+
 def idle_feed_pipeline(feed: Feed, tmp_path: Path, url: str) -> Pipeline:
     config = linear_config(
         feed, tmp_path, source_to="raw", aggregations=[collect_into("out", trigger={"count": 100})]
@@ -150,18 +166,7 @@ async def test_a_stop_takes_effect_while_the_source_waits_for_its_next_row(
 ) -> None:
     feed = Feed(first=5, rest=5)
     pipeline = idle_feed_pipeline(feed, tmp_path, sqlite_url)
-    results: list[RunResult] = []
-
-    async def run() -> None:
-        results.append(await pipeline.run())
-
-    with anyio.fail_after(60):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run)
-            await feed.idle.wait()
-            await anyio.wait_all_tasks_blocked()
-            pipeline.stop()
-    (result,) = results
+    result = await stopped_when_idle(pipeline, feed)
     await assert_stopped_with_the_batch_flushed(sqlite_url, result, rows=5)
     (summary,) = read_jsonl(tmp_path / "out.jsonl")
     assert [row["i"] for row in summary["rows"]] == [0, 1, 2, 3, 4]
@@ -185,14 +190,7 @@ async def test_cancelling_the_caller_while_the_source_is_idle_stops_the_run_at_o
 ) -> None:
     feed = Feed(first=3, rest=0)
     pipeline = idle_feed_pipeline(feed, tmp_path, sqlite_url)
-    with anyio.fail_after(60):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(pipeline.run)
-            await feed.idle.wait()
-            await anyio.wait_all_tasks_blocked()
-            tg.cancel_scope.cancel()
-    result = pipeline.last_result
-    assert result is not None
+    result = await stopped_when_idle(pipeline, feed, cancel=True)
     await assert_stopped_with_the_batch_flushed(sqlite_url, result, rows=3)
 
 
@@ -203,14 +201,7 @@ async def test_a_one_shot_async_source_is_refused_on_resume_with_the_reason(
     once = aiter(feed)
     config = linear_config(once, tmp_path)
     pipeline = Pipeline.from_dict(config, landscape_url=sqlite_url)
-    with anyio.fail_after(60):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(pipeline.run)
-            await feed.idle.wait()
-            await anyio.wait_all_tasks_blocked()
-            pipeline.stop()
-    result = pipeline.last_result
-    assert result is not None
+    result = await stopped_when_idle(pipeline, feed)
     with pytest.raises(ResumeError, match="one-shot"):
         await pipeline.resume(result.run_id)
 
@@ -224,14 +215,7 @@ async def test_with_stop_aggregations_hold_a_stop_keeps_the_draft_and_resume_fil
     )
     config["runtime"] = {"drain_timeout_seconds": 3600, "stop_aggregations": "hold"}
     pipeline = Pipeline.from_dict(config, landscape_url=sqlite_url)
-    with anyio.fail_after(60):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(pipeline.run)
-            await feed.idle.wait()
-            await anyio.wait_all_tasks_blocked()
-            pipeline.stop()
-    first = pipeline.last_result
-    assert first is not None
+    first = await stopped_when_idle(pipeline, feed)
     assert first.status == "interrupted"
     assert [[r["i"] for r in line["rows"]] for line in read_jsonl(tmp_path / "out.jsonl")] == [
         [0, 1, 2, 3]
