@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from landscape import CallSummary, canonical_hash
 from plugins import RecordedAnswer, ReplayMiss
@@ -16,7 +16,10 @@ if TYPE_CHECKING:
 
     from ._run_context import RunContext
 
-__all__ = ["AnswerBook", "CallTotals", "SharedCalls", "StateCalls", "StateRef"]
+__all__ = ["AnswerBook", "CallTotals", "SharedCalls", "StateCalls", "StateOf"]
+
+#: A node state and whose it is: ``(state_id, token_id, node_id)``.
+StateOf: TypeAlias = "tuple[str, str, str]"
 
 
 @dataclass(slots=True)
@@ -96,28 +99,24 @@ class AnswerBook:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class StateRef:
-    """A node state and whose it is: the token and the node of the visit."""
-
-    state_id: str
-    token_id: str
-    node_id: str
-
-
 class StateCalls:
-    """The :class:`~plugins.CallLog` of one node state: each call becomes a ``calls``
-    row linked to the state, its request and response stored content-addressed."""
+    """The :class:`~plugins.CallLog` of one node state (of token ``token_id`` at
+    ``node_id``): each call becomes a ``calls`` row linked to the state, its request
+    and response stored content-addressed.  Made for every row a node processes, so it
+    holds plain fields (no record object of its own)."""
 
-    __slots__ = ("_run", "_state")
+    __slots__ = ("_node_id", "_run", "_state_id", "_token_id")
 
-    def __init__(self, run: RunContext, state: StateRef) -> None:
+    def __init__(self, run: RunContext, state_id: str, token_id: str, node_id: str) -> None:
         self._run = run
-        self._state = state
+        self._state_id = state_id
+        self._token_id = token_id
+        self._node_id = node_id
 
     def record(self, call: ExternalCall) -> None:
         payloads = _store_payloads(self._run, call)
-        _write_call(self._run, self._state, call, payloads)
+        state = (self._state_id, self._token_id, self._node_id)
+        _write_call(self._run, state, call, payloads)
         self._run.count_call(call)
 
     def recorded_answer(self, request: Any) -> RecordedAnswer | None:
@@ -134,7 +133,7 @@ class SharedCalls:
 
     __slots__ = ("_run", "_states")
 
-    def __init__(self, run: RunContext, states: Sequence[StateRef]) -> None:
+    def __init__(self, run: RunContext, states: Sequence[StateOf]) -> None:
         self._run = run
         self._states = list(states)
 
@@ -165,7 +164,7 @@ def _store_payloads(run: RunContext, call: ExternalCall) -> tuple[str, str | Non
 
 def _write_call(
     run: RunContext,
-    state: StateRef,
+    state: StateOf,
     call: ExternalCall,
     payloads: tuple[str, str | None],
     share: tuple[int | None, int | None, float | None] | None = None,
@@ -173,10 +172,11 @@ def _write_call(
     """One ``calls`` row for ``state``; ``share`` replaces the call's tokens and cost."""
     request_hash, response_hash = payloads
     prompt, completion, cost = share or (call.prompt_tokens, call.completion_tokens, call.cost)
+    state_id, token_id, node_id = state
     run.recorder.call(
-        state_id=state.state_id,
-        token_id=state.token_id,
-        node_id=state.node_id,
+        state_id=state_id,
+        token_id=token_id,
+        node_id=node_id,
         call_index=call.call_index,
         call_type=call.call_type,
         provider=call.provider,

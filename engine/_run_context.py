@@ -11,7 +11,7 @@ import anyio
 
 from landscape import Outcome
 
-from ._calls import AnswerBook, CallTotals, StateCalls, StateRef
+from ._calls import AnswerBook, CallTotals, StateCalls
 from ._checkpoints import Checkpointer
 from ._watermark import RowTracker
 
@@ -199,7 +199,7 @@ class RunContext:
     def calls_for(self, state_id: str, token_id: str, node_id: str) -> CallLog:
         """Where the plugin of node state ``state_id`` (of ``token_id`` at ``node_id``)
         reports its external calls."""
-        return StateCalls(self, StateRef(state_id, token_id, node_id))
+        return StateCalls(self, state_id, token_id, node_id)
 
     def count_call(self, call: ExternalCall) -> None:
         """Add ``call`` to the run's totals; crossing the budget stops the run."""

@@ -12,7 +12,7 @@ import anyio
 from landscape import CanonicalizationError, Outcome
 from plugins import Discard, RowContext, Transform, TransformResult
 
-from .._calls import SharedCalls, StateRef
+from .._calls import SharedCalls
 from .._jobs import Jobs
 from .._reorder import ReleaseWindow
 from .._tokens import Token
@@ -182,7 +182,7 @@ class TransformNode(NodeTask):
         contexts = [self._context(t, s) for t, s in zip(tokens, state_ids, strict=True)]
         shared = SharedCalls(
             self.run_ctx,
-            [StateRef(s, t.token_id, self.node_id) for t, s in zip(tokens, state_ids, strict=True)],
+            [(s, t.token_id, self.node_id) for t, s in zip(tokens, state_ids, strict=True)],
         )
         try:
             results = await plugin.process_batch([t.row for t in tokens], contexts, shared)
