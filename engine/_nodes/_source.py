@@ -68,13 +68,15 @@ class SourceNode(NodeTask):
         index = run.rows_read  # above 0 when a run resumes
         # One scope for the whole loop, cancelled only while a record is awaited (a
         # scope per record would cost more than the rest of reading it).
+        next_record = records.__anext__
         with self._reading:
             while not run.stop_requested.is_set():
                 self._awaiting_record = True
-                record = await anext(records, None)
-                self._awaiting_record = False
-                if record is None:
+                try:
+                    record = await next_record()
+                except StopAsyncIteration:
                     return
+                self._awaiting_record = False
                 await self.recorder.wait_writable()
                 await self.admit(index, record)
                 index += 1
