@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
+import anyio.to_thread
 from sqlalchemy import and_, case, event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -103,13 +106,17 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _prepare_sqlite_path(url: str, *, create: bool) -> None:
-    """Make the directory of a SQLite Landscape file, or (``create=False``) check that
-    the file exists: SQLite would create an empty one."""
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite Landscape URL (``None``: in memory, or a ``file:`` URI)."""
     database = make_url(url).database
     if not database or database == ":memory:" or database.startswith("file:"):
-        return
-    path = Path(database).expanduser()
+        return None
+    return Path(database).expanduser()
+
+
+def _prepare_sqlite_path(path: Path, *, create: bool) -> None:
+    """Make the directory of a SQLite Landscape file, or (``create=False``) check that
+    the file exists: SQLite would create an empty one."""
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
     elif not path.is_file():
@@ -117,6 +124,26 @@ def _prepare_sqlite_path(url: str, *, create: bool) -> None:
             f"there is no Landscape at {path.absolute()}: a run creates it; pass "
             "--landscape (or landscape.url) to read one elsewhere"
         )
+
+
+@asynccontextmanager
+async def _opening(path: Path | None, *, create: bool) -> AsyncIterator[None]:
+    """Hold an exclusive ``flock`` on a SQLite Landscape file while it is opened.
+
+    The first connections to a new database switch it to WAL and create its schema,
+    and SQLite refuses at once (rather than wait) a connection whose lock could
+    deadlock with another one's doing so: processes and tasks opening one file take
+    turns here.  ``flock`` locks are apart from the POSIX locks SQLite takes itself.
+    """
+    if path is None:
+        yield
+        return
+    descriptor = os.open(path, os.O_RDONLY | (os.O_CREAT if create else 0), 0o644)
+    try:
+        await anyio.to_thread.run_sync(fcntl.flock, descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 async def _open_schema(engine: AsyncEngine, *, create: bool, where: str) -> None:
@@ -165,12 +192,14 @@ class Landscape:
             raise LandscapeUnavailable(f"not a database URL: {self.url!r}") from exc
         engine: AsyncEngine | None = None
         try:
-            if backend == "sqlite":
-                _prepare_sqlite_path(self.url, create=self.create)
+            sqlite_file = _sqlite_file(self.url) if backend == "sqlite" else None
+            if sqlite_file is not None:
+                _prepare_sqlite_path(sqlite_file, create=self.create)
             engine = create_async_engine(self.url)
             if backend == "sqlite":
                 event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-            await _open_schema(engine, create=self.create, where=redact_url(self.url))
+            async with _opening(sqlite_file, create=self.create):
+                await _open_schema(engine, create=self.create, where=redact_url(self.url))
         except LandscapeError:
             if engine is not None:
                 await engine.dispose()
@@ -248,11 +277,10 @@ class Landscape:
         run in a child process (see :mod:`landscape._sqlite_worker`); elsewhere through
         the engine.
         """
-        database = make_url(self.url).database or ""
         committer: Committer | None = None
-        on_file = database not in ("", ":memory:") and not database.startswith("file:")
-        if self.engine.dialect.name == "sqlite" and on_file:
-            committer = SqliteProcessCommitter(str(Path(database).expanduser().resolve()))
+        sqlite_file = _sqlite_file(self.url) if self.engine.dialect.name == "sqlite" else None
+        if sqlite_file is not None:
+            committer = SqliteProcessCommitter(str(sqlite_file.resolve()))
         return GroupCommitWriter(
             self.engine, committer, commit_interval=commit_interval, fence=fence
         )
