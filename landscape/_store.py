@@ -127,23 +127,26 @@ def _prepare_sqlite_path(path: Path, *, create: bool) -> None:
 
 
 @asynccontextmanager
-async def _opening(path: Path | None, *, create: bool) -> AsyncIterator[None]:
-    """Hold an exclusive ``flock`` on a SQLite Landscape file while it is opened.
+async def _opening(path: Path | None) -> AsyncIterator[None]:
+    """Hold an exclusive ``flock`` on a SQLite Landscape file's directory while the file
+    is opened.
 
     The first connections to a new database switch it to WAL and create its schema,
     and SQLite refuses at once (rather than wait) a connection whose lock could
     deadlock with another one's doing so: processes and tasks opening one file take
-    turns here.  ``flock`` locks are apart from the POSIX locks SQLite takes itself.
+    turns here.  The lock is on the directory, never on the database file: closing any
+    descriptor of that file would drop the POSIX locks SQLite holds on it in this
+    process.
     """
     if path is None:
         yield
         return
-    descriptor = os.open(path, os.O_RDONLY | (os.O_CREAT if create else 0), 0o644)
+    directory = os.open(path.parent, os.O_RDONLY)
     try:
-        await anyio.to_thread.run_sync(fcntl.flock, descriptor, fcntl.LOCK_EX)
+        await anyio.to_thread.run_sync(fcntl.flock, directory, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(descriptor)  # releases the lock
+        os.close(directory)  # releases the lock
 
 
 async def _open_schema(engine: AsyncEngine, *, create: bool, where: str) -> None:
@@ -198,7 +201,7 @@ class Landscape:
             engine = create_async_engine(self.url)
             if backend == "sqlite":
                 event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-            async with _opening(sqlite_file, create=self.create):
+            async with _opening(sqlite_file):
                 await _open_schema(engine, create=self.create, where=redact_url(self.url))
         except LandscapeError:
             if engine is not None:
