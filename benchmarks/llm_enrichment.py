@@ -1,19 +1,19 @@
-"""LLM enrichment throughput: ledgerflow (full audit) next to a hand-written baseline.
+"""LLM enrichment throughput: ledgerflow (full audit) next to bare clients, same run.
 
-    python benchmarks/llm_enrichment.py [--quick] [--repeat 3]
+    python benchmarks/llm_enrichment.py [--quick] [--repeat 3] [--httpx-default]
 
-The mock LLM server runs in its own process.  Each scenario runs, in the same process
-and one after the other, ledgerflow's ``llm`` transform (ordered release, every call in
-a SQLite Landscape) and the baseline: plain asyncio + aiohttp + a semaphore, results
-kept in order, no audit.  The 50 ms scenarios, where CPU decides, alternate the two
-``--repeat`` times.  Printed per scenario: rows/s of each (medians), the ideal
-``rows / (latency / concurrency)``, ledgerflow's share of the ideal, and the median of
-its per-run ratios to the baseline.  Also printed: the engine's own overhead per call
-(p50/p99 of the time from a worker taking the row to its request leaving, plus from the
-response arriving to the result being handed to the release window; waits before a
-retry are not counted) and the same client on httpx (with its default transport and
-on an aiohttp transport) and on ledgerflow's own HTTP client, none of them auditing:
-why ledgerflow's endpoints use neither httpx nor aiohttp's client.
+The mock LLM server runs in its own process.  Each scenario runs, in this process and
+one after the other, ``--repeat`` times alternating: ledgerflow's ``llm`` transform
+(ordered release, every call in a SQLite Landscape); a bare client on the very
+``httpx.AsyncClient`` and transport ledgerflow's endpoints use (a semaphore, results
+kept in order, no audit); and a bare aiohttp client the same way.  Printed per
+scenario: the ideal ``rows / (latency / concurrency)``, the median rows/s of each,
+ledgerflow's share of the ideal and the medians of its per-round ratios to each bare
+client; and the engine's own overhead per call (p50/p99 of the time from a worker
+taking the row to its request leaving, plus from the answer arriving to the result
+being handed to the release window; waits before a retry are not counted).  With
+``--httpx-default``, also httpx on its default (httpcore) transport, which is why the
+endpoints use aiohttp's.
 """
 
 from __future__ import annotations
@@ -34,17 +34,17 @@ from typing import Any
 import aiohttp
 import httpx
 import orjson
-from httpx_aiohttp import AiohttpTransport
 
 from engine import Pipeline
 from plugins.llm import LlmTransform
+from plugins.llm._client import endpoint_client
 from plugins.llm._endpoint import Endpoint
-from plugins.llm._http import HttpClient
 
 SCHEMA = {
     "type": "object",
     "properties": {"label": {"type": "string", "enum": ["billing", "login", "other"]}},
     "required": ["label"],
+    "additionalProperties": False,
 }
 PROMPT = "Classify this support ticket: {{ row.text }}"
 
@@ -217,50 +217,33 @@ async def run_aiohttp(base_url: str, scenario: Scenario) -> float:
     return scenario.rows / elapsed
 
 
-async def run_httpx(base_url: str, scenario: Scenario, *, aiohttp_transport: bool) -> float:
-    """The same client on httpx, with its default (httpcore) transport or on aiohttp's."""
+async def run_httpx(base_url: str, scenario: Scenario, default_transport: bool = False) -> float:
+    """The same client on the ``httpx.AsyncClient`` an endpoint makes (httpx on aiohttp's
+    transport), or on httpx's default transport."""
     semaphore = asyncio.Semaphore(scenario.concurrency)
-    limits = httpx.Limits(
-        max_connections=scenario.concurrency, max_keepalive_connections=scenario.concurrency
-    )
-    transport = AiohttpTransport(limits=limits) if aiohttp_transport else None
-    async with httpx.AsyncClient(limits=limits, timeout=60, transport=transport) as client:
+    if default_transport:
+        limits = httpx.Limits(
+            max_connections=scenario.concurrency, max_keepalive_connections=scenario.concurrency
+        )
+        client = httpx.AsyncClient(limits=limits)
+    else:
+        client, _owned = endpoint_client(base_url, connections=scenario.concurrency)
+    url = base_url + "/chat/completions"
+    async with client:
 
-        async def one(row: dict[str, Any]) -> None:
+        async def one(row: dict[str, Any]) -> dict[str, Any]:
             async with semaphore:
-                response = await client.post(
-                    base_url + "/chat/completions", content=orjson.dumps(request_body(row))
-                )
-                response.raise_for_status()
+                for attempt in range(10):
+                    r = await client.post(url, content=orjson.dumps(request_body(row)), timeout=60)
+                    if r.status_code < 500:
+                        content = orjson.loads(r.content)["choices"][0]["message"]["content"]
+                        return {**row, **orjson.loads(content)}
+                    await asyncio.sleep(0.05 * 2**attempt)
+                raise RuntimeError("gave up")
 
         started = time.perf_counter()
-        await asyncio.gather(*(one(row) for row in rows(scenario.rows)))
+        results = await asyncio.gather(*(one(row) for row in rows(scenario.rows)))
         elapsed = time.perf_counter() - started
-    return scenario.rows / elapsed
-
-
-async def run_lean_client(base_url: str, scenario: Scenario) -> float:
-    """The baseline's client on ledgerflow's HTTP client instead of aiohttp's."""
-    semaphore = asyncio.Semaphore(scenario.concurrency)
-    client = HttpClient(base_url, headers={}, max_idle=scenario.concurrency)
-
-    async def one(row: dict[str, Any]) -> dict[str, Any]:
-        async with semaphore:
-            response = await client.request(
-                "POST",
-                "/chat/completions",
-                orjson.dumps(request_body(row)),
-                content_type="application/json",
-                limit_seconds=60,
-            )
-        assert response.status == 200, response.status
-        content = orjson.loads(response.body)["choices"][0]["message"]["content"]
-        return {**row, **orjson.loads(content)}
-
-    started = time.perf_counter()
-    results = await asyncio.gather(*(one(row) for row in rows(scenario.rows)))
-    elapsed = time.perf_counter() - started
-    await client.aclose()
     assert len(results) == scenario.rows
     return scenario.rows / elapsed
 
@@ -276,56 +259,59 @@ def measured_client(run: Coroutine[Any, Any, float], scenario: Scenario) -> tupl
     return rate, f"{(time.process_time() - started) / scenario.rows * 1e6:.0f} µs CPU per row"
 
 
-def measure(
-    scenario: Scenario, *, repeat: int = 1, clients: bool = False, httpx_default: bool = False
-) -> None:
-    """Run ledgerflow and the baseline ``repeat`` times, alternating, and print medians:
-    rows/s of each, and the median of the per-pair ratios (the host's load moves both
-    runs of a pair together, far less the ratio)."""
+def _ratio(engines: list[float], others: list[float]) -> str:
+    ratios = sorted(e / o for e, o in zip(engines, others, strict=True))
+    spread = f"  (rounds: {ratios[0]:.0%}-{ratios[-1]:.0%})" if len(ratios) > 1 else ""
+    return f"{statistics.median(ratios):>8.0%}{spread}"
+
+
+def measure(scenario: Scenario, *, repeat: int, httpx_default: bool = False) -> None:
+    """Run ledgerflow and the two bare clients ``repeat`` rounds, alternating, and print
+    medians: rows/s of each, and the medians of the per-round ratios (the host's load
+    moves the runs of a round together, far less their ratio)."""
     server, base_url = start_server(scenario.latency_ms, scenario.server_error_rate)
     try:
         OVERHEADS.clear()
-        engines, baselines = [], []
+        engines, bare_httpx, bare_aiohttp = [], [], []
         for _ in range(repeat):
             with tempfile.TemporaryDirectory() as tmp:
                 engines.append(asyncio.run(run_ledgerflow(base_url, scenario, Path(tmp))))
-            baselines.append(asyncio.run(run_aiohttp(base_url, scenario)))
+            bare_httpx.append(asyncio.run(run_httpx(base_url, scenario)))
+            bare_aiohttp.append(asyncio.run(run_aiohttp(base_url, scenario)))
         overheads = sorted(OVERHEADS)
-        engine, baseline = statistics.median(engines), statistics.median(baselines)
-        ratios = sorted(e / b for e, b in zip(engines, baselines, strict=True))
         ideal = scenario.concurrency / (scenario.latency_ms / 1000.0)
         faults = (
             f", {scenario.server_error_rate:.0%} HTTP 500" if scenario.server_error_rate else ""
         )
-        runs = f", median of {repeat} alternating runs" if repeat > 1 else ""
         print(
             f"\n{scenario.name}: {scenario.rows:,} rows, concurrency {scenario.concurrency}, "
-            f"latency {scenario.latency_ms:.0f} ms{faults}{runs}"
+            f"latency {scenario.latency_ms:.0f} ms{faults}, median of {repeat} rounds"
         )
-        print(f"  ideal                  : {ideal:>8,.0f} rows/s")
-        share = f"{baseline / ideal:.0%} of ideal"
-        print(f"  baseline (aiohttp)     : {baseline:>8,.0f} rows/s  ({share})")
-        share = f"{engine / ideal:.0%} of ideal"
-        print(f"  ledgerflow, full audit : {engine:>8,.0f} rows/s  ({share})")
-        spread = f"  (pairs: {ratios[0]:.0%}-{ratios[-1]:.0%})" if repeat > 1 else ""
-        ratio = statistics.median(ratios)
-        print(f"  ledgerflow / baseline  : {ratio:>8.0%}{spread}")
+        print(f"  ideal                     : {ideal:>8,.0f} rows/s")
+        for label, rates in (
+            ("ledgerflow, full audit    ", engines),
+            ("bare httpx, same transport", bare_httpx),
+            ("bare aiohttp              ", bare_aiohttp),
+        ):
+            rate = statistics.median(rates)
+            print(f"  {label}: {rate:>8,.0f} rows/s  ({rate / ideal:.0%} of ideal)")
+        print(f"  ledgerflow / bare httpx   : {_ratio(engines, bare_httpx)}")
+        print(f"  ledgerflow / bare aiohttp : {_ratio(engines, bare_aiohttp)}")
         if overheads:
             p50 = statistics.median(overheads) * 1000
             p99 = overheads[int(len(overheads) * 0.99) - 1] * 1000
-            print(f"  engine overhead / call : p50 {p50:.2f} ms, p99 {p99:.2f} ms")
-        if clients:
-            lean, cpu = measured_client(run_lean_client(base_url, scenario), scenario)
-            print(f"  ledgerflow's client    : {lean:>8,.0f} rows/s  (no audit, {cpu})")
-            aio, cpu = measured_client(run_aiohttp(base_url, scenario), scenario)
-            print(f"  aiohttp, again         : {aio:>8,.0f} rows/s  (the baseline, {cpu})")
+            print(f"  engine overhead / call    : p50 {p50:.2f} ms, p99 {p99:.2f} ms")
         if httpx_default:
-            run = run_httpx(base_url, scenario, aiohttp_transport=False)
-            default, cpu = measured_client(run, scenario)
-            print(f"  httpx, default transport: {default:>7,.0f} rows/s  (no audit, {cpu})")
-            run = run_httpx(base_url, scenario, aiohttp_transport=True)
-            on_aiohttp, cpu = measured_client(run, scenario)
-            print(f"  httpx, aiohttp transport: {on_aiohttp:>7,.0f} rows/s  (no audit, {cpu})")
+            for label, run in (
+                ("httpx, aiohttp transport ", run_httpx(base_url, scenario)),
+                (
+                    "httpx, default transport ",
+                    run_httpx(base_url, scenario, default_transport=True),
+                ),
+                ("aiohttp                  ", run_aiohttp(base_url, scenario)),
+            ):
+                rate, cpu = measured_client(run, scenario)
+                print(f"  {label} : {rate:>8,.0f} rows/s  (no audit, {cpu})")
     finally:
         server.terminate()
         server.wait()
@@ -334,17 +320,19 @@ def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
+    parser.add_argument("--repeat", type=int, default=3, help="alternating rounds per scenario")
     parser.add_argument(
-        "--repeat", type=int, default=3, help="alternating runs of the 50 ms scenarios"
+        "--httpx-default", action="store_true", help="also time httpx's default transport"
     )
     args = parser.parse_args()
     scale = 5 if args.quick else 1
-    measure(Scenario("realistic latency", 2000 // scale, 64, 500))
+    repeat = args.repeat
+    measure(Scenario("realistic latency", 2000 // scale, 64, 500), repeat=repeat)
+    measure(Scenario("realistic latency, wide", 5000 // scale, 256, 500), repeat=repeat)
     fast = Scenario("fast endpoint", 2000 // scale, 64, 50)
-    measure(fast, repeat=args.repeat, clients=True, httpx_default=True)
-    wide = Scenario("fast endpoint, wide", 10_000 // scale, 256, 50)
-    measure(wide, repeat=args.repeat, clients=True)
-    measure(Scenario("5% server errors", 2000 // scale, 64, 500, server_error_rate=0.05))
+    measure(fast, repeat=repeat, httpx_default=args.httpx_default)
+    errors = Scenario("5% server errors", 2000 // scale, 64, 500, server_error_rate=0.05)
+    measure(errors, repeat=repeat)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
+import anyio
+
 from landscape import CallSummary, canonical_hash
-from plugins import RecordedAnswer, ReplayMiss
+from plugins import RecordedAnswer, ReplayMiss, Reservation, StopRun
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -14,9 +16,10 @@ if TYPE_CHECKING:
 
     from plugins import ExternalCall
 
+    from ._config import BudgetSettings
     from ._run_context import RunContext
 
-__all__ = ["AnswerBook", "CallTotals", "SharedCalls", "StateCalls", "StateOf"]
+__all__ = ["AnswerBook", "BudgetGuard", "CallTotals", "SharedCalls", "StateCalls", "StateOf"]
 
 #: A node state and whose it is: ``(state_id, token_id, node_id)``.
 StateOf: TypeAlias = "tuple[str, str, str]"
@@ -60,6 +63,106 @@ class CallTotals:
         self.prompt_tokens += call.prompt_tokens or 0
         self.completion_tokens += call.completion_tokens or 0
         self.cost += call.cost or 0.0
+
+
+#: What a run without a budget reserves (releasing it does nothing).
+_NOTHING_RESERVED = Reservation()
+
+
+class BudgetGuard:
+    """Holds a run's calls to its budget (``None``: no budget): each attempt reserves
+    its estimate before it is sent, and none goes whose reservation would cross it.
+
+    The spend compared with the budget is what the run's totals have on record plus
+    what the attempts on their way reserved.  An attempt that does not fit waits while
+    others hold reservations (their actual usage, once recorded, may leave room); one
+    that cannot fit even when none are held is refused with :class:`~plugins.StopRun`,
+    and so is every attempt after it: the budget is then *exhausted*.  Spend may still
+    pass the budget by what the attempts in flight used beyond their estimates.
+    """
+
+    def __init__(self, settings: BudgetSettings | None) -> None:
+        self.settings = settings
+        self.reserved_tokens = 0
+        self.reserved_cost = 0.0
+        #: Why no attempt may be sent any more, once the budget is spent.
+        self.exhausted: str | None = None
+        self._held = 0
+        #: Set (and forgotten) when a reservation is released; made by whoever waits.
+        self._released: anyio.Event | None = None
+
+    async def reserve(self, totals: CallTotals, tokens: int, cost: float) -> Reservation:
+        """Reserve ``tokens`` and ``cost`` once the budget can cover them beside
+        ``totals`` and the other reservations; :class:`~plugins.StopRun` (the budget
+        exhausted) when it never can.  An attempt estimated at nothing (a batch job's
+        upload or poll) reserves nothing and is never refused."""
+        if self.settings is None or (tokens <= 0 and cost <= 0):
+            return _NOTHING_RESERVED
+        while (over := self._over(totals, tokens, cost)) is not None:
+            if self.exhausted is None and self._held == 0:
+                self.exhaust(over)
+            if self.exhausted is not None:
+                raise StopRun(self.exhausted)
+            if self._released is None:
+                self._released = anyio.Event()
+            await self._released.wait()
+        self._held += 1
+        self.reserved_tokens += tokens
+        self.reserved_cost += cost
+        return Reservation(lambda: self._release(tokens, cost))
+
+    def crossed(self, totals: CallTotals) -> str | None:
+        """Why ``totals`` spent more than the budget, the first time they do (spend
+        beyond the estimates of attempts already sent); else ``None``."""
+        budget = self.settings
+        if budget is None or self.exhausted is not None:
+            return None
+        reason = None
+        if budget.max_cost is not None and totals.cost > budget.max_cost:
+            reason = f"budget: cost {totals.cost:.4f} > max_cost {budget.max_cost}"
+        elif budget.max_tokens is not None and totals.tokens > budget.max_tokens:
+            reason = f"budget: {totals.tokens} tokens > max_tokens {budget.max_tokens}"
+        if reason is not None:
+            self.exhaust(reason)
+        return reason
+
+    def exhaust(self, reason: str) -> None:
+        """Refuse every attempt from now on, for ``reason`` (waiting ones too)."""
+        self.exhausted = reason
+        self._wake()
+
+    def _over(self, totals: CallTotals, tokens: int, cost: float) -> str | None:
+        """Why reserving ``tokens`` and ``cost`` now would cross the budget, or ``None``."""
+        budget = self.settings
+        assert budget is not None
+        if self.exhausted is not None:
+            return self.exhausted
+        if budget.max_tokens is not None:
+            committed = totals.tokens + self.reserved_tokens
+            if committed + tokens > budget.max_tokens:
+                return (
+                    f"budget: max_tokens {budget.max_tokens}: {totals.tokens} tokens spent, "
+                    f"the next call may take {tokens} more"
+                )
+        if budget.max_cost is not None:
+            committed_cost = totals.cost + self.reserved_cost
+            if committed_cost + cost > budget.max_cost:
+                return (
+                    f"budget: max_cost {budget.max_cost}: cost {totals.cost:.4f} spent, "
+                    f"the next call may cost {cost:.4f} more"
+                )
+        return None
+
+    def _release(self, tokens: int, cost: float) -> None:
+        self._held -= 1
+        self.reserved_tokens -= tokens
+        self.reserved_cost -= cost
+        self._wake()
+
+    def _wake(self) -> None:
+        released, self._released = self._released, None
+        if released is not None:
+            released.set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +222,9 @@ class StateCalls:
         _write_call(self._run, state, call, payloads)
         self._run.count_call(call)
 
+    async def reserve(self, tokens: int, cost: float) -> Reservation:
+        return await self._run.reserve(tokens, cost)
+
     def recorded_answer(self, request: Any) -> RecordedAnswer | None:
         return self._run.answers.lookup(request)
 
@@ -147,6 +253,9 @@ class SharedCalls:
             share = (prompt[i], completion[i], cost)
             _write_call(self._run, state, call, payloads, share)
         self._run.count_call(call)
+
+    async def reserve(self, tokens: int, cost: float) -> Reservation:
+        return await self._run.reserve(tokens, cost)
 
     def recorded_answer(self, request: Any) -> RecordedAnswer | None:
         return self._run.answers.lookup(request)

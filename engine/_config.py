@@ -96,6 +96,26 @@ class RuntimeSettings(_Model):
         "resume sees at once that the owner's process ended).  At least three heartbeats.",
     )
 
+    max_failed_rows: int | None = Field(
+        None,
+        ge=0,
+        description="Stop the run gracefully (interrupted, resumable) once more rows than "
+        "this have failed in it: ended failed, or sent to an on_error sink by a node (the "
+        "source's invalid records are not counted), as the exit code 4 counts them; "
+        "counted from the start of the run or resume.",
+    )
+    max_failed_ratio: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Stop the run gracefully once more than this share of the rows "
+        "finished so far (ended, or sent to an error sink) have failed, counted as for "
+        "max_failed_rows; checked only once failed_ratio_min_rows rows have finished.",
+    )
+    failed_ratio_min_rows: int = Field(
+        20, ge=1, description="Rows that must have finished before max_failed_ratio applies."
+    )
+
     @model_validator(mode="after")
     def _lease_outlasts_heartbeats(self) -> RuntimeSettings:
         if self.lease_seconds < 3 * self.heartbeat_seconds:
@@ -107,8 +127,13 @@ class RuntimeSettings(_Model):
 
 
 class BudgetSettings(_Model):
-    """Limits on what a run's external calls may cost; crossing one stops the run
-    gracefully (as ``Pipeline.stop()`` does), recorded as the reason it stopped."""
+    """Limits on what a run's external calls may cost.  Each LLM call reserves its
+    estimate (prompt estimate plus the request's ``max_tokens``, priced by the
+    endpoint's ``prices``) before it is sent, and none is sent whose reservation would
+    cross a limit: the run then stops gracefully (as ``Pipeline.stop()`` does), the
+    budget recorded as the reason it stopped, the rows not sent left for a resume
+    (which may run with a raised budget).  Spend passes a limit only by what calls used
+    beyond their estimates."""
 
     max_cost: float | None = Field(None, gt=0, description="Total cost of all calls.")
     max_tokens: int | None = Field(None, ge=1, description="Prompt plus completion tokens.")
@@ -158,7 +183,10 @@ class TransformSettings(_Model):
     concurrency: int = Field(1, ge=1, description="Rows processed at once.")
     ordered: bool = Field(True, description="Release results in arrival order.")
     batch_size: int = Field(
-        1, ge=1, description="Rows handed to the plugin together (one LLM request for all)."
+        1,
+        ge=1,
+        description="Rows handed to the plugin together (llm, embedding: one request for "
+        "all); above 1 only for plugins that batch.",
     )
     batch_wait_ms: int = Field(50, ge=0, description="Longest a partial batch waits for more rows.")
     max_pending: int | None = Field(

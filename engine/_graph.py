@@ -50,6 +50,8 @@ from ._redact import redact
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from plugins.llm import HttpClientChoice
+
 __all__ = [
     "DISCARD",
     "Arrival",
@@ -208,11 +210,13 @@ def _plugin_label(cls: type) -> str:
     return name if isinstance(name, str) and name else f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _endpoints(settings: PipelineSettings, base_dir: Path) -> dict[str, Any]:
+def _endpoints(
+    settings: PipelineSettings, base_dir: Path, http_clients: Mapping[str, HttpClientChoice]
+) -> dict[str, Any]:
     """The clients of the configured endpoints (with none, the HTTP client is not loaded)."""
     # `llm.Endpoint` loads the HTTP client on first use (plugins.llm is a lazy package).
     return {
-        name: llm.Endpoint(name, endpoint, base_dir)
+        name: llm.Endpoint(name, endpoint, base_dir, http_client=http_clients.get(name))
         for name, endpoint in settings.endpoints.items()
     }
 
@@ -220,11 +224,18 @@ def _endpoints(settings: PipelineSettings, base_dir: Path) -> dict[str, Any]:
 class _Builder:
     """Collects every problem instead of stopping at the first."""
 
-    def __init__(self, settings: PipelineSettings, base_dir: Path) -> None:
+    def __init__(
+        self,
+        settings: PipelineSettings,
+        base_dir: Path,
+        http_clients: Mapping[str, HttpClientChoice],
+    ) -> None:
         self.settings = settings
         self.base_dir = base_dir
         self.issues: list[ConfigIssue] = []
-        self.endpoints = _endpoints(settings, base_dir)
+        self.endpoints = _endpoints(settings, base_dir, http_clients)
+        for name in sorted(set(http_clients) - set(settings.endpoints)):
+            self.fail("endpoints", f"an HTTP client is given for '{name}', not an endpoint")
         self.consumers: dict[str, str] = {}
         #: Connection -> the coalesce branch it is, for a coalesce's branch connections.
         self.inlets: dict[str, str] = {}
@@ -305,9 +316,17 @@ class _Builder:
         return Route(label, target, edge_id, mode, arrival, inlet, to_sink=name in self.sinks)
 
 
-def compile_graph(settings: PipelineSettings, base_dir: Path) -> Graph:
-    """Build the executable graph, or raise :class:`ConfigError` listing every problem."""
-    builder = _Builder(settings, base_dir)
+def compile_graph(
+    settings: PipelineSettings,
+    base_dir: Path,
+    *,
+    http_clients: Mapping[str, HttpClientChoice] | None = None,
+) -> Graph:
+    """Build the executable graph, or raise :class:`ConfigError` listing every problem.
+
+    ``http_clients`` maps endpoint names to a caller's own HTTP client or transport.
+    """
+    builder = _Builder(settings, base_dir, http_clients or {})
     names = _check_names(builder)
     builder.sinks = {sink.name for sink in settings.sinks}
     for i, transform in enumerate(settings.transforms):
@@ -393,6 +412,10 @@ def _error_route(b: _Builder, node: str, target: str | None, path: str) -> Route
 def _transform_spec(b: _Builder, t: TransformSettings, i: int) -> NodeSpec | None:
     path = f"transforms[{i}]"
     plugin = b.plugin("transform", Transform, t, path)
+    if isinstance(plugin, Transform) and t.batch_size > 1:
+        refusal = plugin.batch_refusal()
+        if refusal is not None:
+            b.fail(f"{path}.batch_size", f"{refusal}: batch_size must be 1")
     error_route = _error_route(b, t.name, t.on_error, f"{path}.on_error")
     ok = b.route(
         t.name, "success", t.on_success, f"{path}.on_success", EdgeMode.MOVE, Arrival.NORMAL

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
     from landscape import Fence, Recorder
     from plugins import Plugin, Source
+    from plugins.llm import HttpClientChoice
 
     from ._calls import AnswerBook
     from ._tokens import Token
@@ -82,7 +83,8 @@ class RunResult:
     landscape_url: str
     #: What the run's external calls added up to.
     calls: CallSummary = field(default_factory=CallSummary)
-    #: Why the run stopped early when it did so by itself (a budget), else ``None``.
+    #: Why the run stopped early when it did so by itself (a budget, an endpoint outage,
+    #: too many failed rows, a plugin's ``StopRun``), else ``None``.
     stop_reason: str | None = None
     #: Rows whose processing failed: ended ``failed`` or sent down an ``on_error`` route
     #: (in every session of the run; invalid source records are quarantined, not counted).
@@ -129,7 +131,9 @@ class Pipeline:
     Construction compiles the graph: an invalid configuration raises
     :class:`~engine.ConfigError` before anything runs.  ``clock`` is where coalesce and
     aggregation timeouts get their time (the event loop's clock; tests pass a
-    :class:`~engine.ManualClock`).
+    :class:`~engine.ManualClock`).  ``http_clients`` maps endpoint names to an
+    :class:`httpx.AsyncClient` or an httpx transport of the caller's (a corporate proxy,
+    mTLS, a custom CA, ``httpx.MockTransport``); ledgerflow never closes them.
     """
 
     def __init__(
@@ -140,11 +144,14 @@ class Pipeline:
         landscape_url: str | None = None,
         clock: Clock | None = None,
         pipeline_file: Path | None = None,
+        http_clients: Mapping[str, HttpClientChoice] | None = None,
     ) -> None:
         self.settings = settings
         #: The file the pipeline was loaded from (``None``: built from a dict).
         self.pipeline_file = pipeline_file
-        self.graph: Graph = compile_graph(settings, Path(base_dir).resolve())
+        self.graph: Graph = compile_graph(
+            settings, Path(base_dir).resolve(), http_clients=http_clients
+        )
         self.landscape_url = landscape_url or settings.landscape.url
         self.clock: Clock = clock if clock is not None else SystemClock()
         self._run: RunContext | None = None
@@ -157,7 +164,12 @@ class Pipeline:
 
     @classmethod
     def from_yaml(
-        cls, path: str | Path, *, landscape_url: str | None = None, clock: Clock | None = None
+        cls,
+        path: str | Path,
+        *,
+        landscape_url: str | None = None,
+        clock: Clock | None = None,
+        http_clients: Mapping[str, HttpClientChoice] | None = None,
     ) -> Self:
         """Load a pipeline file; relative paths in it are relative to the file."""
         path = Path(path).resolve()
@@ -168,6 +180,7 @@ class Pipeline:
             landscape_url=landscape_url,
             clock=clock,
             pipeline_file=path,
+            http_clients=http_clients,
         )
 
     @classmethod
@@ -178,10 +191,17 @@ class Pipeline:
         base_dir: Path | str = ".",
         landscape_url: str | None = None,
         clock: Clock | None = None,
+        http_clients: Mapping[str, HttpClientChoice] | None = None,
     ) -> Self:
         """Build from a mapping shaped like the YAML; ``plugin`` may be a class or an instance."""
         settings = load_settings(dict(config))
-        return cls(settings, base_dir=base_dir, landscape_url=landscape_url, clock=clock)
+        return cls(
+            settings,
+            base_dir=base_dir,
+            landscape_url=landscape_url,
+            clock=clock,
+            http_clients=http_clients,
+        )
 
     # -- running -------------------------------------------------------------------------
 

@@ -10,20 +10,22 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from landscape import Outcome
+from plugins import StopRun
 
-from ._calls import AnswerBook, CallTotals, StateCalls
+from ._calls import AnswerBook, BudgetGuard, CallTotals, StateCalls
 from ._checkpoints import Checkpointer
+from ._graph import NodeKind
 from ._watermark import RowTracker
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Mapping
 
     from landscape import Recorder
-    from plugins import CallLog, ExternalCall, SourcePosition, SourceRecord
+    from plugins import CallLog, ExternalCall, Reservation, SourcePosition, SourceRecord
 
     from ._clock import Clock
     from ._forks import JoinListener
-    from ._graph import Graph, NodeKind
+    from ._graph import Graph
     from ._streams import Inbox
     from ._tokens import Token
 
@@ -107,6 +109,10 @@ class NodeStats:
 
 #: Outcomes after which the token's line goes on in other tokens (children, a join).
 _LINE_CONTINUES = frozenset({Outcome.FORKED, Outcome.COALESCED, Outcome.BUFFERED})
+#: Outcomes that end a token's line for good: the row (or that branch of it) is done.
+_LINE_ENDS = frozenset(
+    {Outcome.COMPLETED, Outcome.ROUTED, Outcome.QUARANTINED, Outcome.FAILED, Outcome.DISCARDED}
+)
 
 
 class RunContext:
@@ -120,6 +126,17 @@ class RunContext:
         #: Fork gate -> the coalesce that joins its branches (registered by the coalesces).
         self.joins: dict[str, JoinListener] = {}
         self.calls = CallTotals()
+        #: The budget, and the estimates of the attempts on their way.
+        self.budget = BudgetGuard(graph.settings.budget)
+        #: This session's row errors (as ``Landscape.row_errors`` counts them: tokens
+        #: that ended ``failed`` or that a node other than the source sent down an
+        #: error route) and finished tokens (sent to a sink, or ended before one):
+        #: what ``max_failed_rows`` and ``max_failed_ratio`` are held to.
+        self.row_errors = 0
+        self.rows_finished = 0
+        self._sinks = _nodes_of(graph, NodeKind.SINK)
+        self._sources = _nodes_of(graph, NodeKind.SOURCE)
+        self._ratio_from = graph.settings.runtime.failed_ratio_min_rows
         #: Answers a call may take instead of being made (a resume's own, or a replay's).
         self.answers = AnswerBook("reused", {})
         #: Why the run was asked to stop early (``None``: it was not, or by ``stop()``).
@@ -191,6 +208,51 @@ class RunContext:
         name = outcome._value_
         self.outcomes[name] += 1
         self.stats[node_id].outcomes[name] += 1
+        if outcome in _LINE_ENDS:
+            # A sink's outcome ends a token counted as finished when it was sent there.
+            at_sink = node_id in self._sinks
+            self._count_finished(finished=not at_sink, failed=outcome is Outcome.FAILED)
+
+    def token_to_sink(self, token: Token, node_id: str) -> None:
+        """Count ``token`` as finished: ``node_id`` sent it to a sink, down its error
+        route if ``token.error`` is set (a row error unless ``node_id`` is the source,
+        whose invalid records are quarantined, not errors).  Successes and errors are
+        counted alike as they are decided, not as sinks write them."""
+        diverted = token.error is not None
+        self._count_finished(finished=True, failed=diverted and node_id not in self._sources)
+
+    def _count_finished(self, *, finished: bool, failed: bool) -> None:
+        """Count a finished token and a row error; crossing ``runtime.max_failed_rows``
+        or ``runtime.max_failed_ratio`` stops the run (looked at on each error, and
+        when enough tokens finished for the ratio to apply)."""
+        self.rows_finished += finished
+        self.row_errors += failed
+        ratio_applies = finished and self.rows_finished == self._ratio_from
+        if (failed or ratio_applies) and not self.stop_requested.is_set():
+            reason = self._failures_crossed()
+            if reason is not None:
+                self.request_stop(reason)
+
+    def _failures_crossed(self) -> str | None:
+        """Why the row errors so far are too many, or ``None``: more than
+        ``max_failed_rows``, or more than ``max_failed_ratio`` of the tokens finished
+        once at least ``failed_ratio_min_rows`` have."""
+        runtime = self.graph.settings.runtime
+        errors, finished = self.row_errors, self.rows_finished
+        limit = runtime.max_failed_rows
+        if limit is not None and errors > limit:
+            return f"failed rows: {errors} > max_failed_rows {limit}"
+        ratio = runtime.max_failed_ratio
+        if (
+            ratio is not None
+            and finished >= runtime.failed_ratio_min_rows
+            and errors > ratio * finished
+        ):
+            return (
+                f"failed rows: {errors} of {finished} finished "
+                f"({errors / finished:.0%}) > max_failed_ratio {ratio:g}"
+            )
+        return None
 
     def token_made(self, token: Token) -> None:
         """Count a token made from other tokens (fork child, join or batch output) as live."""
@@ -202,16 +264,22 @@ class RunContext:
         return StateCalls(self, state_id, token_id, node_id)
 
     def count_call(self, call: ExternalCall) -> None:
-        """Add ``call`` to the run's totals; crossing the budget stops the run."""
+        """Add ``call`` to the run's totals; crossing the budget (a call that used more
+        than its reservation, or one made without any) stops the run."""
         self.calls.add(call)
-        budget = self.graph.settings.budget
-        if budget is None or self.stop_requested.is_set():
-            return
-        totals = self.calls
-        if budget.max_cost is not None and totals.cost > budget.max_cost:
-            self.request_stop(f"budget: cost {totals.cost:.4f} > max_cost {budget.max_cost}")
-        elif budget.max_tokens is not None and totals.tokens > budget.max_tokens:
-            self.request_stop(f"budget: {totals.tokens} tokens > max_tokens {budget.max_tokens}")
+        reason = self.budget.crossed(self.calls)
+        if reason is not None:
+            self.request_stop(reason)
+
+    async def reserve(self, tokens: int, cost: float) -> Reservation:
+        """Reserve one attempt's estimate against the budget (see :class:`BudgetGuard`);
+        a refusal stops the run with the budget as its reason and raises
+        :class:`~plugins.StopRun`."""
+        try:
+            return await self.budget.reserve(self.calls, tokens, cost)
+        except StopRun as refused:
+            self.request_stop(refused.reason)
+            raise
 
     def request_stop(self, reason: str | None, *, force: bool = False) -> None:
         """Stop reading the source at the next row boundary and finish what is held;
@@ -224,3 +292,7 @@ class RunContext:
 
     def statistics(self) -> list[NodeStatistics]:
         return [stats.snapshot() for stats in self.stats.values()]
+
+
+def _nodes_of(graph: Graph, kind: NodeKind) -> frozenset[str]:
+    return frozenset(node_id for node_id, spec in graph.nodes.items() if spec.kind is kind)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Mapping, Sequence
+    from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
     from types import TracebackType
 
     from pydantic import BaseModel
@@ -39,6 +39,7 @@ __all__ = [
     "PluginSetup",
     "RecordedAnswer",
     "ReplayMiss",
+    "Reservation",
     "Row",
     "RowContext",
     "Sink",
@@ -47,6 +48,7 @@ __all__ = [
     "Source",
     "SourcePosition",
     "SourceRecord",
+    "StopRun",
     "Transform",
     "TransformResult",
     "resolve_path",
@@ -146,10 +148,62 @@ class ReplayMiss(Exception):
         return {"type": "ReplayMiss", "message": str(self), "replay_miss": True}
 
 
+class StopRun(Exception):
+    """The run must stop gracefully, and the row (or batch) being processed be left
+    unfinished for a resume to process: raised by a plugin, or by what it calls (a call
+    the budget cannot cover, an endpoint down for too long).
+
+    It is not the row's error: the engine records the row's node state ``cancelled``,
+    leaves the row where it was, stops reading the source with ``reason`` recorded as
+    the run's stop reason, and the run ends ``interrupted``.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Reservation:
+    """A hold on part of the run's budget for one call attempt about to be sent.
+
+    Released once (:meth:`release`, or leaving a ``with`` block) when the attempt is
+    over — right after its record, so that the recorded actual usage replaces the
+    estimate without a moment when both or neither count.
+    """
+
+    __slots__ = ("_release",)
+
+    def __init__(self, release: Callable[[], None] | None = None) -> None:
+        self._release = release
+
+    def release(self) -> None:
+        """Give the reserved amounts back (the second and later calls do nothing)."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
 class CallLog(Protocol):
     """Where a plugin reports its external calls (the engine records them)."""
 
     def record(self, call: ExternalCall) -> None: ...
+
+    async def reserve(self, tokens: int, cost: float) -> Reservation:
+        """Reserve the estimated ``tokens`` and ``cost`` of one attempt about to be sent
+        (the prompt's estimate plus the longest answer asked for) against the run's
+        budget, until the reservation is released; may wait for other attempts' usage
+        to settle.
+
+        Raises :class:`StopRun` when the budget cannot cover the reservation: the
+        attempt must then not be sent, and the row is left for a resume.
+        """
+        ...
 
     def recorded_answer(self, request: Any) -> RecordedAnswer | None:
         """The answer on record for ``request``, if the call need not be made.
@@ -168,6 +222,10 @@ class CallList:
 
     def record(self, call: ExternalCall) -> None:
         self.calls.append(call)
+
+    async def reserve(self, tokens: int, cost: float) -> Reservation:
+        """Nothing to reserve: outside a run there is no budget."""
+        return Reservation()
 
     def recorded_answer(self, request: Any) -> RecordedAnswer | None:
         return None
@@ -352,11 +410,25 @@ class Transform(Plugin):
     async def process(self, row: Row, ctx: RowContext) -> TransformResult:
         raise NotImplementedError
 
+    def batch_refusal(self) -> str | None:
+        """Why a node may not hand this plugin, as configured, several rows at once —
+        its ``batch_size`` above 1 is then a config error saying so — or ``None`` when
+        it may.
+
+        The default: a plugin may exactly when it overrides :meth:`process_batch` (the
+        default one processes the rows one by one, so a batch would only delay them).
+        """
+        if type(self).process_batch is Transform.process_batch:
+            name = self.name or type(self).__name__
+            return f"the {name!r} transform processes rows one at a time, not in batches"
+        return None
+
     async def process_batch(
         self, rows: Sequence[Row], contexts: Sequence[RowContext], calls: CallLog
     ) -> list[TransformResult | Exception]:
         """Process several rows together (a node's ``batch_size``): one result per row,
-        in order, an exception standing for that row's error.
+        in order, an exception standing for that row's error (a :class:`StopRun` for a
+        row left to a resume).
 
         ``calls`` records a call made for all of them (each context's ``calls`` one made
         for that row alone).  The default processes the rows one by one.

@@ -77,8 +77,10 @@ def sqlite_url(tmp_path: Path) -> str:
 def run_verified(sqlite_url: str, tmp_path: Path) -> Callable[..., Any]:
     """``await run_verified(config)`` runs a pipeline and asserts its audit trail verifies."""
 
-    async def run(config: dict[str, Any], *, url: str | None = None) -> RunResult:
-        pipeline = Pipeline.from_dict(config, base_dir=tmp_path, landscape_url=url or sqlite_url)
+    async def run(config: dict[str, Any], *, url: str | None = None, **options: Any) -> RunResult:
+        pipeline = Pipeline.from_dict(
+            config, base_dir=tmp_path, landscape_url=url or sqlite_url, **options
+        )
         result = await pipeline.run()
         async with Landscape.connect(url or sqlite_url) as landscape:
             report = await landscape.verify(result.run_id)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeAlias
 import anyio
 
 from landscape import BatchStatus, CanonicalizationError, NodeStateStatus, Outcome, canonical_json
-from plugins import Aggregation, BatchContext, ExternalJobAggregation, MemberResult
+from plugins import Aggregation, BatchContext, ExternalJobAggregation, MemberResult, StopRun
 from plugins.expressions import ExpressionEvaluationError
 
 from .._tokens import Token, derived_token_id
@@ -76,6 +76,11 @@ class _FlushFailed(Exception):
     def __init__(self, error: dict[str, Any]) -> None:
         super().__init__(error["message"])
         self.error = error
+
+
+class _FlushLeft(Exception):
+    """The plugin raised :class:`~plugins.StopRun`: the run stops and the batch is left
+    as a stop that cancels its flush leaves it, for a resume."""
 
 
 #: Passes a successful flush attempt's results on (what ``_attempts`` awaits last).
@@ -306,6 +311,8 @@ class AggregationNode(NodeTask):
                 batch.batch_id = self._retry_batch(batch, batch.attempt)
             try:
                 pass_on = await attempt(batch.attempt)
+            except _FlushLeft:
+                return
             except _FlushFailed as failed:
                 batch.failures += 1
                 if batch.failures > self.settings.retries:
@@ -352,6 +359,8 @@ class AggregationNode(NodeTask):
             # The run is being cancelled: the state says so instead of staying open.
             self._close_flush(batch, flush, NodeStateStatus.CANCELLED)
             raise
+        except StopRun as stop:
+            self._leave_flush(batch, flush, stop)
         except Exception as exc:
             self._fail_flush(batch, flush, exc)
         self._close_flush(
@@ -436,6 +445,14 @@ class AggregationNode(NodeTask):
         elif status is NodeStateStatus.FAILED:
             self.recorder.update_batch(batch.batch_id, status=BatchStatus.FAILED)
 
+    def _leave_flush(self, batch: _Batch, flush: _Flush, stop: StopRun) -> NoReturn:
+        """Stop the run for ``stop``'s reason and close the flush state ``cancelled``,
+        as a forced stop does (a resume flushes the batch again); raise
+        :class:`_FlushLeft`."""
+        self.run_ctx.request_stop(stop.reason)
+        self._close_flush(batch, flush, NodeStateStatus.CANCELLED)
+        raise _FlushLeft from stop
+
     def _fail_flush(self, batch: _Batch, flush: _Flush, exc: Exception) -> NoReturn:
         """Record the attempt failed with ``exc``; raise :class:`_FlushFailed`."""
         error = error_info(exc)
@@ -496,6 +513,8 @@ class AggregationNode(NodeTask):
         except anyio.get_cancelled_exc_class():
             self._close_flush(batch, flush, NodeStateStatus.CANCELLED)
             raise
+        except StopRun as stop:
+            self._leave_flush(batch, flush, stop)
         except Exception as exc:
             self._fail_flush(batch, flush, exc)
         if isinstance(submitted, str):
@@ -528,6 +547,9 @@ class AggregationNode(NodeTask):
             results = await self.job_plugin.wait(job_id, rows, flush.ctx)
         except anyio.get_cancelled_exc_class():
             raise  # still pending: the final checkpoint names it
+        except StopRun as stop:  # left pending, as a cancelled wait leaves it
+            self.run_ctx.request_stop(stop.reason)
+            raise _FlushLeft from stop
         except Exception as exc:
             del pending[batch.batch_id]
             self._fail_flush(batch, flush, exc)

@@ -124,11 +124,13 @@ class NodeTask:
             return
         token.arrival = route.arrival
         token.inlet = route.inlet
-        if route.to_sink and token.fork is not None:
-            # A join waiting for this branch learns now, not once the sink has written.
-            assert token.branch is not None
-            token.fork.leave(token.branch, lost=True)
-            token.fork = None
+        if route.to_sink:
+            self.run_ctx.token_to_sink(token, self.node_id)
+            if token.fork is not None:
+                # A join waiting for this branch learns now, not once the sink has written.
+                assert token.branch is not None
+                token.fork.leave(token.branch, lost=True)
+                token.fork = None
         try:
             await self.outbox.send(route.target, token)
         except anyio.BrokenResourceError:
@@ -213,7 +215,8 @@ class NodeTask:
         token.attempt = 1
 
     def record_cancelled(self, token: Token, state_id: str, started_at: float) -> None:
-        """Record that the run was cancelled while the token was being processed here.
+        """Record that the run was cancelled while the token was being processed here
+        (or that its plugin raised :class:`~plugins.StopRun`).
 
         The token is left where it was (no outcome, same step): a resume re-does the work
         as a new attempt.

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from landscape import CanonicalizationError, Outcome
-from plugins import Discard, RowContext, Transform, TransformResult
+from plugins import Discard, RowContext, StopRun, Transform, TransformResult
 
 from .._calls import SharedCalls
 from .._jobs import Jobs
@@ -32,6 +32,8 @@ class _Processed:
     state_id: str
     discard_reason: str | None = None
     error: dict[str, Any] | None = None
+    #: The plugin raised :class:`~plugins.StopRun`: the token stays for a resume.
+    left: bool = False
 
 
 class TransformNode(NodeTask):
@@ -42,10 +44,12 @@ class TransformNode(NodeTask):
     ``concurrency`` workers process them, and an emitter passes results on in arrival
     order (completion order with ``ordered: false``).  A row whose processing raises is
     that row's error (``on_error`` or ``failed``); a :class:`Discard` ends it
-    ``discarded`` with the reason.  With ``batch_size > 1`` the feeder groups admitted
-    tokens into batches (a partial one leaves after ``batch_wait_ms``) that a worker
-    hands to the plugin's ``process_batch`` at once; each row still gets its own state
-    and its own slot in the window, so the release order is unchanged.  At end of input
+    ``discarded`` with the reason; a :class:`~plugins.StopRun` stops the run and leaves
+    the row unfinished (its state ``cancelled``), as a forced stop does, for a resume.
+    With ``batch_size > 1`` the feeder groups admitted tokens into batches (a partial
+    one leaves after ``batch_wait_ms``) that a worker hands to the plugin's
+    ``process_batch`` at once; each row still gets its own state and its own slot in
+    the window, so the release order is unchanged.  At end of input
     the workers finish what they hold, the window drains and the outbox closes.
     Cancellation stops all of it.
     """
@@ -216,7 +220,12 @@ class TransformNode(NodeTask):
     def _settle(
         self, token: Token, state_id: str, started: float, result: TransformResult | Exception
     ) -> _Processed:
-        """Record what the plugin made of ``token``'s row: a new row, a discard or an error."""
+        """Record what the plugin made of ``token``'s row: a new row, a discard, an error
+        or nothing (it asked the run to stop)."""
+        if isinstance(result, StopRun):
+            self.run_ctx.request_stop(result.reason)
+            self.record_cancelled(token, state_id, started)
+            return _Processed(token, state_id, left=True)
         if isinstance(result, Exception):
             return self._failed(token, state_id, started, error_info(result))
         if isinstance(result, Discard):
@@ -261,6 +270,8 @@ class TransformNode(NodeTask):
     async def pass_on(self, processed: _Processed) -> None:
         """Send a processed token on, in the order the node releases them."""
         token = processed.token
+        if processed.left:
+            return  # it stays where its records leave it: a resume sends it on
         if processed.error is not None:
             await self.fail_row(token, processed.error, processed.state_id)
         elif processed.discard_reason is not None:

@@ -14,9 +14,10 @@ from ._settings import BackoffSettings, BreakerSettings, EndpointSettings, Model
 
 if TYPE_CHECKING:
     from ._batch import BatchRequestFailed, LlmBatchAggregation, LlmBatchOptions
+    from ._client import HttpClientChoice
     from ._embedding import EmbeddingOptions, EmbeddingTransform
     from ._endpoint import CallFailed, Endpoint
-    from ._limits import CircuitBreaker, CircuitOpen, EndpointLimiter
+    from ._limits import CircuitBreaker, CircuitOpen, EndpointDown, EndpointLimiter
     from ._mock_settings import (
         Fault,
         FixedLatency,
@@ -42,10 +43,12 @@ __all__ = [
     "EmbeddingOptions",
     "EmbeddingTransform",
     "Endpoint",
+    "EndpointDown",
     "EndpointLimiter",
     "EndpointSettings",
     "Fault",
     "FixedLatency",
+    "HttpClientChoice",
     "Latency",
     "LlmBatchAggregation",
     "LlmBatchOptions",
@@ -68,12 +71,14 @@ _LAZY = {
     "BatchRequestFailed": "._batch",
     "LlmBatchAggregation": "._batch",
     "LlmBatchOptions": "._batch",
+    "HttpClientChoice": "._client",
     "EmbeddingOptions": "._embedding",
     "EmbeddingTransform": "._embedding",
     "CallFailed": "._endpoint",
     "Endpoint": "._endpoint",
     "CircuitBreaker": "._limits",
     "CircuitOpen": "._limits",
+    "EndpointDown": "._limits",
     "EndpointLimiter": "._limits",
     "Fault": "._mock_settings",
     "FixedLatency": "._mock_settings",

@@ -15,7 +15,6 @@ import anyio
 import orjson
 
 from ._endpoint import HttpRequest
-from ._http import FormField
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -147,14 +146,11 @@ class BatchJobs:
         content = b"\n".join(lines) + b"\n"
         filename = f"{metadata.get('ledgerflow_batch', 'batch')}.jsonl"
 
-        form = (
-            FormField("purpose", b"batch"),
-            FormField("file", content, filename=filename, content_type="application/jsonl"),
-        )
         upload = HttpRequest(
             "POST",
             "/files",
-            form=form,
+            form={"purpose": "batch"},
+            files={"file": (filename, content, "application/jsonl")},
             record={
                 "method": "POST",
                 "path": "/files",

@@ -1,12 +1,9 @@
 """An OpenAI-compatible endpoint: one HTTP client, its limits, retries and call ledger.
 
-Every LLM node that names an endpoint shares its :class:`Endpoint`: one HTTP client
-(keep-alive connections, as many as ``max_in_flight``), one limiter and one circuit
-breaker.  The client is the lean one of ``_http.py``, not httpx nor aiohttp: httpx's
-default pool is CPU-bound at high concurrency, httpx's request and response models
-cost more CPU per call than the rest of the engine even on an aiohttp transport, and
-aiohttp's own client costs twice what ``_http.py`` does (``benchmarks/llm_enrichment.py``
-prints the comparison).
+Every LLM node that names an endpoint shares its :class:`Endpoint`: one
+:class:`httpx.AsyncClient` (keep-alive connections, as many as ``max_in_flight``; see
+``_client.py`` for its transport), one limiter and one circuit breaker.  An answer
+longer than ``max_response_bytes`` is that attempt's error, found while it streams in.
 
 :meth:`Endpoint.post` makes one logical call and reports each attempt to the row's
 call log (request, response, status, latency, tokens, cost).  429, 5xx, timeouts,
@@ -19,6 +16,7 @@ and appear in no record or message.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 import time
@@ -26,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import httpx
 import orjson
 from tenacity import (
     AsyncRetrying,
@@ -34,11 +33,10 @@ from tenacity import (
     stop_after_attempt,
 )
 
-from plugins.protocols import ExternalCall, ReplayMiss, resolve_path
+from plugins.protocols import ExternalCall, ReplayMiss, StopRun, resolve_path
 
-from ._http import FormField, HttpClient, HttpProtocolError, multipart
+from ._client import ResponseTooLarge, endpoint_client, read_capped, transport_failure
 from ._limits import CircuitBreaker, CircuitOpen, EndpointLimiter
-from ._proxy import environment_proxy
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -46,6 +44,7 @@ if TYPE_CHECKING:
 
     from plugins.protocols import CallLog, RecordedAnswer
 
+    from ._client import HttpClientChoice
     from ._settings import EndpointSettings
 
 __all__ = [
@@ -80,6 +79,8 @@ class CallFailed(Exception):
 class HttpRequest:
     """One API request: a JSON body, a multipart form (a file upload), or neither.
 
+    ``path`` follows the endpoint's base URL and may carry a query of its own.
+
     ``record`` is what the call ledger stores as its request (when not given: the JSON
     body, or else the method and path); ``raw`` asks for the answer's bytes rather than
     a JSON object.
@@ -88,8 +89,10 @@ class HttpRequest:
     method: str
     path: str
     json: dict[str, Any] | None = None
-    #: The parts of a ``multipart/form-data`` body.
-    form: tuple[FormField, ...] | None = None
+    #: The fields of a ``multipart/form-data`` body, and its files, each as
+    #: ``(filename, content, content type)``.
+    form: Mapping[str, str] | None = None
+    files: Mapping[str, tuple[str, bytes, str]] | None = None
     record: Any = None
     raw: bool = False
 
@@ -112,10 +115,19 @@ class Endpoint:
     """The shared runtime of one configured endpoint (client, limiter, breaker).
 
     Nodes :meth:`open` and :meth:`aclose` it around their run; the HTTP client exists
-    while at least one node has it open.
+    while at least one node has it open.  ``http_client`` is a caller's own
+    :class:`httpx.AsyncClient` (used as it is, never closed here) or transport (used
+    by the client made here, never closed here either).
     """
 
-    def __init__(self, name: str, settings: EndpointSettings, base_dir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: EndpointSettings,
+        base_dir: Path,
+        *,
+        http_client: HttpClientChoice | None = None,
+    ) -> None:
         self.name = name
         self.settings = settings
         self.base_dir = base_dir
@@ -123,20 +135,29 @@ class Endpoint:
             settings.max_in_flight, settings.requests_per_minute, settings.tokens_per_minute
         )
         cb = settings.circuit_breaker
-        self.breaker = CircuitBreaker(name, cb.failure_threshold, cb.reset_seconds)
-        self._base_url, self._query = _base_and_query(settings)
-        self._client: HttpClient | None = None
+        self.breaker = CircuitBreaker(
+            name,
+            cb.failure_threshold,
+            cb.reset_seconds,
+            wait=cb.on_open == "wait",
+            max_outage_seconds=cb.max_outage_seconds,
+        )
+        self._base_url, self._params = _base_and_params(settings)
+        self._given_client = http_client
+        self._client: httpx.AsyncClient | None = None
+        self._owns_client = False
+        self._request_headers: dict[str, str] = {}
         self._users = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def open(self) -> None:
         if self._users == 0:
-            self._client = HttpClient(
+            self._request_headers = self._headers()
+            self._client, self._owns_client = endpoint_client(
                 self._base_url,
-                headers=self._headers(),
-                max_idle=self.settings.max_in_flight,
-                proxy=environment_proxy(self._base_url),
+                connections=self.settings.max_in_flight,
+                given=self._given_client,
             )
         self._users += 1
 
@@ -144,7 +165,8 @@ class Endpoint:
         self._users -= 1
         if self._users == 0 and self._client is not None:
             client, self._client = self._client, None
-            await client.aclose()
+            if self._owns_client:
+                await client.aclose()
 
     def _headers(self) -> dict[str, str]:
         headers = dict(self.settings.headers)
@@ -201,8 +223,10 @@ class Endpoint:
         Every attempt is reported to ``calls``.  An answer ``calls`` has on record for
         this very request is taken instead of calling (recorded as its status says); a
         replay without one raises :class:`~plugins.ReplayMiss` (recorded as an ``error``
-        call, nothing sent).  Raises :class:`CallFailed` (the last attempt's error) or
-        :class:`CircuitOpen` (recorded as an ``error`` call).
+        call, nothing sent).  Raises :class:`CallFailed` (the last attempt's error),
+        :class:`CircuitOpen` (``on_open: fail``; recorded as an ``error`` call) or
+        :class:`~plugins.StopRun` (the budget cannot cover the call, or the endpoint is
+        down past ``max_outage_seconds``: the row is left for a resume).
         """
         try:
             recorded = calls.recorded_answer(body)
@@ -262,10 +286,21 @@ class Endpoint:
     ) -> Any:
         """Make ``request`` until an attempt succeeds or attempts run out (retrying as
         :meth:`post` does), each attempt reported to ``calls``; the answer (a JSON object,
-        or bytes for a raw request)."""
+        or bytes for a raw request).
+
+        The wait before a retry is at most ``max_retry_wait_seconds`` (whatever the
+        server's ``Retry-After``), and is recorded in the failed attempt's error.  Each
+        attempt reserves ``estimated_tokens`` (the prompt's estimate plus the longest
+        answer asked for) and their cost in ``calls`` before it is sent: a
+        :class:`~plugins.StopRun` when the budget cannot cover them, nothing sent.  An
+        open breaker holds attempts back (``on_open: wait``, not counted as attempts;
+        :class:`EndpointDown` past ``max_outage_seconds``) or refuses them
+        (:class:`CircuitOpen`).
+        """
         attempts = max_attempts or self.settings.max_attempts
         timeout = timeout_seconds or self.settings.timeout_seconds
         model = request.json.get("model") if request.json is not None else None
+        cost = self._estimated_cost(request, estimated_tokens)
         common = {
             "call_type": call_type,
             "provider": self.settings.provider,
@@ -276,7 +311,12 @@ class Endpoint:
 
         async def attempt(number: int) -> Any:
             return await self._attempt(
-                request, timeout, estimated_tokens, calls, {**common, "attempt": number}
+                request,
+                timeout,
+                (estimated_tokens, cost),
+                calls,
+                {**common, "attempt": number},
+                last=number >= attempts,
             )
 
         # Most calls succeed at once: the first attempt goes without the retry machinery,
@@ -286,12 +326,11 @@ class Endpoint:
         except CallFailed as exc:
             if not exc.retryable or attempts == 1:
                 raise
-            await self._pause(self._backoff(1, exc))
+            await self._pause(self._planned_wait(exc))
 
         def wait(state: RetryCallState) -> float:
             outcome = state.outcome
-            failure = None if outcome is None else outcome.exception()
-            return self._backoff(state.attempt_number + 1, failure)
+            return self._planned_wait(None if outcome is None else outcome.exception())
 
         retrying = AsyncRetrying(
             stop=stop_after_attempt(attempts - 1),
@@ -313,55 +352,125 @@ class Endpoint:
     def _backoff(self, failed_attempt: int, failure: BaseException | None) -> float:
         """Seconds to wait after attempt ``failed_attempt`` failed: "full jitter", a random
         delay up to the doubling backoff (capped), or the server's ``Retry-After`` if it
-        asks for longer."""
+        asks for longer — never more than ``max_retry_wait_seconds`` (a server asking
+        for ``inf`` or ``1e9`` seconds does not hold the row for ever)."""
         backoff = self.settings.backoff
         ceiling = min(backoff.max_seconds, backoff.initial_seconds * 2 ** (failed_attempt - 1))
         delay = random.uniform(0.0, ceiling)
         if isinstance(failure, CallFailed) and failure.retry_after is not None:
-            delay = max(delay, failure.retry_after)  # the server's word beats the cap
-        return delay
+            delay = max(delay, failure.retry_after)  # the server's word beats the backoff
+        return min(delay, self.settings.max_retry_wait_seconds)
+
+    def _plan_retry(self, failed_attempt: int, failure: CallFailed) -> None:
+        """Decide the wait before the attempt after ``failed_attempt`` and put it in the
+        failure's recorded error: ``retry_wait_seconds`` (what :meth:`_planned_wait`
+        waits), the server's ``retry_after_seconds`` if it named one (``"inf"`` if it
+        asked for ever), and ``retry_wait_capped`` when the cap cut it short."""
+        wait = round(self._backoff(failed_attempt, failure), 3)
+        failure.error["retry_wait_seconds"] = wait
+        asked = failure.retry_after
+        if asked is not None:
+            failure.error["retry_after_seconds"] = asked if math.isfinite(asked) else str(asked)
+            if asked > wait:
+                failure.error["retry_wait_capped"] = True
+
+    @staticmethod
+    def _planned_wait(failure: BaseException | None) -> float:
+        """The wait :meth:`_plan_retry` recorded for ``failure`` (0 when none was)."""
+        if isinstance(failure, CallFailed):
+            return float(failure.error.get("retry_wait_seconds", 0.0))
+        return 0.0
+
+    def _estimated_cost(self, request: HttpRequest, estimated_tokens: int) -> float:
+        """What ``estimated_tokens`` of ``request`` may cost at most: the answer's part
+        (the body's ``max_tokens``) at the output price and the rest at the input price,
+        or all of it at the dearer price when the body sets no ``max_tokens``."""
+        model = request.json.get("model") if request.json is not None else None
+        price = self.settings.prices.get(str(model))
+        if price is None or estimated_tokens <= 0:
+            return 0.0
+        assert request.json is not None
+        answer = request.json.get("max_tokens")
+        if isinstance(answer, int) and 0 <= answer <= estimated_tokens:
+            return self.cost(str(model), estimated_tokens - answer, answer)
+        return estimated_tokens * max(price.input_per_1k, price.output_per_1k) / 1000.0
 
     async def _attempt(
         self,
         request: HttpRequest,
         limit_seconds: float,
-        estimated_tokens: int,
+        estimate: tuple[int, float],
         calls: CallLog,
         common: dict[str, Any],
+        *,
+        last: bool,
     ) -> Any:
-        """One attempt, recorded whatever its end: an answer, an error, or cancellation."""
-        # The breaker is asked once a slot is held, before any rate allowance is taken:
-        # calls queued behind max_in_flight when it opens fail fast too, half-open lets
-        # exactly one probe out, and a refused call costs no allowance.
-        try:
-            async with self.limiter.slot(estimated_tokens, self.breaker.before_call) as usage:
+        """One attempt, recorded whatever its end: an answer, an error, or cancellation.
+
+        The breaker is asked once a slot is held, before any rate allowance is taken:
+        calls queued behind max_in_flight when it opens are held back too, half-open
+        lets exactly one probe out, and a refused call costs no allowance.  Refused, the
+        attempt fails fast (``on_open: fail``: :class:`CircuitOpen`, recorded) or waits
+        for the breaker without holding a slot and asks again (``on_open: wait``): time
+        waiting is no attempt.
+        """
+        while True:
+            try:
+                return await self._attempt_once(
+                    request, limit_seconds, estimate, calls, common, last=last
+                )
+            except CircuitOpen as exc:
+                if not self.breaker.wait:
+                    error = {"type": "CircuitOpen", "message": str(exc), "circuit_open": True}
+                    calls.record(ExternalCall(**common, status="error", response=None,
+                                              latency_ms=0.0, error=error))  # fmt: skip
+                    raise
+            await self.breaker.wait_until_callable()
+
+    async def _attempt_once(
+        self,
+        request: HttpRequest,
+        limit_seconds: float,
+        estimate: tuple[int, float],
+        calls: CallLog,
+        common: dict[str, Any],
+        *,
+        last: bool,
+    ) -> Any:
+        """Send the attempt once the breaker, a slot and the rate allowance let it go
+        and its ``(tokens, cost)`` estimate is reserved in ``calls``; the reservation is
+        released right after the attempt's record (its actual usage) is made."""
+        tokens, cost = estimate
+        async with self.limiter.slot(tokens, self.breaker.before_call) as usage:
+            try:
+                reservation = await calls.reserve(tokens, cost)
+            except StopRun:
+                usage.actual(0)  # nothing was sent
+                self.breaker.abandoned()  # were it the probe, another may go
+                raise
+            with reservation:
                 started = time.perf_counter()
                 answer, http_status = await self._exchange(
-                    request, limit_seconds, calls, common, started
+                    request, limit_seconds, calls, common, started, last=last
                 )
                 prompt, completion = reported_usage(answer)
                 if prompt is not None or completion is not None:
                     usage.actual((prompt or 0) + (completion or 0))
-        except CircuitOpen as exc:
-            error = {"type": "CircuitOpen", "message": str(exc), "circuit_open": True}
-            calls.record(ExternalCall(**common, status="error", response=None,
-                                      latency_ms=0.0, error=error))  # fmt: skip
-            raise
-        self.breaker.succeeded()
-        latency = (time.perf_counter() - started) * 1000.0
-        model = str(common["model"])
-        calls.record(
-            ExternalCall(
-                **common,
-                status="success",
-                response=_recorded_answer(answer),
-                latency_ms=latency,
-                http_status=http_status,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                cost=self.cost(model, prompt, completion),
-            )
-        )
+                self.breaker.succeeded()
+                latency = (time.perf_counter() - started) * 1000.0
+                model = str(common["model"])
+                calls.record(
+                    ExternalCall(
+                        **common,
+                        status="success",
+                        response=_recorded_answer(answer),
+                        latency_ms=latency,
+                        http_status=http_status,
+                        prompt_tokens=prompt,
+                        completion_tokens=completion,
+                        cost=self.cost(model, prompt, completion),
+                    )
+                )
         return answer
 
     async def _exchange(
@@ -371,13 +480,19 @@ class Endpoint:
         calls: CallLog,
         common: dict[str, Any],
         started: float,
+        *,
+        last: bool,
     ) -> tuple[Any, int]:
-        """Send the request; a failed exchange is told to the breaker and recorded."""
+        """Send the request; a failed exchange is told to the breaker and recorded (a
+        retryable one, unless it was the ``last`` attempt, with the wait before the
+        next)."""
         try:
             result = await self._send(request, limit_seconds)
         except CallFailed as exc:
             if exc.retryable:
                 self.breaker.failed()
+                if not last:
+                    self._plan_retry(common["attempt"], exc)
             else:  # the endpoint answered; the request was wrong
                 self.breaker.succeeded()
             self._record_failure(calls, common, started, exc, exc.error, exc.http_status)
@@ -409,38 +524,58 @@ class Endpoint:
             failure.add_note(f"the failed attempt could not be recorded: {exc!r}")
 
     async def _send(self, request: HttpRequest, limit_seconds: float) -> _Attempt:
+        """One exchange, within ``limit_seconds`` from connecting to the answer's last
+        byte; :class:`CallFailed` when it fails or the endpoint refuses the request."""
         client = self._client
         if client is None:
             raise RuntimeError(f"endpoint '{self.name}' is not open")
-        body: bytes | None = None
-        content_type: str | None = None
+        limit = (
+            self.settings.max_download_bytes if request.raw else self.settings.max_response_bytes
+        )
+        http_request = client.build_request(
+            request.method,
+            self._base_url + request.path,
+            params=self._params,
+            headers=self._request_headers,
+            json=None,
+            content=None if request.json is None else orjson.dumps(request.json),
+            data=request.form,
+            files=request.files,
+            timeout=limit_seconds,
+        )
         if request.json is not None:
-            body, content_type = orjson.dumps(request.json), "application/json"
-        elif request.form is not None:
-            body, content_type = multipart(request.form)
+            http_request.headers["content-type"] = "application/json"
         try:
-            response = await client.request(
-                request.method,
-                request.path + self._query,
-                body,
-                content_type=content_type,
-                limit_seconds=limit_seconds,
-            )
-        except TimeoutError:
+            with anyio.fail_after(limit_seconds):
+                response = await client.send(http_request, stream=True)
+                try:
+                    content = await read_capped(response, limit)
+                finally:
+                    await response.aclose()
+        except TimeoutError:  # the deadline of fail_after
             raise CallFailed(
                 {"type": "Timeout", "message": f"no answer within {limit_seconds} s"},
                 retryable=True,
             ) from None
-        except (HttpProtocolError, OSError) as exc:
-            error = {"type": type(exc).__name__, "message": str(exc) or type(exc).__name__}
+        except ResponseTooLarge as exc:
+            error = {"type": "ResponseTooLarge", "message": str(exc)}
+            raise CallFailed(error, retryable=False) from None
+        except (httpx.TransportError, httpx.DecodingError, OSError) as exc:
+            failure = transport_failure(exc)
+            if failure.timed_out:
+                error = {"type": "Timeout", "message": f"{failure.type}: {failure.message}"}
+            else:
+                error = {"type": failure.type, "message": failure.message}
             raise CallFailed(error, retryable=True) from None
-        content, status = response.body, response.status
-        retry_after = _retry_after(response.headers)
+        status = response.status_code
         if status >= 400:
             retryable = status == 429 or status >= 500
             error = {"type": "HTTPStatusError", "message": f"HTTP {status}", "body": _text(content)}
             raise CallFailed(
-                error, retryable=retryable, http_status=status, retry_after=retry_after
+                error,
+                retryable=retryable,
+                http_status=status,
+                retry_after=_retry_after(response.headers),
             )
         if request.raw:
             return _Attempt(content, status)
@@ -456,13 +591,15 @@ class Endpoint:
         return _Attempt(parsed, status)
 
 
-def _base_and_query(settings: EndpointSettings) -> tuple[str, str]:
-    """The URL every API path is appended to, and the query that follows the path."""
+def _base_and_params(settings: EndpointSettings) -> tuple[str, dict[str, str]]:
+    """The URL every API path is appended to, and the query parameters every request
+    carries."""
     if settings.provider == "azure_openai":
         assert settings.endpoint is not None
+        assert settings.api_version is not None
         base = f"{settings.endpoint.rstrip('/')}/openai/deployments/{settings.deployment}"
-        return base, f"?api-version={settings.api_version}"
-    return (settings.base_url or _OPENROUTER_URL).rstrip("/"), ""
+        return base, {"api-version": settings.api_version}
+    return (settings.base_url or _OPENROUTER_URL).rstrip("/"), {}
 
 
 def _recorded_answer(answer: Any) -> Any:

@@ -1,5 +1,6 @@
 """What an endpoint lets through: requests in flight, requests and tokens per minute,
-and a circuit breaker that fails fast while the endpoint is down.
+and a circuit breaker that holds calls back (or fails them fast) while the endpoint is
+down.
 
 One :class:`EndpointLimiter` and one :class:`CircuitBreaker` exist per configured
 endpoint and are shared by every node that calls it, so several LLM nodes together
@@ -13,10 +14,19 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from plugins.protocols import StopRun
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["CircuitBreaker", "CircuitOpen", "EndpointLimiter", "Slot", "TokenBucket"]
+__all__ = [
+    "CircuitBreaker",
+    "CircuitOpen",
+    "EndpointDown",
+    "EndpointLimiter",
+    "Slot",
+    "TokenBucket",
+]
 
 
 class TokenBucket:
@@ -160,27 +170,59 @@ class CircuitOpen(Exception):
         self.retry_in = retry_in
 
 
+class EndpointDown(StopRun):
+    """The endpoint's breaker stayed open longer than ``max_outage_seconds``: the run
+    stops gracefully, and the call's row is left for a resume."""
+
+    def __init__(self, endpoint: str, down_for: float, limit: float) -> None:
+        super().__init__(
+            f"endpoint '{endpoint}' down: its circuit breaker has been open for "
+            f"{down_for:.1f} s, longer than max_outage_seconds ({limit:g})"
+        )
+        self.endpoint = endpoint
+
+
 class CircuitBreaker:
     """Opens after ``failure_threshold`` consecutive failures, for ``reset_seconds``.
 
-    While open every call fails fast with :class:`CircuitOpen`.  After the reset time
-    one probe is let through (half-open): its success closes the breaker, its failure
-    opens it again.
+    After the reset time one probe is let through (half-open): its success closes the
+    breaker, its failure opens it again.  While it is open, :meth:`before_call` refuses
+    every call with :class:`CircuitOpen`; callers that ``wait`` (``on_open: wait``)
+    first :meth:`wait_until_callable`, which returns once a call may go out and raises
+    :class:`EndpointDown` once the outage — from the breaker opening until it closes
+    again — has lasted longer than ``max_outage_seconds``.  The waits are driven by the
+    reset time and by the breaker's changes (it opens, a probe ends), never by polling.
     """
 
-    def __init__(self, name: str, failure_threshold: int, reset_seconds: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        failure_threshold: int,
+        reset_seconds: float,
+        *,
+        wait: bool = False,
+        max_outage_seconds: float = math.inf,
+    ) -> None:
         self.name = name
         self.failure_threshold = failure_threshold
         self.reset_seconds = reset_seconds
+        #: Whether callers wait while it is open (else they fail fast).
+        self.wait = wait
+        self.max_outage_seconds = max_outage_seconds
         self._failures = 0
         self._opened_at = -math.inf
         self._probing = False
+        #: When the current outage began: the breaker opened after being closed.
+        self._down_since: float | None = None
+        #: Set (and forgotten) on the next change; made when someone waits for one.
+        self._changed: anyio.Event | None = None
 
     @property
     def state(self) -> str:
         if self._failures < self.failure_threshold:
             return "closed"
-        if anyio.current_time() - self._opened_at < self.reset_seconds or self._probing:
+        # The same comparison as wait_until_callable's: open until the reset time.
+        if anyio.current_time() < self._opened_at + self.reset_seconds or self._probing:
             return "open"
         return "half_open"
 
@@ -195,16 +237,55 @@ class CircuitBreaker:
         retry_in = max(0.0, self._opened_at + self.reset_seconds - anyio.current_time())
         raise CircuitOpen(self.name, retry_in)
 
+    async def wait_until_callable(self) -> None:
+        """Wait until a call may go out (closed, or half-open with no probe out).
+
+        Raises :class:`EndpointDown` once the outage has lasted ``max_outage_seconds``
+        (at once if it already has).  Each wait ends at the reset time, the outage
+        limit, or the breaker's next change, whichever comes first.
+        """
+        while (state := self.state) != "closed" and state != "half_open":
+            now = anyio.current_time()
+            assert self._down_since is not None, "an open breaker has an outage"
+            limit = self._down_since + self.max_outage_seconds
+            if now >= limit:
+                raise EndpointDown(self.name, now - self._down_since, self.max_outage_seconds)
+            reset_at = self._opened_at + self.reset_seconds
+            # Open past the reset time means a probe is out: only its end changes anything.
+            wake_at = min(limit, reset_at if now < reset_at else math.inf)
+            if self._changed is None:
+                self._changed = anyio.Event()
+            with anyio.CancelScope(deadline=wake_at):
+                await self._changed.wait()
+
     def succeeded(self) -> None:
+        was_closed = self._failures < self.failure_threshold
         self._failures = 0
         self._probing = False
+        self._down_since = None
+        if not was_closed:
+            self._notify()
 
     def abandoned(self) -> None:
         """A call let through ended without an answer either way (it was cancelled)."""
-        self._probing = False
+        if self._probing:
+            self._probing = False
+            self._notify()
 
     def failed(self) -> None:
         self._failures += 1
-        if self._failures >= self.failure_threshold:
-            self._opened_at = anyio.current_time()
+        probed = self._probing
         self._probing = False
+        if self._failures >= self.failure_threshold:
+            now = anyio.current_time()
+            if self._down_since is None:
+                self._down_since = now
+            self._opened_at = now
+            if probed or self._failures == self.failure_threshold:
+                self._notify()
+
+    def _notify(self) -> None:
+        """Wake whoever waits for a change (their waits look at the state again)."""
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()

@@ -11,6 +11,11 @@ row per entry, in order (unless a batch fault says otherwise).  A row holds the 
 single answer for its prompt would hold: the object a ``json_object`` or ``json_schema``
 request gets (with ``json_schema``, the schema of ``properties.answers.items`` when the
 schema has it, else the schema itself), or ``{"answer": text}`` for text requests.
+
+Two ``json_schema`` names ask for the answer of another format in an ``answer`` string
+(what the ``llm`` transform sends for batches of text and json rows): a row of
+``text_answers`` holds ``{"answer": text}`` with the text a text request gets, a row of
+``json_answers`` the object a ``json_object`` request gets, as JSON text.
 """
 
 from __future__ import annotations
@@ -72,6 +77,14 @@ _JSON_OBJECT = _Format(
 )
 
 
+def _json_text(salt: bytes) -> dict[str, Any]:
+    return {"answer": orjson.dumps(_JSON_OBJECT.single(salt)).decode()}
+
+
+#: ``json_schema`` names whose batch rows carry another format's answer (see the module).
+_ANSWER_ROWS: dict[str, ValueGenerator] = {"text_answers": _TEXT.row, "json_answers": _json_text}
+
+
 def _schema_format(response_format: Mapping[str, Any]) -> _Format:
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
@@ -80,7 +93,10 @@ def _schema_format(response_format: Mapping[str, Any]) -> _Format:
     answers = (schema.get("properties") or {}).get("answers")
     items = answers.get("items") if isinstance(answers, dict) else None
     single = compile_schema(schema)
-    row = compile_schema(items) if isinstance(items, dict) else single
+    named = _ANSWER_ROWS.get(str(spec.get("name")))
+    if named is not None:
+        return _Format(single=single, row=named)
+    row = compile_schema(items, root=schema) if isinstance(items, dict) else single
     return _Format(single=single, row=lambda salt: _as_row(row(salt)))
 
 

@@ -67,10 +67,14 @@ def words(salt: bytes, fewest: int, most: int) -> str:
     return " ".join(_WORDS[(bits >> (_WORD_BITS * i)) & mask] for i in range(count))
 
 
-def compile_schema(schema: Any) -> ValueGenerator:
-    """A generator of documents valid against ``schema``; :class:`BadRequest` if unusable."""
+def compile_schema(schema: Any, root: Any = None) -> ValueGenerator:
+    """A generator of documents valid against ``schema``; :class:`BadRequest` if unusable.
+
+    ``root`` is the document ``schema`` is part of, which its ``$ref`` resolve in (by
+    default ``schema`` itself).
+    """
     try:
-        return _Compiler(schema).node(schema, 0)
+        return _Compiler(schema if root is None else root).node(schema, 0)
     except BadRequest:
         raise
     except (TypeError, ValueError, AttributeError) as exc:  # a keyword of the wrong type

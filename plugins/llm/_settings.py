@@ -6,6 +6,7 @@ import the HTTP stack.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -16,6 +17,9 @@ from ._headers import header_line
 __all__ = ["BackoffSettings", "BreakerSettings", "EndpointSettings", "ModelPrice", "Provider"]
 
 Provider = Literal["openai", "azure_openai", "openrouter"]
+
+#: A deployment name or api-version: it goes into the URL as it is.
+_URL_PART = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class _Model(BaseModel):
@@ -28,8 +32,27 @@ class BackoffSettings(_Model):
 
 
 class BreakerSettings(_Model):
+    """The endpoint's circuit breaker: open after consecutive failures, one probe call
+    after each reset period, closed again by the probe's success."""
+
     failure_threshold: int = Field(10, ge=1, description="Consecutive failures that open it.")
-    reset_seconds: float = Field(30.0, gt=0, description="How long it stays open.")
+    reset_seconds: float = Field(
+        30.0, gt=0, description="How long it stays open before one probe call tests the endpoint."
+    )
+    on_open: Literal["wait", "fail"] = Field(
+        "wait",
+        description="wait: calls wait while it is open (their rows hold the node's "
+        "concurrency, so the source is no longer read), without using up attempts, and go "
+        "on once a probe succeeds; fail: calls fail at once (circuit_open), each its row's "
+        "error.",
+    )
+    max_outage_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="With on_open wait: when the breaker has been open this long without "
+        "a probe succeeding, the run stops gracefully (interrupted, resumable), the waiting "
+        "rows left for the resume.",
+    )
 
 
 class ModelPrice(_Model):
@@ -58,10 +81,23 @@ class EndpointSettings(_Model):
     requests_per_minute: int | None = Field(None, ge=1, description="Request rate limit.")
     tokens_per_minute: int | None = Field(None, ge=1, description="Token rate limit.")
     timeout_seconds: float = Field(60.0, gt=0, description="Per attempt.")
+    max_response_bytes: int = Field(
+        32 * 1024 * 1024, ge=1, description="Longest answer body (decoded); longer is an error."
+    )
+    max_download_bytes: int = Field(
+        1024 * 1024 * 1024, ge=1, description="Longest file download (batch job results)."
+    )
     max_attempts: int = Field(5, ge=1, description="Attempts per call, the first included.")
+    max_retry_wait_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="Longest wait before a retry, whatever the backoff or the server's "
+        "Retry-After asks (the wait is recorded in the failed attempt's error).",
+    )
     backoff: BackoffSettings = Field(default_factory=BackoffSettings, description="Retry delays.")
     circuit_breaker: BreakerSettings = Field(
-        default_factory=BreakerSettings, description="Fail fast while the endpoint is down."
+        default_factory=BreakerSettings,
+        description="Hold calls back (or fail them fast) while the endpoint is down.",
     )
     prices: dict[str, ModelPrice] = Field(
         default_factory=dict, description="Model -> price per 1,000 tokens, for `calls.cost`."
@@ -77,6 +113,13 @@ class EndpointSettings(_Model):
             if parts.query or parts.fragment:
                 raise ValueError("must not have a query or a fragment")
         return url
+
+    @field_validator("deployment", "api_version")
+    @classmethod
+    def _url_part(cls, value: str | None) -> str | None:
+        if value is not None and _URL_PART.fullmatch(value) is None:
+            raise ValueError("may hold only letters, digits, '.', '_' and '-'")
+        return value
 
     @field_validator("headers")
     @classmethod

@@ -244,3 +244,16 @@ def test_a_run_whose_rows_had_errors_completes_with_exit_code_4(cli: Cli, quicks
     assert errors
     assert f"rows with errors: {len(errors)}" in result.stdout
     assert "status: completed" in result.stdout
+
+
+def test_a_run_past_max_failed_rows_is_interrupted_and_says_why(cli: Cli, quickstart: Path) -> None:
+    text = quickstart.read_text().replace(
+        "round(row['amount'] * row['rate'], 2)",
+        "round(row['amount'] * row['rate'] / (0 if row['currency'] == 'GBP' else 1), 2)",
+    )
+    quickstart.write_text(text + "\nruntime: {max_failed_rows: 0}\n")
+    result = cli("run", str(quickstart), "--no-progress")
+    assert result.returncode == 3, result.stderr
+    assert "status: interrupted" in result.stdout
+    assert "stopped: failed rows: 1 > max_failed_rows 0" in result.stdout
+    assert "resume with: ledgerflow resume" in result.stdout

@@ -156,7 +156,7 @@ async def test_retry_after_is_waited_before_the_next_attempt(
 ) -> None:
     retry_after = 0.3  # sent as "Retry-After: 1" and "retry-after-ms: 300"
     settings = MockSettings(
-        seed=2, faults={Fault.RATE_LIMITED: 0.5}, retry_after_seconds=retry_after
+        seed=1, faults={Fault.RATE_LIMITED: 0.5}, retry_after_seconds=retry_after
     )
     async with MockLlmServer(settings) as server:
         config = pipeline(
@@ -173,7 +173,7 @@ async def test_retry_after_is_waited_before_the_next_attempt(
             assert limited["http_status"] == 429
             # an attempt's call row is written as it ends; the next one began `latency` earlier
             waits.append(after["created_at"] - after["latency_ms"] / 1000 - limited["created_at"])
-    assert waits, "seed 2 injected no 429"
+    assert waits, "seed 1 injected no 429"
     # the backoff is capped at 0.05 s: only the server's Retry-After can explain a longer wait
     assert min(waits) >= retry_after - 0.05, waits
 
@@ -274,7 +274,9 @@ def breaker_endpoint(base_url: str, *, threshold: int, reset: float) -> Endpoint
         base_url=base_url,
         max_attempts=1,
         backoff=BackoffSettings(initial_seconds=0.01, max_seconds=0.05),
-        circuit_breaker=BreakerSettings(failure_threshold=threshold, reset_seconds=reset),
+        circuit_breaker=BreakerSettings(
+            failure_threshold=threshold, reset_seconds=reset, on_open="fail"
+        ),
     )
     return Endpoint("local", settings, Path("."))
 
@@ -411,7 +413,11 @@ async def test_calls_queued_behind_max_in_flight_fail_fast_once_the_breaker_open
             endpoint_options={
                 "max_in_flight": 1,
                 "max_attempts": 1,
-                "circuit_breaker": {"failure_threshold": 2, "reset_seconds": 60},
+                "circuit_breaker": {
+                    "failure_threshold": 2,
+                    "reset_seconds": 60,
+                    "on_open": "fail",
+                },
             },
         )
         result = await run_verified(config)
@@ -450,7 +456,11 @@ async def test_a_row_arriving_after_the_reset_time_is_a_probe_that_reaches_the_s
             transforms=[llm_node(concurrency=1)],
             endpoint_options={
                 "max_attempts": 1,
-                "circuit_breaker": {"failure_threshold": 2, "reset_seconds": reset},
+                "circuit_breaker": {
+                    "failure_threshold": 2,
+                    "reset_seconds": reset,
+                    "on_open": "fail",
+                },
             },
         )
         result = await run_verified(config)

@@ -29,7 +29,7 @@ from plugins.llm import (
     MockSettings,
     UniformLatency,
 )
-from plugins.llm._limits import TokenBucket
+from plugins.llm._limits import CircuitBreaker, CircuitOpen, EndpointDown, TokenBucket
 from tests._read import read_jsonl
 
 from .conftest import llm_node, pipeline, tickets
@@ -298,52 +298,204 @@ def test_requests_per_minute_apply_to_every_attempt_through_the_limiter() -> Non
     run_on_virtual_clock(main)
 
 
+# -- the circuit breaker, on the virtual clock -------------------------------------------------
+
+
+async def call_through(breaker: CircuitBreaker) -> None:
+    """What an endpoint's attempt does with ``on_open: wait``: wait until the breaker
+    lets a call go, and ask it; refused (another took the probe), wait again."""
+    while True:
+        await breaker.wait_until_callable()
+        try:
+            breaker.before_call()
+        except CircuitOpen:
+            continue
+        return
+
+
+def test_an_open_breaker_holds_callers_until_its_probe_succeeds() -> None:
+    async def main() -> None:
+        breaker = CircuitBreaker("e", 2, reset_seconds=10.0, wait=True)
+        start = anyio.current_time()
+        breaker.failed()
+        breaker.failed()  # open from 0 to 10
+        went: list[tuple[str, float]] = []
+
+        async def caller(name: str) -> None:
+            await call_through(breaker)
+            went.append((name, anyio.current_time() - start))
+            if len(went) == 1:  # the probe: it takes 2 s and succeeds
+                await anyio.sleep(2.0)
+                breaker.succeeded()
+
+        async with anyio.create_task_group() as tg:
+            for name in ("a", "b", "c"):
+                tg.start_soon(caller, name)
+        assert [at for _, at in went] == [10.0, 12.0, 12.0]
+        assert breaker.state == "closed"
+
+    run_on_virtual_clock(main)
+
+
+def test_a_failed_probe_holds_callers_for_another_reset_period() -> None:
+    async def main() -> None:
+        breaker = CircuitBreaker("e", 1, reset_seconds=10.0, wait=True)
+        start = anyio.current_time()
+        breaker.failed()  # open from 0 to 10
+        went: list[float] = []
+
+        async def caller() -> None:
+            await call_through(breaker)
+            went.append(anyio.current_time() - start)
+            await anyio.sleep(1.0)
+            if len(went) == 1:
+                breaker.failed()  # the first probe fails at 11: open until 21
+            else:
+                breaker.succeeded()
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(caller)
+        assert went == [10.0, 21.0, 22.0]  # a second probe at 21, then the last caller
+
+    run_on_virtual_clock(main)
+
+
+def test_callers_stop_with_endpoint_down_once_the_outage_outlasts_its_limit() -> None:
+    async def main() -> None:
+        breaker = CircuitBreaker("e", 1, reset_seconds=10.0, wait=True, max_outage_seconds=25.0)
+        start = anyio.current_time()
+        breaker.failed()  # down from 0
+        probes: list[float] = []
+        stopped: list[tuple[float, str]] = []
+
+        async def caller() -> None:
+            while True:
+                try:
+                    await call_through(breaker)
+                except EndpointDown as down:
+                    stopped.append((anyio.current_time() - start, down.reason))
+                    return
+                probes.append(anyio.current_time() - start)
+                await anyio.sleep(1.0)
+                breaker.failed()  # the endpoint stays down
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(caller)
+        assert probes == [10.0, 21.0]  # each failed probe reopens it for 10 s
+        assert [at for at, _ in stopped] == [25.0, 25.0, 25.0]
+        assert all("max_outage_seconds (25)" in reason for _, reason in stopped)
+        with pytest.raises(EndpointDown):  # a later caller is refused at once
+            await breaker.wait_until_callable()
+
+    run_on_virtual_clock(main)
+
+
 # -- budgets ----------------------------------------------------------------------------------
 
-PRICES = {"mock-model": {"input_per_1k": 1.0, "output_per_1k": 1.0}}  # 1 cost unit per 1k
+PRICES = {"mock-model": {"input_per_1k": 1.0, "output_per_1k": 2.0}}  # cost units per 1k
+ANSWER_TOKENS = 20  # the node's max_tokens: the answer's part of every estimate
+
+
+def estimate(request: dict[str, Any]) -> tuple[int, int]:
+    """What the llm transform estimates of a request, as prompt and answer tokens."""
+    prompt = sum(len(m["content"]) for m in request["messages"]) // 4 + 1
+    return prompt, request["max_tokens"]
+
+
+def spend(tokens: tuple[int, int]) -> dict[str, float]:
+    """Tokens and cost of ``(prompt, completion)`` tokens at ``PRICES``."""
+    prompt, completion = tokens
+    return {"max_tokens": prompt + completion, "max_cost": (prompt + 2 * completion) / 1000}
+
+
+async def calls_with_estimates(url: str, run_id: str) -> list[dict[str, Any]]:
+    """The run's calls, each with ``estimate`` and ``actual``: the spend the call
+    reserved and the spend it recorded (as :func:`spend` gives them)."""
+    calls = await calls_of(url, run_id)
+    async with Landscape.connect(url) as landscape:
+        requests = await landscape.load_payloads({c["request_hash"] for c in calls})
+    for call in calls:
+        call["estimate"] = spend(estimate(requests[call["request_hash"]]))
+        call["actual"] = spend((call["prompt_tokens"], call["completion_tokens"]))
+    return calls
 
 
 @pytest.mark.parametrize(
-    ("budget", "reason"),
-    [({"max_cost": 0.1}, "max_cost 0.1"), ({"max_tokens": 100}, "max_tokens 100")],
-    ids=["max_cost", "max_tokens"],
+    ("budget", "raised"),
+    [({"max_tokens": 1500}, {"max_tokens": 10**7}), ({"max_cost": 1.5}, {"max_cost": 1e4})],
+    ids=["max_tokens", "max_cost"],
 )
-async def test_crossing_the_budget_stops_the_run_with_every_read_row_accounted_for(
-    budget: dict[str, float], reason: str, run_verified: Run, tmp_path: Path, sqlite_url: str
+async def test_calls_reserve_their_estimates_so_only_estimation_error_passes_the_budget(
+    budget: dict[str, float],
+    raised: dict[str, float],
+    run_verified: Run,
+    tmp_path: Path,
+    sqlite_url: str,
 ) -> None:
-    rows = 500
-    async with MockLlmServer(MockSettings(latency=FixedLatency(0.005))) as server:
+    (limit_name, limit), rows = next(iter(budget.items())), 200
+    node = llm_node(concurrency=16, options={"max_tokens": ANSWER_TOKENS})
+    async with MockLlmServer(MockSettings(latency=FixedLatency(0.02))) as server:
         config = pipeline(
             server.base_url,
             tickets(rows),
             tmp_path,
-            transforms=[llm_node(concurrency=4)],
+            transforms=[node],
             endpoint_options={"prices": PRICES},
             budget=budget,
+            runtime={"max_buffer_size": 64},
         )
         result = await run_verified(config)
+        assert result.status == "interrupted"
+        assert result.stop_reason is not None
+        assert result.stop_reason.startswith("budget")
+        assert limit_name in result.stop_reason
+        calls = await calls_with_estimates(sqlite_url, result.run_id)
+        spent = sum(c["actual"][limit_name] for c in calls)
+        worst_error = max(c["actual"][limit_name] - c["estimate"][limit_name] for c in calls)
+        largest = max(c["estimate"][limit_name] for c in calls)
+        # No call went whose reservation would cross the budget: 16 rows in flight and
+        # 64 buffered pass it only by what the calls used beyond their estimates ...
+        assert spent <= limit + max(worst_error, 0.0) + 1e-9, (spent, worst_error)
+        # ... and it stopped only when the next call could not fit.
+        assert spent > limit - largest, (spent, largest)
+        assert result.calls.calls == len(calls) < rows
+        # The rows whose calls were refused are no one's error: they wait for a resume.
+        assert read_jsonl(tmp_path / "errors.jsonl") == []
+        assert result.outcomes == {"completed": len(calls)}
+        assert result.rows_processed > len(calls)
+
+        config["budget"] = raised
+        resumed = await Pipeline.from_dict(config, landscape_url=sqlite_url).resume(result.run_id)
+    assert resumed.status == "completed"
+    assert sorted(ids(tmp_path / "out.jsonl")) == list(range(rows))  # each row once
+    assert resumed.outcomes == {"completed": rows}
+    assert len(await calls_of(sqlite_url, result.run_id)) == rows  # none paid twice
+    async with Landscape.connect(sqlite_url) as landscape:
+        report = await landscape.verify(result.run_id)
+    assert report.ok, [str(v) for v in report.violations]
+
+
+async def test_a_call_whose_estimate_alone_exceeds_the_budget_is_never_sent(
+    run_verified: Run, tmp_path: Path
+) -> None:
+    node = llm_node(concurrency=4, options={"max_tokens": 500})  # ~510 tokens a call
+    async with MockLlmServer(MockSettings()) as server:
+        config = pipeline(
+            server.base_url,
+            tickets(10),
+            tmp_path,
+            transforms=[node],
+            budget={"max_tokens": 100},
+        )
+        result = await run_verified(config)
+        assert server.statistics().requests == 0
     assert result.status == "interrupted"
     assert result.stop_reason is not None
-    assert result.stop_reason.startswith("budget")
-    assert reason in result.stop_reason
-    if "max_cost" in budget:
-        assert result.calls.cost > budget["max_cost"]
-    else:
-        assert result.calls.tokens > budget["max_tokens"]
-    read = result.rows_processed
-    assert 0 < read < rows
-    # every row read went all the way, exactly once; none past them
-    assert result.outcomes == {"completed": read}
-    assert ids(tmp_path / "out.jsonl") == list(range(read))
-    calls = await calls_of(sqlite_url, result.run_id)
-    assert len(calls) == result.calls.calls == read
-    for call in calls:
-        tokens = call["prompt_tokens"] + call["completion_tokens"]
-        assert call["cost"] == pytest.approx(tokens / 1000)
-    assert sum(c["cost"] for c in calls) == pytest.approx(result.calls.cost)
-    async with Landscape.connect(sqlite_url) as landscape, landscape.engine.connect() as conn:
-        query = select(t.runs.c.status).where(t.runs.c.run_id == result.run_id)
-        assert (await conn.execute(query)).scalar_one() == "interrupted"
+    assert "max_tokens 100" in result.stop_reason
+    assert result.calls.calls == 0
+    assert result.outcomes == {}
 
 
 # -- release order ----------------------------------------------------------------------------

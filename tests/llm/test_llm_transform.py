@@ -125,7 +125,11 @@ async def test_an_open_breaker_fails_calls_fast_with_a_recorded_circuit_open(
             transforms=[llm_node(concurrency=1)],
             endpoint_options={
                 "max_attempts": 1,
-                "circuit_breaker": {"failure_threshold": 3, "reset_seconds": 60},
+                "circuit_breaker": {
+                    "failure_threshold": 3,
+                    "reset_seconds": 60,
+                    "on_open": "fail",
+                },
             },
         )
         result = await run_verified(config)
