@@ -227,7 +227,7 @@ async def run_httpx(base_url: str, scenario: Scenario, default_transport: bool =
         )
         client = httpx.AsyncClient(limits=limits)
     else:
-        client, _owned = endpoint_client(base_url, connections=scenario.concurrency)
+        client, _owned = endpoint_client(base_url, connections=scenario.concurrency, headers={})
     url = base_url + "/chat/completions"
     async with client:
 

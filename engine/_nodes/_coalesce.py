@@ -56,7 +56,7 @@ class CoalesceNode(NodeTask):
     branch was lost elsewhere (routed to a sink, discarded, failed) so the policy can
     no longer be met; else when its ``timeout_seconds`` (from its first event, on the
     run's clock) passes — the node waits for its next input *or* the earliest
-    deadline — or at end of input.  A successful join makes one token, whose parents
+    deadline — or at end of input (but not at a stop: its joins wait for the resume).  A successful join makes one token, whose parents
     are the arrived tokens (``coalesced``).  A failed one ends every arrived token
     ``failed`` (or routes it by ``on_error``) with the policy and the arrived and
     missing branches in its context.  Tokens arriving after their join resolved are
@@ -101,6 +101,11 @@ class CoalesceNode(NodeTask):
                 self.stats.received += 1
                 await self._arrive(token)
         await self._settle_lost()
+        if self.run_ctx.stop_requested.is_set():
+            # Not the end of the input: a branch may have been left for the resume (a
+            # StopRun, a held aggregation).  The arrived tokens stay without an outcome,
+            # as after a crash, and the resume delivers them to the join again.
+            return
         for join in list(self.pending.values()):
             await self._resolve(join, final="end_of_input")
 

@@ -17,6 +17,7 @@ mTLS, a custom CA, ``httpx.MockTransport`` in tests): :func:`endpoint_client`.
 
 from __future__ import annotations
 
+import http.cookiejar
 import ipaddress
 import urllib.request
 from dataclasses import dataclass
@@ -70,6 +71,17 @@ def transport_failure(exc: Exception) -> TransportFailure:
     return TransportFailure(type(root).__name__, str(root) or type(root).__name__, timed_out)
 
 
+class _NoCookies(http.cookiejar.CookieJar):
+    """A cookie jar that keeps nothing and sends nothing: a request never depends on
+    an earlier answer's cookies, which the call ledger would not show."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        """Keep none of the answer's cookies."""
+
+    def add_cookie_header(self, request: Any) -> None:
+        """Send no cookie."""
+
+
 class _EndpointClient(HttpxAiohttpClient):
     """httpx's client on aiohttp transports, but SOCKS proxies on httpx's own."""
 
@@ -95,21 +107,31 @@ class _Borrowed(httpx.AsyncBaseTransport):
 
 
 def endpoint_client(
-    base_url: str, *, connections: int, given: HttpClientChoice | None = None
+    base_url: str,
+    *,
+    connections: int,
+    headers: Mapping[str, str],
+    given: HttpClientChoice | None = None,
 ) -> tuple[httpx.AsyncClient, bool]:
     """The client an endpoint at ``base_url`` calls through, and whether the endpoint
     owns it (and closes it when done).
 
     With no ``given`` client: httpx on aiohttp, at most ``connections`` connections,
-    kept alive for reuse.  A given transport is wrapped in a client of ours (and is not
-    closed with it); a given client is used as it is.
+    kept alive for reuse, sending ``headers`` with every request, no cookies.  A given transport is
+    wrapped in such a client (and is not closed with it); a given client is used as it
+    is (its headers are its own: the caller adds ``headers`` to each request).
     """
     if isinstance(given, httpx.AsyncClient):
         return given, False
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     if given is not None:
-        return httpx.AsyncClient(transport=_Borrowed(given), limits=limits), True
-    client = _EndpointClient(limits=limits, mounts=_direct_by_cidr(base_url))
+        client = httpx.AsyncClient(
+            transport=_Borrowed(given), limits=limits, headers=headers, cookies=_NoCookies()
+        )
+        return client, True
+    client = _EndpointClient(
+        limits=limits, headers=headers, cookies=_NoCookies(), mounts=_direct_by_cidr(base_url)
+    )
     return client, True
 
 

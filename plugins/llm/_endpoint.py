@@ -15,6 +15,7 @@ and appear in no record or message.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -143,22 +144,31 @@ class Endpoint:
             max_outage_seconds=cb.max_outage_seconds,
         )
         self._base_url, self._params = _base_and_params(settings)
+        # Parsing a URL costs httpx more than the rest of building a request: each
+        # path's URL is parsed once (the paths an endpoint calls are few).
+        self._url = functools.lru_cache(maxsize=64)(self._parsed_url)
         self._given_client = http_client
         self._client: httpx.AsyncClient | None = None
         self._owns_client = False
-        self._request_headers: dict[str, str] = {}
+        #: Headers each request carries itself: the content type of a JSON body, and
+        #: the endpoint's own (key, extras) when the client is a caller's.
+        self._json_headers: dict[str, str] = {}
+        self._other_headers: dict[str, str] = {}
         self._users = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def open(self) -> None:
         if self._users == 0:
-            self._request_headers = self._headers()
+            headers = self._headers()
             self._client, self._owns_client = endpoint_client(
                 self._base_url,
                 connections=self.settings.max_in_flight,
+                headers=headers,
                 given=self._given_client,
             )
+            self._other_headers = {} if self._owns_client else headers
+            self._json_headers = {**self._other_headers, "content-type": "application/json"}
         self._users += 1
 
     async def aclose(self) -> None:
@@ -523,6 +533,11 @@ class Endpoint:
         except Exception as exc:
             failure.add_note(f"the failed attempt could not be recorded: {exc!r}")
 
+    def _parsed_url(self, path: str) -> httpx.URL:
+        """The URL of ``path`` (which may carry a query), with the endpoint's parameters."""
+        url = httpx.URL(self._base_url + path)
+        return url.copy_merge_params(self._params) if self._params else url
+
     async def _send(self, request: HttpRequest, limit_seconds: float) -> _Attempt:
         """One exchange, within ``limit_seconds`` from connecting to the answer's last
         byte; :class:`CallFailed` when it fails or the endpoint refuses the request."""
@@ -532,19 +547,16 @@ class Endpoint:
         limit = (
             self.settings.max_download_bytes if request.raw else self.settings.max_response_bytes
         )
+        json = request.json is not None
         http_request = client.build_request(
             request.method,
-            self._base_url + request.path,
-            params=self._params,
-            headers=self._request_headers,
-            json=None,
-            content=None if request.json is None else orjson.dumps(request.json),
+            self._url(request.path),
+            headers=self._json_headers if json else self._other_headers,
+            content=orjson.dumps(request.json) if json else None,
             data=request.form,
             files=request.files,
             timeout=limit_seconds,
         )
-        if request.json is not None:
-            http_request.headers["content-type"] = "application/json"
         try:
             with anyio.fail_after(limit_seconds):
                 response = await client.send(http_request, stream=True)

@@ -276,3 +276,49 @@ async def test_the_budget_guard_waits_for_reservations_to_settle_then_refuses_fo
     with pytest.raises(StopRun, match="max_tokens 100: 80 tokens spent"):
         await guard.reserve(totals, 10, 0.0)  # exhausted: no call goes any more
     assert guard.exhausted is not None
+
+
+def forked_quota_config(rows: int, out: Path) -> dict[str, Any]:
+    """source -> fork into ``a`` (passthrough) and ``b`` (:class:`Quota`) -> join -> out."""
+    config = linear_config(
+        [{"i": i} for i in range(rows)],
+        out,
+        source_to="raw",
+        gates=[{"name": "split", "input": "raw", "fork_to": {"a": "a_in", "b": "b_in"}}],
+        transforms=[
+            {"name": "keep_a", "plugin": "passthrough", "input": "a_in", "on_success": "a_out"},
+            {"name": "tag_b", "plugin": Quota, "input": "b_in", "on_success": "b_out"},
+        ],
+        coalesce=[
+            {
+                "name": "join",
+                "branches": {"a": "a_out", "b": "b_out"},
+                "policy": "require_all",
+                "on_success": "out",
+            }
+        ],
+    )
+    config["runtime"] = {"max_buffer_size": 4}
+    return config
+
+
+async def test_a_join_waiting_for_a_branch_left_by_a_stop_waits_for_the_resume(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    config = forked_quota_config(30, tmp_path)
+    Quota.refused = {7}
+    first = await Pipeline.from_dict(config, landscape_url=sqlite_url).run()
+    assert first.status == "interrupted"
+    assert first.stop_reason == "quota reached at row 7"
+    # Row 7's branch a arrived at the join; its branch b was left: nobody's error.
+    assert set(first.outcomes) <= {"completed", "coalesced", "forked"}
+    assert 7 not in [row["i"] for row in read_jsonl(tmp_path / "out.jsonl")]
+    await verified(sqlite_url, first.run_id)
+
+    Quota.refused = set()
+    second = await Pipeline.from_dict(config, landscape_url=sqlite_url).resume(first.run_id)
+    assert second.status == "completed"
+    out = read_jsonl(tmp_path / "out.jsonl")
+    assert sorted(row["i"] for row in out) == list(range(30))  # each row joined once
+    assert all(row["tagged"] == row["i"] * 10 for row in out)
+    await verified(sqlite_url, first.run_id)

@@ -322,3 +322,21 @@ def test_a_client_for_an_unknown_endpoint_is_refused(tmp_path: Path) -> None:
             http_clients={"elsewhere": httpx.MockTransport(lambda r: httpx.Response(500))},
         )
     assert "elsewhere" in str(raised.value)
+
+
+async def test_a_cookie_set_by_the_server_is_never_sent_back(
+    run_verified: Run, tmp_path: Path
+) -> None:
+    heads: list[bytes] = []
+
+    async def handler(connection: Connection) -> None:
+        while (request := await connection.request()) is not None:
+            heads.append(request.head.lower())
+            answer = chat_answer(echo(request.prompt))
+            await connection.send(response(answer, headers=b"set-cookie: session=abc; Path=/\r\n"))
+
+    async with raw_server(handler) as server:
+        await run_verified(config(server.base_url, tmp_path, 6, max_in_flight=1))
+    assert len(heads) == 6
+    assert not any(b"\r\ncookie:" in head for head in heads)
+    assert_own_answers(tmp_path, 6)
