@@ -56,8 +56,9 @@ class CoalesceNode(NodeTask):
     branch was lost elsewhere (routed to a sink, discarded, failed) so the policy can
     no longer be met; else when its ``timeout_seconds`` (from its first event, on the
     run's clock) passes — the node waits for its next input *or* the earliest
-    deadline — or at end of input (but not at a stop: its joins wait for the resume).  A successful join makes one token, whose parents
-    are the arrived tokens (``coalesced``).  A failed one ends every arrived token
+    deadline — or at end of input (but not at a stop: its joins wait for the resume).
+    A successful join makes one token, whose parents are the arrived tokens
+    (``coalesced``).  A failed one ends every arrived token
     ``failed`` (or routes it by ``on_error``) with the policy and the arrived and
     missing branches in its context.  Tokens arriving after their join resolved are
     ``coalesced`` into the output with policy ``first``, fail for the join's reason
