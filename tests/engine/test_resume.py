@@ -17,7 +17,7 @@ from landscape import Landscape
 from landscape import _schema as t
 from plugins import BatchContext, Row, RowContext, Transform
 from plugins._aggregations import CollectAggregation
-from tests._read import read_jsonl, table_rows
+from tests._read import attempts_at, read_jsonl, table_rows
 
 from .conftest import linear_config
 
@@ -120,18 +120,7 @@ async def test_stop_cancels_work_after_the_drain_timeout_and_resume_finishes_the
     assert all(r["tagged"] == r["i"] * 10 for r in out)
     await verified(landscape_url, first.run_id)
     # The row cancelled by the stop was re-done as a second attempt of the same token.
-    (row20,) = await table_rows(landscape_url, t.rows, t.rows.c.row_index == 20)
-    (token,) = await table_rows(landscape_url, t.tokens, t.tokens.c.row_id == row20["row_id"])
-    states = await table_rows(
-        landscape_url,
-        t.node_states,
-        t.node_states.c.token_id == token["token_id"],
-        t.node_states.c.node_id == "tag",
-    )
-    assert sorted((s["attempt"], s["status"]) for s in states) == [
-        (1, "cancelled"),
-        (2, "completed"),
-    ]
+    assert await attempts_at(landscape_url, 20, "tag") == [(1, "cancelled"), (2, "completed")]
 
 
 async def test_force_stop_cancels_at_once(tmp_path: Path, sqlite_url: str) -> None:

@@ -15,7 +15,6 @@ from engine import Pipeline, RunResult
 from engine._calls import BudgetGuard, CallTotals
 from engine._config import BudgetSettings
 from landscape import Landscape
-from landscape import _schema as t
 from plugins import (
     BatchContext,
     ExternalCall,
@@ -26,7 +25,7 @@ from plugins import (
     Transform,
 )
 from plugins._aggregations import CollectAggregation
-from tests._read import read_jsonl, table_rows
+from tests._read import attempts_at, read_jsonl
 
 from .conftest import linear_config
 from .sample_plugins import Divide
@@ -115,18 +114,7 @@ async def test_a_row_whose_plugin_asks_the_run_to_stop_is_left_for_the_resume(
     assert sorted(row["i"] for row in out) == list(range(60))  # each row exactly once
     await verified(sqlite_url, first.run_id)
     # Row 10's work was left cancelled, then done again as the token's second attempt.
-    (row10,) = await table_rows(sqlite_url, t.rows, t.rows.c.row_index == 10)
-    (token,) = await table_rows(sqlite_url, t.tokens, t.tokens.c.row_id == row10["row_id"])
-    states = await table_rows(
-        sqlite_url,
-        t.node_states,
-        t.node_states.c.token_id == token["token_id"],
-        t.node_states.c.node_id == "tag",
-    )
-    assert sorted((s["attempt"], s["status"]) for s in states) == [
-        (1, "cancelled"),
-        (2, "completed"),
-    ]
+    assert await attempts_at(sqlite_url, 10, "tag") == [(1, "cancelled"), (2, "completed")]
 
 
 async def test_a_batch_whose_flush_asks_the_run_to_stop_is_flushed_again_by_the_resume(

@@ -276,22 +276,30 @@ async def test_a_socks_proxy_carries_the_requests(
 # -- a caller's own client or transport -----------------------------------------------
 
 
-def _mock_transport(seen: list[httpx.Request]) -> httpx.MockTransport:
-    def answer(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        prompt = json.loads(request.content)["messages"][-1]["content"]
-        return httpx.Response(200, content=chat_answer(echo(prompt)))
+class _Transport(httpx.MockTransport):
+    """A mock transport that answers each prompt with its echo and counts its closes."""
 
-    return httpx.MockTransport(answer)
+    def __init__(self, seen: list[httpx.Request]) -> None:
+        def answer(request: httpx.Request) -> httpx.Response:
+            seen.append(request)
+            prompt = json.loads(request.content)["messages"][-1]["content"]
+            return httpx.Response(200, content=chat_answer(echo(prompt)))
+
+        super().__init__(answer)
+        self.closed = 0
+
+    async def aclose(self) -> None:
+        self.closed += 1
 
 
 async def test_a_callers_transport_carries_the_calls_and_is_left_open(
     run_verified: Run, tmp_path: Path, sqlite_url: str
 ) -> None:
     seen: list[httpx.Request] = []
-    transport = _mock_transport(seen)
+    transport = _Transport(seen)
     cfg = config("http://llm.invalid/v1", tmp_path, 8)
     result = await run_verified(cfg, http_clients={"local": transport})
+    assert transport.closed == 0  # the caller's to close
     assert_own_answers(tmp_path, 8)
     assert len(seen) == 8
     assert {str(r.url) for r in seen} == {"http://llm.invalid/v1/chat/completions"}
@@ -303,7 +311,7 @@ async def test_a_callers_client_is_used_for_every_run_and_never_closed(
     run_verified: Run, tmp_path: Path
 ) -> None:
     seen: list[httpx.Request] = []
-    async with httpx.AsyncClient(transport=_mock_transport(seen)) as client:
+    async with httpx.AsyncClient(transport=_Transport(seen)) as client:
         for run in range(2):
             out = tmp_path / str(run)
             out.mkdir()
