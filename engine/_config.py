@@ -329,6 +329,16 @@ class SinkSettings(_Model):
     flush_interval_ms: int = Field(
         200, ge=0, description="Longest a partial batch waits for more rows."
     )
+    on_write_failure: str = Field(
+        "fail",
+        description=(
+            "What happens to a row this sink cannot write (a value it cannot encode, a "
+            "name collision, a refused write): `fail` ends it `failed`; `discard` ends it "
+            "`diverted` here; a sink name sends it there (with `_error` and "
+            "`_error_node` fields added), where it ends `diverted`. Its error is "
+            "recorded either way and the run goes on."
+        ),
+    )
 
 
 class PipelineSettings(_Model):

@@ -64,6 +64,8 @@ __all__ = [
 ]
 
 DISCARD = "discard"
+#: ``on_write_failure``'s default: a row its sink cannot write ends ``failed``.
+FAIL = "fail"
 
 
 class NodeKind(StrEnum):
@@ -88,7 +90,10 @@ class Arrival(StrEnum):
 
     NORMAL = "completed"
     ROUTED = "routed"
-    DIVERTED = "quarantined"
+    #: Down an error route (``on_error``, ``on_validation_failure``).
+    ERROR = "quarantined"
+    #: From a sink that could not write it (``on_write_failure``).
+    WRITE_FAILURE = "diverted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,7 +399,7 @@ def _source_spec(b: _Builder) -> NodeSpec | None:
             src.on_validation_failure,
             "source.on_validation_failure",
             EdgeMode.DIVERT,
-            Arrival.DIVERTED,
+            Arrival.ERROR,
             sinks_only=True,
             may_discard=True,
         )
@@ -406,7 +411,7 @@ def _source_spec(b: _Builder) -> NodeSpec | None:
 def _error_route(b: _Builder, node: str, target: str | None, path: str) -> Route | None:
     if target is None:
         return None
-    return b.route(node, "error", target, path, EdgeMode.DIVERT, Arrival.DIVERTED, sinks_only=True)
+    return b.route(node, "error", target, path, EdgeMode.DIVERT, Arrival.ERROR, sinks_only=True)
 
 
 def _transform_spec(b: _Builder, t: TransformSettings, i: int) -> NodeSpec | None:
@@ -543,9 +548,25 @@ def _aggregation_spec(b: _Builder, a: AggregationSettings, i: int) -> NodeSpec |
 
 def _sink_spec(b: _Builder, s: SinkSettings, i: int) -> NodeSpec | None:
     plugin = b.plugin("sink", Sink, s, f"sinks[{i}]")
+    failsink = None
+    if s.on_write_failure != FAIL:
+        path = f"sinks[{i}].on_write_failure"
+        if s.on_write_failure == s.name:
+            b.fail(path, f"sink '{s.name}' cannot take its own write failures")
+        else:
+            failsink = b.route(
+                s.name,
+                "write_failure",
+                s.on_write_failure,
+                path,
+                EdgeMode.DIVERT,
+                Arrival.WRITE_FAILURE,
+                sinks_only=True,
+                may_discard=True,
+            )
     if plugin is None:
         return None
-    return NodeSpec(s.name, NodeKind.SINK, s, plugin)
+    return NodeSpec(s.name, NodeKind.SINK, s, plugin, error_route=failsink)
 
 
 def _check_feeding(b: _Builder) -> None:

@@ -273,6 +273,8 @@ def render_verify(report: VerifyReport) -> RenderableType:
         covered += f", watermark row {report.watermark}"
     if report.payloads_checked is not None:
         covered += f", {report.payloads_checked} payloads hashed again"
+    if report.diverted:
+        covered += f", {report.diverted} diverted by a sink that could not write them"
     if report.ok:
         return Text.from_markup(
             f"[green]✓[/] run {escape(report.run_id)}: audit trail OK ({covered})"

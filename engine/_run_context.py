@@ -111,8 +111,17 @@ class NodeStats:
 _LINE_CONTINUES = frozenset({Outcome.FORKED, Outcome.COALESCED, Outcome.BUFFERED})
 #: Outcomes that end a token's line for good: the row (or that branch of it) is done.
 _LINE_ENDS = frozenset(
-    {Outcome.COMPLETED, Outcome.ROUTED, Outcome.QUARANTINED, Outcome.FAILED, Outcome.DISCARDED}
+    {
+        Outcome.COMPLETED,
+        Outcome.ROUTED,
+        Outcome.QUARANTINED,
+        Outcome.DIVERTED,
+        Outcome.FAILED,
+        Outcome.DISCARDED,
+    }
 )
+#: Outcomes that are row errors (see ``Landscape.row_errors``).
+_ROW_ERRORS = frozenset({Outcome.FAILED, Outcome.DIVERTED})
 
 
 class RunContext:
@@ -211,13 +220,18 @@ class RunContext:
         if outcome in _LINE_ENDS:
             # A sink's outcome ends a token counted as finished when it was sent there.
             at_sink = node_id in self._sinks
-            self._count_finished(finished=not at_sink, failed=outcome is Outcome.FAILED)
+            self._count_finished(finished=not at_sink, failed=outcome in _ROW_ERRORS)
 
     def token_to_sink(self, token: Token, node_id: str) -> None:
         """Count ``token`` as finished: ``node_id`` sent it to a sink, down its error
         route if ``token.error`` is set (a row error unless ``node_id`` is the source,
         whose invalid records are quarantined, not errors).  Successes and errors are
-        counted alike as they are decided, not as sinks write them."""
+        counted alike as they are decided, not as sinks write them.  A sink passing a row
+        it could not write to its ``on_write_failure`` sink counts nothing here: the row
+        was counted when it was sent to the first, and its ``diverted`` outcome is the
+        row error."""
+        if node_id in self._sinks:
+            return
         diverted = token.error is not None
         self._count_finished(finished=True, failed=diverted and node_id not in self._sources)
 

@@ -25,6 +25,7 @@ class Outcome(StrEnum):
     CONSUMED_IN_BATCH = "consumed_in_batch"
     EXPANDED = "expanded"
     QUARANTINED = "quarantined"
+    DIVERTED = "diverted"
     FAILED = "failed"
     DISCARDED = "discarded"
     BUFFERED = "buffered"

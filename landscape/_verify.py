@@ -48,6 +48,7 @@ class Invariant(StrEnum):
     CALL = "6-call"
     SINK_COUNT = "8-sink-count"
     SINK_FILE = "8-sink-file"
+    WRITE_FAILURE = "9-write-failure"
     REFERENCE = "referential-integrity"
     PAYLOAD_CONTENT = "payload-content"
 
@@ -79,6 +80,8 @@ class VerifyReport:
     watermark: int | None
     #: Payloads hashed again (``verify --deep``; ``None`` when not asked for).
     payloads_checked: int | None = None
+    #: Tokens in scope that ended ``diverted`` (a sink could not write them).
+    diverted: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of the report."""
@@ -89,13 +92,22 @@ class VerifyReport:
             "checked_tokens": self.checked_tokens,
             "watermark": self.watermark,
             "payloads_checked": self.payloads_checked,
+            "diverted": self.diverted,
         }
 
 
 _STATE_STATUSES = tuple(s.value for s in NodeStateStatus if s is not NodeStateStatus.OPEN)
 _BATCH_FINAL = ("completed", "failed")
 _CALL_STATUSES = ("success", "error", "reused", "replayed")
-_SINK_OUTCOMES = (Outcome.COMPLETED.value, Outcome.ROUTED.value, Outcome.QUARANTINED.value)
+_SINK_OUTCOMES = (
+    Outcome.COMPLETED.value,
+    Outcome.ROUTED.value,
+    Outcome.QUARANTINED.value,
+    Outcome.DIVERTED.value,
+)
+#: Outcomes that may name no sink: an invalid record with no quarantine sink, a row
+#: its sink could not write and discarded; either stays in the Landscape.
+_SINKLESS_OUTCOMES = (Outcome.QUARANTINED.value, Outcome.DIVERTED.value)
 _JOB_ID_KEYS = ("job_id", "external_job_id")
 _COALESCE_KEYS = ("coalesce", "policy", "missing_branches")
 
@@ -434,6 +446,38 @@ def _coalesce_violation(row: RowMapping, coalesce_nodes: set[str]) -> Violation 
     return Violation(Invariant.COALESCE_FAILURE.value, message, row["token_id"], row["row_index"])
 
 
+# -- 9. a diverted row's failed write is on record ---------------------------------------
+
+
+async def _check_write_failures(c: _Collector, scope: _Scope) -> int:
+    """Check invariant 9; returns how many tokens in scope ended ``diverted``."""
+    n = t.nodes
+    sinks = select(n.c.node_id).where(n.c.run_id == scope.run_id, n.c.node_type == "sink")
+    failed_write = _exists(
+        NS.c.state_id,
+        NS.c.token_id == TO.c.token_id,
+        NS.c.status == NodeStateStatus.FAILED.value,
+        NS.c.error_json.is_not(None),
+        NS.c.node_id.in_(sinks.scalar_subquery()),
+    )
+    query = (
+        select(TO.c.token_id, R.c.row_index)
+        .select_from(scope.tokens().join(TO, TO.c.token_id == T.c.token_id))
+        .where(scope.token_filter(), TO.c.outcome == Outcome.DIVERTED.value, not_(failed_write))
+    )
+    await c.query(Invariant.WRITE_FAILURE, query, _describe_unexplained_diversion)
+    count = (
+        select(func.count())
+        .select_from(scope.tokens().join(TO, TO.c.token_id == T.c.token_id))
+        .where(scope.token_filter(), TO.c.outcome == Outcome.DIVERTED.value)
+    )
+    return int((await c.conn.execute(count)).scalar_one())
+
+
+def _describe_unexplained_diversion(row: RowMapping) -> str:
+    return "diverted outcome without a failed sink write recording its error"
+
+
 # -- 6. external calls fully recorded --------------------------------------------------
 
 
@@ -477,8 +521,7 @@ async def _check_sinks(c: _Collector, run_id: str) -> None:
     landed = (
         select(TO.c.sink_name, func.count())
         .where(TO.c.run_id == run_id, TO.c.is_terminal.is_(True), TO.c.outcome.in_(_SINK_OUTCOMES))
-        # A row quarantined at the source with no quarantine sink stays in the Landscape.
-        .where(or_(TO.c.sink_name.is_not(None), TO.c.outcome != "quarantined"))
+        .where(or_(TO.c.sink_name.is_not(None), TO.c.outcome.not_in(_SINKLESS_OUTCOMES)))
         .group_by(TO.c.sink_name)
     )
     tokens: dict[str | None, int] = dict((await c.conn.execute(landed)).all())
@@ -504,7 +547,7 @@ def _sink_violation(
 ) -> Violation | None:
     landed = tokens.get(name, 0)
     if name is None:
-        message = f"{landed} completed/routed/quarantined outcomes name no sink"
+        message = f"{landed} completed/routed outcomes name no sink"
         return Violation(Invariant.SINK_COUNT.value, message)
     if name not in sinks:
         message = f"{landed} outcomes and artifacts name {name!r}, which is not a sink of the run"
@@ -704,6 +747,7 @@ async def verify(
     await _check_token_parents(c, scope)
     await _check_coalesce_failures(c, scope)
     await _check_calls(c, scope)
+    diverted = await _check_write_failures(c, scope)
     if scope.complete:
         await _check_sinks(c, run_id)
     if scope.status != RunStatus.RUNNING.value:  # its files are as it left them
@@ -729,4 +773,5 @@ async def verify(
         checked_tokens=await _checked_tokens(conn, scope),
         watermark=scope.watermark,
         payloads_checked=payloads_checked,
+        diverted=diverted,
     )

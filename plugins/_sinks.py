@@ -16,15 +16,19 @@ from __future__ import annotations
 import csv
 import errno
 import fcntl
+import functools
 import hashlib
+import io
 import json
 import math
 import os
+import re
+import string
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import date, datetime, time
 from pathlib import Path
-from typing import IO, Any, ClassVar
+from typing import Any, ClassVar
 
 import anyio
 import anyio.to_thread
@@ -33,10 +37,18 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from plugins.protocols import Artifact, PluginSetup, Row, Sink, SinkItem, SinkRejection
+from plugins.protocols import (
+    Artifact,
+    PluginSetup,
+    Row,
+    Sink,
+    SinkItem,
+    SinkRejection,
+    SinkWriteError,
+)
 
 __all__ = [
     "CsvSink",
@@ -124,7 +136,7 @@ class JsonlSinkOptions(_FileSinkOptions):
     pass
 
 
-def _lock(file: IO[bytes]) -> None:
+def _lock(file: io.FileIO) -> None:
     """Hold ``file`` exclusively for as long as it is open (an advisory lock, POSIX).
 
     Two processes writing one output — two runs of a pipeline, or a run and a resume
@@ -139,12 +151,13 @@ def _lock(file: IO[bytes]) -> None:
         ) from None
 
 
-def _create_file(path: Path) -> IO[bytes]:
+def _create_file(path: Path) -> io.FileIO:
     """Create (or truncate) ``path`` and its parent directories, locked (see
     :func:`_lock`: a file another process writes is left untouched); the entry is
     fsynced."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    file = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666), "wb")
+    # Unbuffered: a refused write must leave no bytes behind for a later flush.
+    file = io.FileIO(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666), "wb")
     try:
         _lock(file)
         file.truncate(0)
@@ -159,16 +172,29 @@ def _create_file(path: Path) -> IO[bytes]:
     return file
 
 
-def _write_durably(file: IO[bytes], data: bytes) -> None:
-    file.write(data)
-    file.flush()
-    os.fsync(file.fileno())
+def _write_durably(file: io.FileIO, data: bytes, size: int) -> None:
+    """Append ``data`` to ``file`` (``size`` bytes long, unbuffered) and fsync it.
+
+    A write the system refuses (a full disk, a file size limit, an I/O error) raises
+    :class:`SinkWriteError` with the file cut back to ``size`` bytes, as it was; if even
+    that fails, the ``OSError`` of the cut is raised: the file's state is then unknown.
+    """
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[file.write(view) or 0 :]
+        os.fsync(file.fileno())
+    except OSError as refused:
+        file.seek(size)
+        file.truncate(size)
+        os.fsync(file.fileno())
+        raise SinkWriteError(f"the write was refused: {refused.strerror or refused}") from refused
 
 
-def _reopen_at(path: Path, size: int) -> tuple[IO[bytes], Any]:
+def _reopen_at(path: Path, size: int) -> tuple[io.FileIO, Any]:
     """``path`` opened for appending after its first ``size`` bytes (the rest is cut
     off, durably), with the SHA-256 of those bytes."""
-    file = open(path, "r+b")  # noqa: SIM115 (closed by the sink's aclose)
+    file = io.FileIO(path, "r+b")
     try:
         _lock(file)
         actual = os.fstat(file.fileno()).st_size
@@ -197,7 +223,7 @@ class _FileSink(Sink):
     def __init__(self, options: Any, setup: PluginSetup) -> None:
         super().__init__(options, setup)
         self._path = setup.resolve(self.options.path).absolute()
-        self._file: IO[bytes] | None = None
+        self._file: io.FileIO | None = None
         self._hash = hashlib.sha256()
         self._size = 0
         self._rows = 0
@@ -278,7 +304,7 @@ class _FileSink(Sink):
             raise RuntimeError(f"{self.name} sink {self._path} is not open")
         if data:
             try:
-                await anyio.to_thread.run_sync(_write_durably, self._file, data)
+                await anyio.to_thread.run_sync(_write_durably, self._file, data, self._size)
             except OSError as exc:
                 raise SinkError(f"cannot write {self._path}: {exc.strerror or exc}") from exc
         self._hash.update(data)
@@ -389,8 +415,7 @@ class CsvSink(_FileSink):
         return self._header(self.options.columns) if self.options.columns else b""
 
     def _header(self, columns: list[str]) -> bytes:
-        self._columns = list(columns)
-        self._column_set = frozenset(columns)
+        self._set_columns(columns)
         self._writer.writerow(columns)
         return _utf8(self._catcher.line)
 
@@ -398,7 +423,18 @@ class CsvSink(_FileSink):
         return {**super().position(), "columns": self._columns}
 
     def _restore(self, position: Mapping[str, Any]) -> None:
-        columns = position.get("columns") or []
+        self._set_columns(position.get("columns") or [])
+
+    async def write(self, items: Sequence[SinkItem]) -> Sequence[SinkRejection]:
+        """As the file sinks do; a refused first write leaves the header still to write."""
+        columns = self._columns
+        try:
+            return await super().write(items)
+        except SinkWriteError:
+            self._set_columns(columns)
+            raise
+
+    def _set_columns(self, columns: Sequence[str]) -> None:
         self._columns = list(columns)
         self._column_set = frozenset(columns)
 
@@ -490,6 +526,8 @@ def _fit_text(value: Any) -> Any:
         raise _Unrepresentable(f"a {type(value).__name__} value has no text form")
     if "\x00" in text:
         raise _Unrepresentable("text with a NUL character cannot be stored")
+    if not text.isascii():
+        _utf8(text)  # a lone surrogate has no UTF-8: the driver would fail the batch
     return text
 
 
@@ -534,18 +572,59 @@ def _column_type(value: Any) -> sa.types.TypeEngine[Any]:
     return sa.Text()
 
 
-def _new_table(name: str, row: Row) -> sa.Table:
-    """A table keyed by ``token_id`` with one column per field of ``row``."""
+#: PostgreSQL keeps the first 63 bytes of a longer name (its NAMEDATALEN - 1).
+_MAX_NAME_BYTES = 63
+_NAME_DIGEST_CHARS = 12
+_UNSAFE_IN_NAMES = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+
+
+@functools.lru_cache(maxsize=4096)
+def _column_name(field: str) -> str:
+    """The column a row's field is written to.
+
+    A field name is its own column name when it is safe everywhere: not empty, at most
+    63 bytes of UTF-8, without control characters (NUL included) or lone surrogates.
+    Any other name becomes its safe characters (each unsafe one replaced by ``_``, cut
+    to 50 bytes) followed by ``_`` and the first 12 hex digits of the SHA-256 of the
+    name's UTF-8 (surrogates kept as they are): two long names sharing a prefix stay
+    apart, and the same name always maps to the same column.
+    """
+    encoded = field.encode("utf-8", "surrogatepass")
+    if field and len(encoded) <= _MAX_NAME_BYTES and not _UNSAFE_IN_NAMES.search(field):
+        return field
+    digest = hashlib.sha256(encoded).hexdigest()[:_NAME_DIGEST_CHARS]
+    room = _MAX_NAME_BYTES - _NAME_DIGEST_CHARS - 1
+    safe = _UNSAFE_IN_NAMES.sub("_", field).encode("utf-8")[:room].decode("utf-8", "ignore")
+    return f"{safe or 'field'}_{digest}"
+
+
+def _same_column_key(dialect: str) -> Callable[[str], str]:
+    """What makes two column names one column in ``dialect``: SQLite folds ASCII case."""
+    if dialect == "sqlite":
+        return lambda name: name.translate(_ASCII_LOWER)
+    return lambda name: name
+
+
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def _new_table(name: str, row: Row, dialect: str) -> sa.Table:
+    """A table keyed by ``token_id`` with one column per field of ``row`` (named by
+    :func:`_column_name`; of fields sharing a column, the first)."""
+    key = _same_column_key(dialect)
+    taken = {key(reserved) for reserved in _RESERVED}
+    columns: list[sa.Column[Any]] = []
+    for field, value in row.items():
+        column = _column_name(field)
+        if key(column) not in taken:
+            taken.add(key(column))
+            columns.append(sa.Column(column, _column_type(value)))
     return sa.Table(
         name,
         sa.MetaData(),
         sa.Column("token_id", sa.Text(), primary_key=True),
         sa.Column("row_index", sa.BigInteger(), nullable=False),
-        *(
-            sa.Column(field, _column_type(value))
-            for field, value in row.items()
-            if field not in _RESERVED
-        ),
+        *columns,
     )
 
 
@@ -572,6 +651,7 @@ class _Target:
             )
         self.table = table
         self.exists = exists
+        self.same_column = _same_column_key(dialect)
         self.fitters = {c.name: _fitter(c) for c in table.columns if c.name not in _RESERVED}
         insert = _UPSERT_INSERTS[dialect](table)
         updates = {c.name: insert.excluded[c.name] for c in table.columns if c.name != "token_id"}
@@ -582,20 +662,29 @@ class _Target:
         params: dict[str, Any] = dict.fromkeys(self.fitters)
         params["token_id"] = item.token_id
         params["row_index"] = item.row_index
+        taken: dict[str, str] = {self.same_column(name): name for name in _RESERVED}
         for field, value in item.row.items():
-            fit = self.fitters.get(field)
+            column = _column_name(field)
+            other = taken.get(self.same_column(column))
+            if other is not None:
+                raise _Unrepresentable(self._collision(field, other, column))
+            taken[self.same_column(column)] = field
+            fit = self.fitters.get(column)
             if fit is None:
-                raise _Unrepresentable(self._no_column(field))
+                table = self.table.name
+                raise _Unrepresentable(f"field {field!r} has no column in table {table!r}")
             try:
-                params[field] = fit(value)
+                params[column] = fit(value)
             except _Unrepresentable as exc:
                 raise _Unrepresentable(f"field {field!r}: {exc}") from exc
         return params
 
-    def _no_column(self, field: str) -> str:
-        if field in _RESERVED:
+    def _collision(self, field: str, other: str, column: str) -> str:
+        if field == other:
             return f"field {field!r} is reserved for the sink's own column"
-        return f"field {field!r} has no column in table {self.table.name!r}"
+        if other in _RESERVED:
+            return f"field {field!r} maps to the sink's own column {other!r}"
+        return f"fields {other!r} and {field!r} map to one column {column!r}"
 
 
 def _resolve_url(url: str, setup: PluginSetup) -> URL:
@@ -614,8 +703,15 @@ class DatabaseSink(Sink):
 
     A missing table is created from the first row written: ``token_id`` (primary key),
     ``row_index`` and one column per field, typed from its value (int → BIGINT, float →
-    FLOAT, bool → BOOLEAN, anything else → TEXT).  A row with a field that has no column,
-    or a value its column cannot hold, is rejected.  Re-writing a token replaces its row.
+    FLOAT, bool → BOOLEAN, anything else → TEXT).  Column names are the field names,
+    except a name that is empty, longer than 63 bytes of UTF-8, or holds a control
+    character (NUL included) or a lone surrogate: it becomes its safe characters (the
+    others replaced by ``_``, cut to 50 bytes), ``_`` and the first 12 hex digits of the
+    SHA-256 of the name.  A row the sink cannot write — a field with no column, two
+    fields on one column (``Name`` and ``name`` on SQLite, whose names ignore ASCII
+    case), a field on ``token_id`` or ``row_index``, a value its column cannot hold, a
+    row that breaks a constraint of an existing table — is a write failure of that row
+    alone, settled by ``on_write_failure``.  Re-writing a token replaces its row.
     """
 
     name: ClassVar[str] = "database"
@@ -661,6 +757,9 @@ class DatabaseSink(Sink):
                     await connection.run_sync(target.table.create, checkfirst=True)
                 if params:
                     await connection.execute(target.upsert, params)
+        except (IntegrityError, DataError) as exc:
+            # The transaction was rolled back: a row broke a constraint of the table.
+            raise SinkWriteError(f"database sink {self._where()}: {exc.orig}") from exc
         except (SQLAlchemyError, OSError) as exc:  # drivers raise OSError on connect
             raise SinkError(f"database sink {self._where()}: {exc}") from exc
         target.exists = True
@@ -699,8 +798,8 @@ class DatabaseSink(Sink):
 
     def _new_target(self, row: Row) -> _Target:
         assert self._engine is not None
-        table = _new_table(self.options.table, row)
-        self._target = _Target(table, self._engine.dialect.name, exists=False)
+        dialect = self._engine.dialect.name
+        self._target = _Target(_new_table(self.options.table, row, dialect), dialect, exists=False)
         return self._target
 
     def _record(self, lines: list[bytes]) -> None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
 __all__ = [
+    "MAX_RECORD_BYTES",
     "Aggregation",
     "Artifact",
     "BatchContext",
@@ -45,6 +46,7 @@ __all__ = [
     "Sink",
     "SinkItem",
     "SinkRejection",
+    "SinkWriteError",
     "Source",
     "SourcePosition",
     "SourceRecord",
@@ -55,6 +57,9 @@ __all__ = [
 ]
 
 Row = dict[str, Any]
+
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+"""The default ``source.max_record_bytes``: the largest record a source parses (16 MiB)."""
 
 
 class Determinism(StrEnum):
@@ -75,6 +80,10 @@ class PluginSetup:
     base_dir: Path = field(default_factory=Path.cwd)
     #: Shared resources of the pipeline by name (LLM endpoints), built by the engine.
     endpoints: Mapping[str, object] = field(default_factory=dict)
+    #: For a source: the largest record it parses (``source.max_record_bytes``).  A
+    #: longer record is yielded malformed without being parsed, its raw content cut to
+    #: this many bytes, with its full size and SHA-256.
+    max_record_bytes: int = MAX_RECORD_BYTES
 
     def resolve(self, path: str | Path) -> Path:
         """``path`` relative to the pipeline file's directory (absolute paths unchanged)."""
@@ -571,6 +580,17 @@ class SinkRejection:
     error: str
 
 
+class SinkWriteError(Exception):
+    """A write that failed and left nothing behind: the sink is as it was before it.
+
+    Raised by :meth:`Sink.write` when the batch can be tried again — a file cut back to
+    its size before the write, a transaction rolled back.  A sink with an
+    ``on_write_failure`` sink or ``discard`` then gets each row of the batch alone, so
+    that one unwritable row costs only itself.  Any other exception means the sink's
+    state is unknown and fails the run.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class Artifact:
     """What a sink produced, for the Landscape's ``artifacts`` table."""
@@ -590,8 +610,9 @@ class Sink(Plugin):
         """Write ``items`` durably (flushed and fsynced, or committed) before returning.
 
         Rows the sink cannot represent are left out and returned as rejections; every
-        other item is durable on return.  An exception means nothing of the batch can
-        be relied on.
+        other item is durable on return.  :class:`SinkWriteError` means the write failed
+        and left nothing behind (the batch may be tried again, row by row); any other
+        exception means nothing of the batch can be relied on.
         """
         raise NotImplementedError
 

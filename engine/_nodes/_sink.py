@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from landscape import Outcome
-from plugins import SinkItem
+from plugins import SinkItem, SinkRejection, SinkWriteError
 
 from .._errors import PluginError
 from .._graph import Arrival
@@ -31,10 +31,12 @@ class SinkNode(NodeTask):
     A batch is written when it holds ``batch_size`` rows, when ``flush_interval_ms``
     passed since its first row, or at end of input.  Only after the plugin reports the
     write durable are the tokens' node states and outcomes recorded (``completed``,
-    ``routed`` when a gate sent the row here, ``quarantined`` for an error sink), so a
-    recorded outcome always names a row that is really in the sink.  Rows the plugin
-    rejects end ``failed`` with its reason.  A write that raises fails the run
-    (:class:`PluginError`): the sink's state is then unknown.  When the node ends — at
+    ``routed`` when a gate sent the row here, ``quarantined`` for an error sink,
+    ``diverted`` for a failsink), so a recorded outcome always names a row that is
+    really in the sink.  A row the sink cannot write — one the plugin rejects, or one
+    whose write alone raised :class:`~plugins.SinkWriteError` — is settled by
+    ``on_write_failure`` (see :meth:`_not_written`).  Any other exception from a write
+    fails the run (:class:`PluginError`): the sink's state is then unknown.  When the node ends — at
     end of input, on cancellation or failure — the artifact (what the sink holds: a
     file's size and SHA-256) is recorded; ``verify`` compares it with the file.  After
     each write the sink's position is recorded with the write's outcomes, so a resumed
@@ -92,9 +94,7 @@ class SinkNode(NodeTask):
         # A process that lost the run to another never writes its sinks again.
         await self.recorder.ensure_lease()
         try:
-            rejections = await sink.write(items)
-        except Exception as exc:
-            raise PluginError(f"sink '{self.node_id}' failed to write: {exc}") from exc
+            rejections = await self._write_items(sink, items)
         finally:
             self.stats.in_flight = 0
         self.write_seq += 1
@@ -109,7 +109,25 @@ class SinkNode(NodeTask):
             if error is None:
                 self._written(token, started, completed)
             else:
-                self._rejected(token, error, started, completed)
+                await self._not_written(token, error, started, completed)
+
+    async def _write_items(self, sink: Sink, items: list[SinkItem]) -> list[SinkRejection]:
+        """Write ``items``; the rows that could not be written, and why.
+
+        A batch whose write failed without leaving anything behind is tried again row
+        by row when the sink has somewhere else for its write failures, so that one
+        unwritable row (a refused write, a constraint) costs only itself.
+        """
+        try:
+            return list(await sink.write(items))
+        except SinkWriteError as exc:
+            if self.spec.error_route is None:
+                raise PluginError(f"sink '{self.node_id}' failed to write: {exc}") from exc
+            if len(items) == 1:
+                return [SinkRejection(items[0].token_id, str(exc))]
+        except Exception as exc:
+            raise PluginError(f"sink '{self.node_id}' failed to write: {exc}") from exc
+        return [r for item in items for r in await self._write_items(sink, [item])]
 
     def _written(self, token: Token, started: float, completed: float) -> None:
         state_id = self.recorder.new_id("s")
@@ -123,13 +141,21 @@ class SinkNode(NodeTask):
             context=context,
         )
 
-    def _rejected(self, token: Token, error: str, started: float, completed: float) -> None:
-        failure = {"type": "SinkRejection", "message": error}
+    async def _not_written(
+        self, token: Token, error: str, started: float, completed: float
+    ) -> None:
+        """Settle a row the sink could not write, as ``on_write_failure`` says: end it
+        ``failed`` (``fail``) or ``diverted`` (``discard``), or send it to the failsink,
+        which ends it ``diverted``.  The failed visit here records the error."""
+        failure = {"type": "SinkWriteFailure", "message": error}
         state_id = self.recorder.new_id("s")
         self.record_state(token, state_id, started, completed, output_hash=None, error=failure)
-        self.run_ctx.record_outcome(
-            token,
-            Outcome.FAILED,
-            self.node_id,
-            context={"node": self.node_id, "error": failure},
-        )
+        route = self.spec.error_route
+        context = {"node": self.node_id, "error": failure}
+        if route is None:
+            self.run_ctx.record_outcome(token, Outcome.FAILED, self.node_id, context=context)
+        elif route.target is None:
+            self.run_ctx.record_outcome(token, Outcome.DIVERTED, self.node_id, context=context)
+        else:
+            row = {**token.row, "_error": error, "_error_node": self.node_id}
+            await self.divert(token, route, failure, state_id, row)

@@ -186,7 +186,7 @@ DAMAGE: dict[str, tuple[Damage, Invariant, str, str | None]] = {
     ),
     "completed outcome without sink": (
         lambda s: [update(TO).where(_outcome_of(s, "0")).values(sink_name=None)],
-        Invariant.SINK_COUNT, "1 completed/routed/quarantined outcomes name no sink", None,
+        Invariant.SINK_COUNT, "1 completed/routed outcomes name no sink", None,
     ),
     "missing payload": (
         lambda s: [delete(t.payloads).where(t.payloads.c.hash == s.hashes[f"{s.tokens['3']}@src"])],
