@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -25,4 +26,22 @@ class RefusingSink(JsonlSink):
     async def write(self, items: Sequence[SinkItem]) -> Sequence[SinkRejection]:
         if any(item.row.get("i") == self.options.refuse for item in items):
             raise SinkWriteError("the write was refused: Input/output error")
+        return await super().write(items)
+
+
+class BrokenSinkOptions(JsonlSinkOptions):
+    broken_while: str
+
+
+class BrokenSink(JsonlSink):
+    """A JSONL sink whose every write fails outright (its state unknown, so the run
+    fails) while the file ``broken_while`` exists."""
+
+    name: ClassVar[str] = "broken"
+    Options: ClassVar[type[BaseModel] | None] = BrokenSinkOptions
+    options: BrokenSinkOptions
+
+    async def write(self, items: Sequence[SinkItem]) -> Sequence[SinkRejection]:
+        if os.path.exists(self.options.broken_while):  # noqa: ASYNC240 (a test double)
+            raise RuntimeError("the device is gone")
         return await super().write(items)

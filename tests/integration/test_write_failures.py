@@ -20,7 +20,7 @@ import sqlalchemy as sa
 import yaml
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from engine import ConfigError, Pipeline
+from engine import ConfigError, Pipeline, RunFailed
 from landscape import Landscape
 from landscape import _schema as t
 from tests._postgres import PostgresServer
@@ -325,3 +325,42 @@ def test_failsinks_in_a_cycle_are_refused(tmp_path: Path) -> None:
     config["sinks"][1]["on_write_failure"] = "out"
     with pytest.raises(ConfigError, match="cycle"):
         Pipeline.from_dict(config, base_dir=tmp_path)
+
+
+async def test_a_row_on_its_way_to_the_failsink_when_the_run_failed_lands_there_on_resume(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    broken.touch()
+    rows = [{"a": 1}, {"a": 2, "b": "not a column"}, {"a": 3}]
+    primary = {"plugin": "csv", "options": {"path": str(tmp_path / "out.csv"), "columns": ["a"]}}
+    config = failsink_config(rows, primary, tmp_path)
+    config["sinks"][1] = {
+        "name": "failed",
+        "plugin": "tests.integration.refusing_sink:BrokenSink",
+        "options": {"path": str(tmp_path / "failed.jsonl"), "broken_while": str(broken)},
+    }
+    pipeline = Pipeline.from_dict(config, base_dir=tmp_path, landscape_url=sqlite_url)
+    with pytest.raises(RunFailed, match="the device is gone"):
+        await pipeline.run()
+    async with Landscape.connect(sqlite_url) as landscape:
+        (run,) = await landscape.list_runs()
+    assert run.status == "failed"
+
+    broken.unlink()
+    result = await pipeline.resume(run.run_id)
+    assert result.status == "completed"
+    assert read_jsonl(tmp_path / "failed.jsonl") == [
+        {
+            "a": 2,
+            "b": "not a column",
+            "_error": "field 'b' is not a column of out.csv",
+            "_error_node": "out",
+        }
+    ]
+    assert (tmp_path / "out.csv").read_text() == "a\n1\n3\n"
+    assert (await outcomes(sqlite_url, result.run_id))[1][:2] == ("diverted", "failed")
+    async with Landscape.connect(sqlite_url) as landscape:
+        report = await landscape.verify(result.run_id)
+    assert report.ok, [str(v) for v in report.violations]
+    assert report.diverted == 1
