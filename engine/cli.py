@@ -1,4 +1,11 @@
-"""The ``ledgerflow`` command line.  ``docs/cli.md`` is generated from this parser."""
+"""The ``ledgerflow`` command line.  ``docs/cli.md`` is generated from this parser.
+
+What it prints never shows a secret: :func:`main` writes through streams that mask
+every secret the command knows of (``engine/_redact.py``) and every URL password.  Nor
+does it show the values of rows an error carries (SQL statement parameters, a value a
+database driver quotes) unless ``run`` or ``resume`` is given ``--verbose``: row data
+belongs in the Landscape, not in logs.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +13,18 @@ import argparse
 import gc
 import json
 import os
+import shlex
 import signal
 import sys
+import traceback
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
 from rich.console import Console
+from rich.text import Text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 import plugins.llm as llm
 from landscape import DEFAULT_URL, Landscape, LandscapeError, diff_runs
@@ -22,6 +34,17 @@ from landscape._verify import RunNotFound
 from ._errors import ConfigError, LedgerflowError, RunFailed
 from ._pipeline import Pipeline, RunResult, new_run_id
 from ._progress import LiveProgress
+from ._redact import (
+    MIN_SECRET_LENGTH,
+    REDACTED,
+    Secrets,
+    mask_in_output,
+    masked_output,
+    redact_url,
+    secrets_of,
+    url_credentials,
+    without_row_values,
+)
 from ._render import render_lineage, render_runs, render_verify
 from ._render_diff import render_diff
 
@@ -80,12 +103,13 @@ def _add_run(commands: Commands) -> None:
             "Run a pipeline with a live progress display; prints the run id and outcome counts. "
             "Exit code 0 when the run completed with no row errors, 4 when it completed but "
             "rows failed or took an error route, 3 when it was interrupted, 1 when it failed, "
-            "2 for an invalid pipeline file or a source that cannot be read."
+            "2 for an invalid pipeline file or a source that cannot be read. " + _SECRETS_NOTE
         ),
     )
     run.add_argument("pipeline", metavar="PIPELINE.yaml", help="the pipeline file")
     _landscape_option(run, "default: the pipeline's landscape.url, else " + DEFAULT_URL)
     run.add_argument("--no-progress", action="store_true", help="no live progress display")
+    _verbose_option(run)
     run.add_argument(
         "--replay",
         metavar="RUN_ID",
@@ -105,7 +129,7 @@ def _add_resume(commands: Commands) -> None:
             "Continue an interrupted or crashed run of PIPELINE.yaml where it stopped: the same "
             "run and tokens, finished rows skipped, sinks cut back to what the Landscape "
             "recorded, recorded LLM answers reused. Refused when the pipeline or the source "
-            "changed, or when the run completed. Exit codes as for run."
+            "changed, or when the run completed. Exit codes as for run. " + _SECRETS_NOTE
         ),
     )
     resume.add_argument("run_id", metavar="RUN_ID")
@@ -114,6 +138,7 @@ def _add_resume(commands: Commands) -> None:
     )
     _landscape_option(resume, "default: the pipeline's landscape.url, else " + DEFAULT_URL)
     resume.add_argument("--no-progress", action="store_true", help="no live progress display")
+    _verbose_option(resume)
 
 
 def _add_validate(commands: Commands) -> None:
@@ -222,36 +247,125 @@ def _add_mock_llm(commands: Commands) -> None:
     )
 
 
+_SECRETS_NOTE = (
+    "Secrets (API keys, passwords in URLs, proxy credentials, PGPASSWORD) are printed "
+    "as ***: a URL's password wherever a URL is printed, and a secret of "
+    f"{MIN_SECRET_LENGTH} characters or more wherever it occurs (a shorter one would mask "
+    "ordinary text). The values of rows an error carries are printed only with --verbose."
+)
+
+
 def _landscape_option(parser: argparse.ArgumentParser, default_help: str = DEFAULT_URL) -> None:
     parser.add_argument(
-        "--landscape", metavar="URL", help=f"Landscape database URL ({default_help})"
+        "--landscape",
+        metavar="URL",
+        help=(
+            f"Landscape database URL ({default_help}); printed with its password as ***. "
+            "A password written *** is read from PGPASSWORD, so a command printed with a "
+            "masked password (the resume command) runs as printed with PGPASSWORD set"
+        ),
+    )
+
+
+def _verbose_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help=(
+            "print errors in full: the row values they carry (SQL statement parameters, a "
+            "value a database driver quotes) and the traceback of an unexpected error; "
+            "secrets stay masked"
+        ),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``ledgerflow`` console script; returns the exit code."""
+    """Entry point of the ``ledgerflow`` console script; returns the exit code.
+
+    Everything printed while it runs has its secrets masked, whatever prints it (rich,
+    ``print``, a traceback): see :func:`~engine._redact.masked_output`."""
+    with masked_output():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    """Parse ``argv``, run the command and print how it ended; the exit code."""
     args = build_parser().parse_args(argv)
+    verbose: bool = getattr(args, "verbose", False)
     out = Console()
     # Messages on stderr are never wrapped: logs and scripts grep them whole.
     err = Console(stderr=True, soft_wrap=True)
+    try:
+        args.landscape = _landscape_url(getattr(args, "landscape", None))
+    except ValueError as exc:
+        _report(err, "error", str(exc))
+        return EXIT_CONFIG
+    mask_in_output(Secrets(url_credentials(args.landscape)))
     handler = _COMMANDS[args.command]
     try:
         try:
             return anyio.run(handler, args, out, err)
         except BaseExceptionGroup as group:
-            raise _single(group) from None
+            single = _single(group)
+            # Its own cause is kept: what is printed of it looks behind it.
+            raise single from single.__cause__
     except ConfigError as exc:
-        err.print(str(exc), markup=False, highlight=False)
+        err.print(_described(exc, verbose=verbose), markup=False, highlight=False)
         return EXIT_CONFIG
     except RunFailed as exc:
-        err.print(f"[bold red]failed[/]: {exc}", highlight=False)
+        _report(err, "failed", _described(exc, verbose=verbose))
         return EXIT_FAILED
     except (LedgerflowError, LandscapeError, LookupError) as exc:
-        err.print(f"[bold red]error[/]: {exc}", highlight=False)
+        _report(err, "error", _described(exc, verbose=verbose))
         return EXIT_FAILED
     except KeyboardInterrupt:  # before the run listened for signals: nothing was recorded
         err.print("interrupted before the run began", highlight=False)
         return EXIT_SIGINT
+    except Exception as exc:  # a bug: its traceback, as any error printed here
+        text = "".join(traceback.format_exception(exc))
+        text = without_row_values(text, exc, verbose=verbose)
+        err.print(text.rstrip(), markup=False, highlight=False)
+        return EXIT_FAILED
+
+
+def _report(err: Console, label: str, message: str) -> None:
+    """``label: message``, the label in bold red, the message as it is (no markup)."""
+    err.print(Text.assemble((label, "bold red"), ": ", message), highlight=False)
+
+
+def _landscape_url(given: str | None) -> str | None:
+    """The ``--landscape`` URL to use: ``given``, its password taken from ``PGPASSWORD``
+    when it is written masked (``***``, as ledgerflow prints it).  Raises
+    :class:`ValueError` when it is masked and ``PGPASSWORD`` is not set."""
+    if given is None:
+        return None
+    try:
+        url = make_url(given)
+    except ArgumentError:
+        return given  # opening the Landscape says what is wrong with it
+    if url.password != REDACTED:
+        return given
+    password = os.environ.get("PGPASSWORD")
+    if not password:
+        raise ValueError(
+            "--landscape: the URL's password is masked (***): set PGPASSWORD to the password"
+        )
+    return url.set(password=password).render_as_string(hide_password=False)
+
+
+def _has_password(url: str) -> bool:
+    """Whether the database URL ``url`` carries a password."""
+    try:
+        return make_url(url).password is not None
+    except ArgumentError:
+        return False
+
+
+def _described(exc: BaseException, *, verbose: bool) -> str:
+    """``str(exc)`` as printed: row values hidden unless ``verbose`` (see
+    :func:`~engine._redact.without_row_values`)."""
+    return without_row_values(str(exc), exc, verbose=verbose)
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -263,13 +377,22 @@ def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 async def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
-    pipeline = Pipeline.from_yaml(args.pipeline, landscape_url=args.landscape)
+    pipeline = _load(args.pipeline, args.landscape)
     return await _drive(pipeline, None, args, out, err, replay=args.replay)
 
 
 async def _resume(args: argparse.Namespace, out: Console, err: Console) -> int:
-    pipeline = Pipeline.from_yaml(args.pipeline, landscape_url=args.landscape)
+    pipeline = _load(args.pipeline, args.landscape)
     return await _drive(pipeline, args.run_id, args, out, err)
+
+
+def _load(path: str, landscape_url: str | None = None) -> Pipeline:
+    """The pipeline of ``path``; every secret it names is masked in what is printed
+    from now on."""
+    pipeline = Pipeline.from_yaml(path, landscape_url=landscape_url)
+    base_dir = pipeline.graph.base_dir
+    mask_in_output(secrets_of(pipeline.settings, base_dir, landscape_url=landscape_url))
+    return pipeline
 
 
 async def _drive(
@@ -305,9 +428,8 @@ async def _drive(
         tg.cancel_scope.cancel()
     _print_result(out, result)
     if result.status == "interrupted":
-        out.print(
-            f"resume with: {_resume_command(result.run_id, args)}", highlight=False, markup=False
-        )
+        for line in _resume_hint(result.run_id, args):
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
         return EXIT_INTERRUPTED
     if result.row_errors:
         out.print(
@@ -318,11 +440,20 @@ async def _drive(
     return 0
 
 
-def _resume_command(run_id: str, args: argparse.Namespace) -> str:
-    command = f"ledgerflow resume {run_id} --pipeline {args.pipeline}"
-    if args.landscape:
-        command += f" --landscape '{args.landscape}'"
-    return command
+def _resume_hint(run_id: str, args: argparse.Namespace) -> list[str]:
+    """The lines that say how to resume the run: the command, with a Landscape password
+    given on the command line masked, then how to supply that password."""
+    command = ["ledgerflow", "resume", run_id, "--pipeline", args.pipeline]
+    if not args.landscape:
+        return [f"resume with: {shlex.join(command)}"]
+    command += ["--landscape", redact_url(args.landscape)]
+    lines = [f"resume with: {shlex.join(command)}"]
+    if _has_password(args.landscape):
+        lines.append(
+            f"  (the Landscape password is printed as {REDACTED}: run the command with "
+            "PGPASSWORD set to it, and the *** is read from there)"
+        )
+    return lines
 
 
 def _freeze_startup_heap() -> None:
@@ -367,7 +498,7 @@ def _print_result(out: Console, result: RunResult) -> None:
     out.print(f"run_id: {result.run_id}", highlight=False)
     out.print(f"status: {result.status}", highlight=False)
     if result.stop_reason is not None:
-        out.print(f"stopped: {result.stop_reason}", highlight=False)
+        out.print(f"stopped: {result.stop_reason}", highlight=False, markup=False)
     out.print(f"rows: {result.rows_processed} in {result.duration_s:.2f} s", highlight=False)
     for outcome, count in sorted(result.outcomes.items()):
         out.print(f"  {outcome}: {count}", highlight=False)
@@ -376,7 +507,7 @@ def _print_result(out: Console, result: RunResult) -> None:
 
 
 async def _validate(args: argparse.Namespace, out: Console, err: Console) -> int:
-    pipeline = Pipeline.from_yaml(args.pipeline)
+    pipeline = _load(args.pipeline)
     await pipeline.check_inputs()
     out.print(f"{args.pipeline}: valid, {len(pipeline.graph.nodes)} nodes", highlight=False)
     for line in pipeline.graph.describe():
@@ -391,7 +522,7 @@ async def _explain(args: argparse.Namespace, out: Console, err: Console) -> int:
                 args.run_id, row_index=args.row_index, row_id=args.row_id, token_id=args.token_id
             )
         except LineageNotFound as exc:
-            err.print(f"[bold red]not found[/]: {exc}", highlight=False)
+            _report(err, "not found", str(exc))
             return EXIT_FAILED
     _show(out, lineage.to_dict() if args.json else render_lineage(lineage))
     return 0
@@ -405,7 +536,7 @@ async def _diff(args: argparse.Namespace, out: Console, err: Console) -> int:
         try:
             diff = await diff_runs(landscape, args.run_a, args.run_b, limit=args.limit or None)
         except RunNotFound as exc:
-            err.print(f"[bold red]not found[/]: {exc}", highlight=False)
+            _report(err, "not found", str(exc))
             return EXIT_FAILED
     _show(out, diff.to_dict() if args.json else render_diff(diff))
     return 0
@@ -430,7 +561,7 @@ async def _verify(args: argparse.Namespace, out: Console, err: Console) -> int:
         try:
             report = await landscape.verify(args.run_id, deep=args.deep)
         except RunNotFound as exc:
-            err.print(f"[bold red]not found[/]: {exc}", highlight=False)
+            _report(err, "not found", str(exc))
             return EXIT_FAILED
     out.print(render_verify(report))
     return 0 if report.ok else EXIT_FAILED

@@ -31,7 +31,7 @@ from ._leases import (
 )
 from ._lineage import Lineage, explain
 from ._migrate import SchemaState, lock_schema, schema_state, upgrade_schema
-from ._outcomes import RunStatus
+from ._outcomes import Outcome, RunStatus
 from ._recorder import Recorder
 from ._replay import load_answers
 from ._resume import UnfinishedRun, load_unfinished
@@ -192,13 +192,16 @@ class Landscape:
         try:
             backend = make_url(self.url).get_backend_name()
         except ArgumentError as exc:
-            raise LandscapeUnavailable(f"not a database URL: {self.url!r}") from exc
+            raise LandscapeUnavailable(f"not a database URL: {redact_url(self.url)!r}") from exc
         engine: AsyncEngine | None = None
         try:
             sqlite_file = _sqlite_file(self.url) if backend == "sqlite" else None
             if sqlite_file is not None:
                 _prepare_sqlite_path(sqlite_file, create=self.create)
-            engine = create_async_engine(self.url)
+            # The parameters of the Landscape's statements are the audit records: rows'
+            # contents.  Kept out of every error's text (and so out of logs); the CLI's
+            # --verbose shows them from the error itself.
+            engine = create_async_engine(self.url, hide_parameters=True)
             if backend == "sqlite":
                 event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
             async with _opening(sqlite_file):
@@ -327,19 +330,24 @@ class Landscape:
             return dict(result)
 
     async def row_errors(self, run_id: str) -> int:
-        """How many tokens of ``run_id`` had an error: they ended ``failed``, or a node
-        sent them down its error route (a ``divert`` edge of any node but the source,
-        whose invalid records are quarantined, not errors)."""
+        """How many tokens of ``run_id`` had an error: they ended ``failed`` or
+        ``diverted`` (a sink could not write them), or a node sent them down its error
+        route (a ``divert`` edge of a transform, gate, join or aggregation: the source's
+        invalid records are quarantined, not errors, and a sink's write failures are
+        counted by their ``diverted`` outcome)."""
         out, e, d, n = t.token_outcomes, t.routing_events, t.edges, t.nodes
         failed = select(func.count()).where(
-            out.c.run_id == run_id, out.c.is_terminal, out.c.outcome == "failed"
+            out.c.run_id == run_id,
+            out.c.is_terminal,
+            out.c.outcome.in_((Outcome.FAILED.value, Outcome.DIVERTED.value)),
         )
         diverted = (
             select(func.count())
             .select_from(e)
             .join(d, and_(d.c.run_id == e.c.run_id, d.c.edge_id == e.c.edge_id))
             .join(n, and_(n.c.run_id == d.c.run_id, n.c.node_id == d.c.from_node_id))
-            .where(e.c.run_id == run_id, d.c.mode == "divert", n.c.node_type != "source")
+            .where(e.c.run_id == run_id, d.c.mode == "divert")
+            .where(n.c.node_type.not_in(("source", "sink")))
         )
         async with self.engine.connect() as conn:
             return int((await conn.execute(failed)).scalar_one()) + int(

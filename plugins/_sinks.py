@@ -494,6 +494,9 @@ def _fit_int(value: Any) -> Any:
 
 def _fit_float(value: Any) -> Any:
     if value is None or (type(value) in (int, float) and _finite(value)):
+        if type(value) is int and (value not in _INT64 or float(value) != value):
+            # A double cannot hold it: stored, it would silently become another number.
+            raise _Unrepresentable(f"{value!r} has no exact value in a float column")
         return value
     raise _Unrepresentable(f"{value!r} is not a finite number for a float column")
 
@@ -566,7 +569,8 @@ def _column_type(value: Any) -> sa.types.TypeEngine[Any]:
     if isinstance(value, bool):
         return sa.Boolean()
     if isinstance(value, int):
-        return sa.BigInteger()
+        # Beyond 64 bits SQLite has no exact integer type: TEXT keeps every digit.
+        return sa.BigInteger() if value in _INT64 else sa.Text()
     if isinstance(value, float):
         return sa.Float()
     return sa.Text()
@@ -703,15 +707,17 @@ class DatabaseSink(Sink):
 
     A missing table is created from the first row written: ``token_id`` (primary key),
     ``row_index`` and one column per field, typed from its value (int → BIGINT, float →
-    FLOAT, bool → BOOLEAN, anything else → TEXT).  Column names are the field names,
-    except a name that is empty, longer than 63 bytes of UTF-8, or holds a control
-    character (NUL included) or a lone surrogate: it becomes its safe characters (the
-    others replaced by ``_``, cut to 50 bytes), ``_`` and the first 12 hex digits of the
-    SHA-256 of the name.  A row the sink cannot write — a field with no column, two
-    fields on one column (``Name`` and ``name`` on SQLite, whose names ignore ASCII
-    case), a field on ``token_id`` or ``row_index``, a value its column cannot hold, a
-    row that breaks a constraint of an existing table — is a write failure of that row
-    alone, settled by ``on_write_failure``.  Re-writing a token replaces its row.
+    FLOAT, bool → BOOLEAN, anything else → TEXT; an int beyond 64 bits → TEXT holding
+    all its digits, and a float column takes only ints a double holds exactly).  Column
+    names are the field names, except a name that is empty, longer than 63 bytes of
+    UTF-8, or holds a control character (NUL included) or a lone surrogate: it becomes
+    its safe characters (the others replaced by ``_``, cut to 50 bytes), ``_`` and the
+    first 12 hex digits of the SHA-256 of the name.  A row the sink cannot write — a
+    field with no column, two fields on one column (``Name`` and ``name`` on SQLite,
+    whose names ignore ASCII case), a field on ``token_id`` or ``row_index``, a value
+    its column cannot hold, a row that breaks a constraint of an existing table — is a
+    write failure of that row alone, settled by ``on_write_failure``.  Re-writing a token
+    replaces its row.
     """
 
     name: ClassVar[str] = "database"
@@ -731,7 +737,8 @@ class DatabaseSink(Sink):
         """Connect and look up the table (created on the first write if missing)."""
         if self._engine is not None:
             raise RuntimeError(f"database sink {self._where()} is already open")
-        self._engine = engine = create_async_engine(self._url)
+        # Statement parameters are rows' contents: kept out of errors (and so of logs).
+        self._engine = engine = create_async_engine(self._url, hide_parameters=True)
         async with _close_on_failure(self):
             try:
                 if self._url.get_backend_name() == "sqlite" and self._url.database:

@@ -122,12 +122,21 @@ class SinkNode(NodeTask):
             return list(await sink.write(items))
         except SinkWriteError as exc:
             if self.spec.error_route is None:
-                raise PluginError(f"sink '{self.node_id}' failed to write: {exc}") from exc
+                raise self._write_error(items, exc) from exc
             if len(items) == 1:
                 return [SinkRejection(items[0].token_id, str(exc))]
         except Exception as exc:
-            raise PluginError(f"sink '{self.node_id}' failed to write: {exc}") from exc
+            raise self._write_error(items, exc) from exc
         return [r for item in items for r in await self._write_items(sink, [item])]
+
+    def _write_error(self, items: list[SinkItem], exc: Exception) -> PluginError:
+        """The run's error for a failed write, naming the rows (not their values)."""
+        if len(items) == 1:
+            rows = f"row {items[0].row_index} (token {items[0].token_id})"
+        else:
+            indexes = [item.row_index for item in items]
+            rows = f"{len(items)} rows (row indexes {min(indexes)} to {max(indexes)})"
+        return PluginError(f"sink '{self.node_id}' failed to write {rows}: {exc}")
 
     def _written(self, token: Token, started: float, completed: float) -> None:
         state_id = self.recorder.new_id("s")

@@ -9,8 +9,11 @@ longer than ``max_response_bytes`` is that attempt's error, found while it strea
 call log (request, response, status, latency, tokens, cost).  429, 5xx, timeouts,
 connection errors and unreadable answers are retried (tenacity drives the retries,
 with exponential backoff, full jitter and ``Retry-After`` honoured); other 4xx are
-not.  API keys come from the environment or a secrets file, travel only in headers,
-and appear in no record or message.
+not.  API keys come from the environment or a secrets file and travel only in
+headers, which are not recorded.  Every secret the endpoint knows — its key, the
+passwords of its URL and of the proxies in the environment — is masked (``***``) in
+what it records and raises: an answer or error body that echoes it, a transport error
+that quotes a URL with credentials (``plugins/_secrets.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from tenacity import (
     stop_after_attempt,
 )
 
+from plugins._secrets import Secrets, endpoint_secrets, environment_secrets
 from plugins.protocols import ExternalCall, ReplayMiss, StopRun, resolve_path
 
 from ._client import ResponseTooLarge, endpoint_client, read_capped, transport_failure
@@ -154,6 +158,8 @@ class Endpoint:
         #: the endpoint's own (key, extras) when the client is a caller's.
         self._json_headers: dict[str, str] = {}
         self._other_headers: dict[str, str] = {}
+        #: What is masked in the answers and errors it records (read when it opens).
+        self._secrets = Secrets()
         self._users = 0
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -161,6 +167,7 @@ class Endpoint:
     async def open(self) -> None:
         if self._users == 0:
             headers = self._headers()
+            self._secrets = self._known_secrets()
             self._client, self._owns_client = endpoint_client(
                 self._base_url,
                 connections=self.settings.max_in_flight,
@@ -187,6 +194,12 @@ class Endpoint:
             else:
                 headers["authorization"] = f"Bearer {key}"
         return headers
+
+    def _known_secrets(self) -> Secrets:
+        """The secrets this endpoint knows now: its key, its URLs' passwords, its
+        credential headers, and the proxy credentials and ``PGPASSWORD`` of the
+        environment."""
+        return endpoint_secrets(self.settings, self.base_dir) | environment_secrets()
 
     def _api_key(self) -> str | None:
         s = self.settings
@@ -509,7 +522,9 @@ class Endpoint:
             raise
         except BaseException as exc:  # cancelled (shutdown), or a bug: still on record
             self.breaker.abandoned()
-            error = {"type": type(exc).__name__, "message": str(exc) or "cancelled"}
+            error = self._secrets.scrub_error(
+                {"type": type(exc).__name__, "message": str(exc) or "cancelled"}
+            )
             self._record_failure(calls, common, started, exc, error, None)
             raise
         return result.body, result.http_status
@@ -540,7 +555,24 @@ class Endpoint:
 
     async def _send(self, request: HttpRequest, limit_seconds: float) -> _Attempt:
         """One exchange, within ``limit_seconds`` from connecting to the answer's last
-        byte; :class:`CallFailed` when it fails or the endpoint refuses the request."""
+        byte; :class:`CallFailed` when it fails or the endpoint refuses the request.
+        Neither the answer nor the error holds a secret the endpoint knows."""
+        try:
+            content, status, retry_after = await self._transfer(request, limit_seconds)
+            return self._answer(request, content, status, retry_after)
+        except CallFailed as exc:
+            raise CallFailed(
+                self._secrets.scrub_error(exc.error),
+                retryable=exc.retryable,
+                http_status=exc.http_status,
+                retry_after=exc.retry_after,
+            ) from None
+
+    async def _transfer(
+        self, request: HttpRequest, limit_seconds: float
+    ) -> tuple[bytes, int, float | None]:
+        """Send the request and read the whole answer: its body, HTTP status and
+        ``Retry-After``; :class:`CallFailed` when no answer came."""
         client = self._client
         if client is None:
             raise RuntimeError(f"endpoint '{self.name}' is not open")
@@ -579,27 +611,35 @@ class Endpoint:
             else:
                 error = {"type": failure.type, "message": failure.message}
             raise CallFailed(error, retryable=True) from None
-        status = response.status_code
+        return content, response.status_code, _retry_after(response.headers)
+
+    def _answer(
+        self, request: HttpRequest, content: bytes, status: int, retry_after: float | None
+    ) -> _Attempt:
+        """The attempt's answer, with the secrets the endpoint knows masked in it (in a
+        JSON answer's strings only: its shape and numbers stay as they came), or
+        :class:`CallFailed` for an error status or an unreadable answer.  An error body
+        is masked before it is cut short, so no part of a secret is left at the cut."""
         if status >= 400:
             retryable = status == 429 or status >= 500
-            error = {"type": "HTTPStatusError", "message": f"HTTP {status}", "body": _text(content)}
+            body = _text(self._secrets.scrub_bytes(content))
+            error = {"type": "HTTPStatusError", "message": f"HTTP {status}", "body": body}
             raise CallFailed(
-                error,
-                retryable=retryable,
-                http_status=status,
-                retry_after=_retry_after(response.headers),
+                error, retryable=retryable, http_status=status, retry_after=retry_after
             )
         if request.raw:
-            return _Attempt(content, status)
+            return _Attempt(self._secrets.scrub_bytes(content), status)
         try:
             parsed = orjson.loads(content)
         except orjson.JSONDecodeError:
             error = {"type": "MalformedResponse", "message": "the answer is not JSON",
-                     "body": _text(content)}  # fmt: skip
+                     "body": _text(self._secrets.scrub_bytes(content))}  # fmt: skip
             raise CallFailed(error, retryable=True, http_status=status) from None
         if not isinstance(parsed, dict):
             error = {"type": "MalformedResponse", "message": "the answer is not a JSON object"}
             raise CallFailed(error, retryable=True, http_status=status)
+        if self._secrets.found_in(content):
+            parsed = self._secrets.scrub(parsed)
         return _Attempt(parsed, status)
 
 
