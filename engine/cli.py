@@ -433,7 +433,8 @@ async def _drive(
         return EXIT_INTERRUPTED
     if result.row_errors:
         out.print(
-            f"rows with errors: {result.row_errors} (failed, or sent to an error sink)",
+            f"rows with errors: {result.row_errors} (failed, sent to an error sink, "
+            "or diverted by a sink that could not write them)",
             highlight=False,
         )
         return EXIT_ROW_ERRORS
