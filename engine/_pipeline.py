@@ -43,6 +43,7 @@ from ._nodes import (
     SourceNode,
     TransformNode,
 )
+from ._redact import secrets_of
 from ._replay import load_replay
 from ._resume import ResumePlan, check_resumable
 from ._run_context import NodeStatistics, RunContext
@@ -437,7 +438,10 @@ class Pipeline:
         status = RunStatus.FAILED
         run_id = fence.run_id
         async with landscape.open_writer(commit_interval=interval, fence=fence) as writer:
-            recorder = landscape.recorder(writer, run_id)
+            hidden = secrets_of(
+                self.settings, self.graph.base_dir, landscape_url=self.landscape_url
+            )
+            recorder = landscape.recorder(writer, run_id, scrub=hidden.scrub_error)
             run = self._run = RunContext(run_id, self.graph, recorder, self.clock)
             if resume is not None:
                 resume.prepare(run)

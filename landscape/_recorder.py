@@ -22,7 +22,7 @@ from ._canonical import canonical_json, payload_forms, sha256_hex
 from ._outcomes import BatchStatus, NodeStateStatus, Outcome, RunStatus
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from ._leases import Fence
     from ._writer import GroupCommitWriter, WriterStatistics
@@ -116,12 +116,25 @@ def _json(value: Any) -> str | None:
         return json.dumps(value, default=str)
 
 
+def _unchanged(value: Any) -> Any:
+    return value
+
+
 class Recorder:
     """Records one run's events into the Landscape through a group-commit writer."""
 
-    def __init__(self, writer: GroupCommitWriter, run_id: str) -> None:
+    def __init__(
+        self,
+        writer: GroupCommitWriter,
+        run_id: str,
+        *,
+        scrub: Callable[[Any], Any] | None = None,
+    ) -> None:
         self._writer = writer
         self.run_id = run_id
+        #: Masks secrets in what errors, reasons and outcome contexts say (identity
+        #: when the run has none to hide): they may quote a key or a URL password.
+        self._scrub: Callable[[Any], Any] = scrub or _unchanged
         self._session = f"-{secrets.token_hex(5)}-"
         # Decimal from 10**9: a session's ids keep one width for nine billion of them (so
         # they sort in creation order), and str() of an int is the cheapest formatting.
@@ -168,6 +181,10 @@ class Recorder:
             },
         )
 
+    def scrub(self, value: Any) -> Any:
+        """``value`` with the run's secrets masked (what errors are recorded as)."""
+        return self._scrub(value)
+
     def finish_run(
         self,
         status: RunStatus,
@@ -184,7 +201,7 @@ class Recorder:
                 "completed_at": time.time(),
                 "rows_processed": rows_processed,
                 "outcomes_json": _json(dict(outcomes)),
-                "error": error,
+                "error": None if error is None else self._scrub(error),
             },
         )
 
@@ -283,7 +300,7 @@ class Recorder:
                 "run_id": self.run_id,
                 "node_id": node_id,
                 "row_index": row_index,
-                "error": error,
+                "error": self._scrub(error),
                 "row_data_ref": row_data_ref,
             },
         )
@@ -322,7 +339,7 @@ class Recorder:
                 started_at,
                 completed_at,
                 duration_ms,
-                None if error is None else _json(error),
+                None if error is None else _json(self._scrub(error)),
                 None if context is None else _json(context),
                 step_index,
                 None,  # external_job_id: set by mark_pending
@@ -420,7 +437,14 @@ class Recorder:
     ) -> None:
         self._writer.insert_row(
             t.routing_events,
-            (self.new_id("e"), self.run_id, state_id, edge_id, route_label, _json(reason)),
+            (
+                self.new_id("e"),
+                self.run_id,
+                state_id,
+                edge_id,
+                route_label,
+                None if reason is None else _json(self._scrub(reason)),
+            ),
         )
 
     def call(
@@ -495,7 +519,7 @@ class Recorder:
                 outcome is not Outcome.BUFFERED,
                 sink_name,
                 batch_id,
-                None if context is None else _json(context),
+                None if context is None else _json(self._scrub(context)),
                 time.time(),
             ),
         )

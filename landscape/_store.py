@@ -40,7 +40,7 @@ from ._verify import VerifyReport, verify
 from ._writer import GroupCommitWriter
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterable
+    from collections.abc import AsyncIterator, Callable, Iterable
     from types import TracebackType
 
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -291,8 +291,16 @@ class Landscape:
             self.engine, committer, commit_interval=commit_interval, fence=fence
         )
 
-    def recorder(self, writer: GroupCommitWriter, run_id: str) -> Recorder:
-        return Recorder(writer, run_id)
+    def recorder(
+        self,
+        writer: GroupCommitWriter,
+        run_id: str,
+        *,
+        scrub: Callable[[Any], Any] | None = None,
+    ) -> Recorder:
+        """The recorder of run ``run_id``; ``scrub`` masks secrets in what it records of
+        errors, routing reasons and outcome contexts."""
+        return Recorder(writer, run_id, scrub=scrub)
 
     # -- reading -----------------------------------------------------------------------
 

@@ -150,6 +150,7 @@ class NodeTask:
 
         ``context`` adds to what the ``failed`` outcome records (node and error).
         """
+        error = self.recorder.scrub(error)  # it goes into the row as well as the record
         route = self.spec.error_route
         if route is None or route.target is None:
             self.run_ctx.record_outcome(

@@ -156,7 +156,7 @@ class SinkNode(NodeTask):
         """Settle a row the sink could not write, as ``on_write_failure`` says: end it
         ``failed`` (``fail``) or ``diverted`` (``discard``), or send it to the failsink,
         which ends it ``diverted``.  The failed visit here records the error."""
-        failure = {"type": "SinkWriteFailure", "message": error}
+        failure = self.recorder.scrub({"type": "SinkWriteFailure", "message": error})
         state_id = self.recorder.new_id("s")
         self.record_state(token, state_id, started, completed, output_hash=None, error=failure)
         route = self.spec.error_route
@@ -166,5 +166,5 @@ class SinkNode(NodeTask):
         elif route.target is None:
             self.run_ctx.record_outcome(token, Outcome.DIVERTED, self.node_id, context=context)
         else:
-            row = {**token.row, "_error": error, "_error_node": self.node_id}
+            row = {**token.row, "_error": failure["message"], "_error_node": self.node_id}
             await self.divert(token, route, failure, state_id, row)

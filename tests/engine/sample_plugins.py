@@ -31,6 +31,15 @@ class Divide(Transform):
         return {**row, "ratio": row["a"] / row["b"]}
 
 
+class Login(Transform):
+    """Fails every row with an error that quotes its ``password`` option and a URL with
+    it (as a careless plugin or driver might)."""
+
+    async def process(self, row: Row, ctx: RowContext) -> Row:
+        password = self.options["password"]
+        raise PermissionError(f"login refused for {password!r} at https://bot:{password}@api/")
+
+
 class BrokenSink(Sink):
     """A sink whose writes always fail (the disk is gone)."""
 

@@ -18,14 +18,17 @@ import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import asyncpg
 import orjson
 import pytest
 import yaml
+from sqlalchemy import select
 
 from landscape import Landscape
+from landscape import _schema as t
 from tests._postgres import PostgresServer, PostgresUnavailable, start_server
 from tests.llm._raw_server import Connection, chat_answer, raw_server, response
 
@@ -377,3 +380,40 @@ async def test_a_landscape_error_shows_the_rows_values_only_with_verbose(
     assert code == 0, output
     assert PASSWORD not in output
     await check_audit(tmp_path, run_id, landscape_url)
+
+
+async def test_a_plugins_error_quoting_a_configured_secret_is_recorded_masked(
+    run_verified: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    password = "hunter2-but-longer"
+    config = {
+        "source": {"plugin": "memory", "options": {"rows": [{"id": 1}]}, "on_success": "login"},
+        "transforms": [
+            {
+                "name": "login",
+                "plugin": "tests.engine.sample_plugins:Login",
+                "input": "login",
+                "on_success": "out",
+                "on_error": "errors",
+                "options": {"password": password},
+            }
+        ],
+        "sinks": [
+            {"name": "out", "plugin": "jsonl", "options": {"path": "out.jsonl"}},
+            {"name": "errors", "plugin": "jsonl", "options": {"path": "errors.jsonl"}},
+        ],
+    }
+    result = await run_verified(config)
+    assert result.row_errors == 1
+    audit = Path(sqlite_url.removeprefix("sqlite+aiosqlite:///"))
+    recorded = b"".join(
+        path.read_bytes() for path in audit.parent.glob(audit.name + "*") if path.is_file()
+    )
+    assert password.encode() not in recorded
+    async with Landscape.connect(sqlite_url) as landscape, landscape.engine.connect() as conn:
+        errors = (await conn.execute(select(t.node_states.c.error_json))).scalars().all()
+    (error,) = [e for e in errors if e]
+    assert "login refused for '***' at https://bot:***@api/" in error
+    errors_sink = (tmp_path / "errors.jsonl").read_text()
+    assert password not in errors_sink
+    assert "login refused for '***'" in errors_sink
