@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
 
-from landscape import CallSummary, canonical_hash
+from landscape import CallSummary, CanonicalizationError, canonical_hash
 from plugins import RecordedAnswer, ReplayMiss, Reservation, StopRun
 
 if TYPE_CHECKING:
@@ -263,12 +263,20 @@ class SharedCalls:
 
 def _store_payloads(run: RunContext, call: ExternalCall) -> tuple[str, str | None]:
     """Store the call's request and response (unless they are on record); their hashes."""
-    recorder = run.recorder
-    request_hash = call.request_hash or recorder.store(call.request)
+    request_hash = call.request_hash or _store(run, call.request)
     response_hash = call.response_hash
     if response_hash is None and call.response is not None:
-        response_hash = recorder.store(call.response)
+        response_hash = _store(run, call.response)
     return request_hash, response_hash
+
+
+def _store(run: RunContext, payload: Any) -> str:
+    """Store ``payload``; one with no canonical form (an answer nested deeper than the
+    Landscape hashes) is stored as the reason instead, so the call is still on record."""
+    try:
+        return run.recorder.store(payload)
+    except CanonicalizationError as exc:
+        return run.recorder.store({"unrecordable": str(exc)})
 
 
 def _write_call(

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from plugins.llm import EndpointSettings
+from plugins.protocols import MAX_RECORD_BYTES
 
 from ._errors import ConfigError, ConfigIssue
 
@@ -166,6 +167,13 @@ class SourceSettings(_Model):
         "Landscape only.",
     )
     on_success: str = Field(description="Connection or sink that valid rows go to.")
+    max_record_bytes: int = Field(
+        MAX_RECORD_BYTES,
+        ge=1,
+        description="The longest record the source parses (bytes of input). A longer one "
+        "is quarantined unparsed, stored cut to this many bytes with its full size and "
+        "SHA-256; csv and jsonl read past it in pieces, never holding it whole.",
+    )
 
     model_config = ConfigDict(populate_by_name=True)
 

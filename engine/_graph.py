@@ -34,6 +34,7 @@ from plugins import (
     resolve_plugin,
 )
 from plugins.expressions import Expression, ExpressionSyntaxError, compile_expression
+from plugins.protocols import MAX_RECORD_BYTES
 
 from ._config import (
     AggregationSettings,
@@ -255,7 +256,15 @@ class _Builder:
 
     # -- plugins -----------------------------------------------------------------------
 
-    def plugin(self, kind: str, base: type[Plugin], settings: Any, path: str) -> Plugin | None:
+    def plugin(
+        self,
+        kind: str,
+        base: type[Plugin],
+        settings: Any,
+        path: str,
+        *,
+        max_record_bytes: int = MAX_RECORD_BYTES,
+    ) -> Plugin | None:
         """The node's plugin built from ``settings.plugin`` and ``settings.options``."""
         ref = settings.plugin
         if isinstance(ref, base):
@@ -268,7 +277,10 @@ class _Builder:
             self.fail(f"{path}.plugin", str(exc))
             return None
         setup = PluginSetup(
-            node_name=settings.name, base_dir=self.base_dir, endpoints=self.endpoints
+            node_name=settings.name,
+            base_dir=self.base_dir,
+            endpoints=self.endpoints,
+            max_record_bytes=max_record_bytes,
         )
         try:
             return cls.from_options(settings.options, setup)
@@ -384,7 +396,7 @@ def _check_names(builder: _Builder) -> dict[str, str]:
 
 def _source_spec(b: _Builder) -> NodeSpec | None:
     src = b.settings.source
-    plugin = b.plugin("source", Source, src, "source")
+    plugin = b.plugin("source", Source, src, "source", max_record_bytes=src.max_record_bytes)
     routes = {}
     ok = b.route(
         src.name, "success", src.on_success, "source.on_success", EdgeMode.MOVE, Arrival.NORMAL

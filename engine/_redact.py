@@ -105,19 +105,27 @@ def secrets_of(
     return found
 
 
-def _configured(value: Any, key: str = "") -> list[str]:
+#: Configuration nests a few levels; deeper values (or inline rows) are data.
+_MAX_CONFIG_DEPTH = 12
+#: Keys whose values are data, not configuration: a memory source's inline rows.
+_DATA_KEYS = frozenset({"rows"})
+
+
+def _configured(value: Any, key: str = "", depth: int = 0) -> list[str]:
     """The secrets written in a configuration value (found where :func:`redact` masks)."""
     if isinstance(value, str):
         if SECRET_NAME.search(key) and not key.endswith(("_env", "_file")):
             return [value]
         return url_credentials(value) if _URL_WITH_PASSWORD.match(value) else []
+    if depth >= _MAX_CONFIG_DEPTH or key in _DATA_KEYS:
+        return []
     if isinstance(value, BaseModel):
         fields = type(value).model_fields
-        return [s for name in fields for s in _configured(getattr(value, name), name)]
+        return [s for name in fields for s in _configured(getattr(value, name), name, depth + 1)]
     if isinstance(value, Mapping):
-        return [s for k, v in value.items() for s in _configured(v, str(k))]
+        return [s for k, v in value.items() for s in _configured(v, str(k), depth + 1)]
     if isinstance(value, list | tuple):
-        return [s for v in value for s in _configured(v, key)]
+        return [s for v in value for s in _configured(v, key, depth + 1)]
     return []  # numbers, plugin classes, iterables of rows (never consumed here)
 
 

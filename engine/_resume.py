@@ -45,6 +45,7 @@ from ._errors import ResumeError
 from ._forks import ForkInstance
 from ._graph import Arrival, EdgeMode, NodeKind, Route
 from ._nodes import FlushTrigger, NodeTask
+from ._nodes._source import raw_text
 from ._replay import load_replay
 from ._run_context import EarlierAttempt, HeldBatch, RecordedJob
 from ._tokens import Token
@@ -523,11 +524,11 @@ def _check_graph(graph: Graph, unfinished: UnfinishedRun) -> None:
 
 
 def _raw_hash(raw: Any) -> str:
-    """The hash the source node records for a raw record (its ``repr`` if not JSON)."""
+    """The hash the source node records for a raw record (its text if not JSON)."""
     try:
         return hashlib.sha256(canonical_bytes(raw)).hexdigest()
     except CanonicalizationError:
-        return canonical_hash(repr(raw))
+        return canonical_hash(raw_text(raw))
 
 
 def _payloads_needed(unfinished: UnfinishedRun) -> set[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
@@ -155,6 +156,9 @@ def _rehash(stored_hash: str, content: str) -> str | None:
     try:
         value: Any = json.loads(content)
         actual = hashlib.sha256(canonical_bytes(value)).hexdigest()
+        if actual != stored_hash:  # a Decimal is stored with digits a double cannot hold
+            exact = json.loads(content, parse_float=Decimal)
+            actual = hashlib.sha256(canonical_bytes(exact)).hexdigest()
     except (ValueError, CanonicalizationError) as exc:
         return f"payload {stored_hash}: its content is no longer canonical JSON ({exc})"
     if actual != stored_hash:

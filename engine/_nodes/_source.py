@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 import time
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,36 @@ if TYPE_CHECKING:
 
     from .._config import SourceSettings
 
-__all__ = ["SourceNode"]
+__all__ = ["SourceNode", "raw_text"]
+
+#: Python's ``repr`` recurses once per level of nesting; a record nested deeper than this
+#: is shown abbreviated instead (the depth is measured without recursion).
+_REPR_DEPTH = 200
+_ABBREVIATED = reprlib.Repr()
+_ABBREVIATED.maxlevel = 24
+_ABBREVIATED.maxstring = _ABBREVIATED.maxother = 4096
+
+
+def raw_text(raw: Any) -> str:
+    """What is stored for a raw record that has no JSON form: its ``repr``, abbreviated
+    for one nested deeper than ``repr`` can go (the same text for the same record, so a
+    resume can check the record again)."""
+    return _ABBREVIATED.repr(raw) if _deeper_than(raw, _REPR_DEPTH) else repr(raw)
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists, tuples and dicts more than ``limit`` deep."""
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        elif not isinstance(item, list | tuple):
+            continue
+        if depth >= limit:
+            return True
+        pending.extend((member, depth + 1) for member in item)
+    return False
 
 
 class SourceNode(NodeTask):
@@ -123,7 +153,7 @@ class SourceNode(NodeTask):
         try:
             return record.raw, self.recorder.store(record.raw), record.error
         except CanonicalizationError as exc:
-            raw = repr(record.raw)
+            raw = raw_text(record.raw)
             return raw, self.recorder.store(raw), record.error or f"record has no JSON form: {exc}"
 
     def _validated(
@@ -190,5 +220,18 @@ class SourceNode(NodeTask):
                 context={"node": self.node_id, "reason": f"validation failed: {error}"},
             )
         else:
-            row = {"_row_index": token.row_index, "_raw": raw, "_error": error}
-            await self.divert(token, route, failure, state_id, row)
+            await self.divert(
+                token, route, failure, state_id, self._quarantine_row(token, raw, error)
+            )
+
+    def _quarantine_row(self, token: Token, raw: Any, error: str) -> dict[str, Any]:
+        """The row a malformed record is sent to its sink as, given to ``token``: the raw
+        record as stored, or — when that is nested as deep as a payload may be, leaving
+        no level to wrap it in — its text."""
+        row = {"_row_index": token.row_index, "_raw": raw, "_error": error}
+        try:
+            self.set_row(token, row)
+        except CanonicalizationError:
+            row = {**row, "_raw": raw_text(raw)}
+            self.set_row(token, row)
+        return row

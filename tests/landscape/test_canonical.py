@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
+import sys
 import uuid
 from decimal import Decimal
 from enum import Enum, StrEnum
@@ -16,8 +18,11 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from landscape._canonical import (
+    MAX_DEPTH,
     CanonicalizationError,
+    _exact_bytes,
     _scanned_bytes,
+    canonical_bytes,
     canonical_hash,
     canonical_json,
     payload_forms,
@@ -92,10 +97,25 @@ def test_nan_and_infinity_are_refused(bad: float, wrap: Any) -> None:
         canonical_json(wrap(bad))
 
 
-@pytest.mark.parametrize("bad", [2**53, -(2**53), 10**30])
-def test_integers_beyond_double_precision_are_refused(bad: int) -> None:
-    with pytest.raises(CanonicalizationError):
-        canonical_json({"n": bad})
+@pytest.mark.parametrize(
+    "number", [2**53, -(2**53), 2**53 + 1, 2**63, 2**64 - 1, 2**64 + 1, -(2**64) - 1, 10**30]
+)
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda v: {"n": v},  # a flat row
+        lambda v: {"n": v, "x": 1e-7},  # a flat row the fast path leaves
+        lambda v: [v, {"k": [v]}],  # nested
+        lambda v: {"é": v, "\U0001f600": [v, 2.0]},  # keys only the exact encoder sorts
+        lambda v: v,
+    ],
+)
+def test_integers_beyond_double_precision_keep_all_their_digits(number: int, wrap: Any) -> None:
+    value = wrap(number)
+    assert str(number) in canonical_json(value)
+    canonical, stored = payload_forms(value)
+    assert json.loads(stored) == value  # stored exactly, read back as ints
+    assert canonical == canonical_bytes(json.loads(canonical))
 
 
 def test_lone_surrogate_is_refused() -> None:
@@ -198,7 +218,7 @@ def test_flat_rows_match_the_reference_whichever_path_they_take(row: dict[str, A
     assert canonical_json(row) == rfc8785.dumps(row).decode()
 
 
-@pytest.mark.parametrize("row", [{"a": math.nan}, {"a": math.inf, "b": 1.5}, {"a": 2**60}])
+@pytest.mark.parametrize("row", [{"a": math.nan}, {"a": math.inf, "b": 1.5}, {"a": 10**5000}])
 def test_flat_rows_without_a_canonical_form_are_refused(row: dict[str, Any]) -> None:
     with pytest.raises(CanonicalizationError):
         canonical_json(row)
@@ -263,3 +283,120 @@ def test_the_single_pass_leaves_what_orjson_prints_differently_to_the_exact_path
     value: Any,
 ) -> None:
     assert _scanned_bytes(value) is None
+
+
+# -- the exact encoder, long ints, Decimals and nesting (issue 19) --------------------------
+
+
+@given(_json)
+@example({"\U0001f600": 1, "\ufb33": [2.0, 1e-7, -0.0], "a": {"b": '\x00\u2028\\"'}})
+def test_the_exact_encoder_is_rfc8785_on_its_domain(value: Any) -> None:
+    """The encoder the fast paths fall back to writes what the reference does."""
+    assert _exact_bytes(value) == rfc8785.dumps(value)
+
+
+# Hashes recorded before the extensions: values that had a canonical form keep it.
+_KNOWN_HASHES = [
+    ({"amount": 1154.0, "id": 7, "note": "flat"}, '{"amount":1154,"id":7,"note":"flat"}'),
+    ({"x": Decimal("1.5"), "y": Decimal("0.1")}, '{"x":1.5,"y":0.1}'),
+    ([Decimal("-12.340"), Decimal("1E-7"), Decimal("2E+21")], "[-12.34,1e-7,2e+21]"),
+    ({"big": 9007199254740991, "f": 2.0**60}, '{"big":9007199254740991,"f":1152921504606847000}'),
+]
+
+
+@pytest.mark.parametrize(("value", "text"), _KNOWN_HASHES)
+def test_values_valid_before_keep_their_canonical_bytes(value: Any, text: str) -> None:
+    assert canonical_json(value) == text
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (Decimal("0.1000000000000000055511151231257827021181583404541015625"), None),
+        (Decimal("1.23456789012345678901234567890"), "1.2345678901234567890123456789"),
+        (Decimal("-0.00"), "0"),
+        (Decimal("100"), "100"),
+        (Decimal("1E+21"), "1e+21"),
+        (Decimal("123456789012345678901234"), "1.23456789012345678901234e+23"),
+        (Decimal("0.00000012345678901234567890"), "1.234567890123456789e-7"),
+        (Decimal("0.000001"), "0.000001"),
+        (Decimal("1E+400"), "1e+400"),
+        (Decimal("-5E-400"), "-5e-400"),
+    ],
+)
+def test_decimals_are_written_exactly_never_as_floats(value: Decimal, text: str | None) -> None:
+    expected = text if text is not None else str(value)
+    for wrap, written in ((value, expected), ({"d": value}, f'{{"d":{expected}}}')):
+        assert canonical_json(wrap) == written
+        assert canonical_json([wrap, "\U0001f600"]) == f'[{written},"\U0001f600"]'
+
+
+_decimals = st.decimals(allow_nan=False, allow_infinity=False)
+
+
+@given(_decimals, st.integers(0, 30))
+def test_equal_decimals_give_equal_bytes(value: Decimal, zeros: int) -> None:
+    sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)
+    padded = Decimal((sign, digits + (0,) * zeros, exponent - zeros))  # trailing zeros
+    assert padded == value
+    assert canonical_json(padded) == canonical_json(value)
+
+
+@given(_floats)
+def test_a_decimal_with_a_doubles_digits_hashes_as_that_double(number: float) -> None:
+    assert canonical_json(Decimal(repr(number))) == rfc8785.dumps(number).decode()
+
+
+@pytest.mark.parametrize("bad", [Decimal("NaN"), Decimal("sNaN"), Decimal("-Infinity")])
+def test_decimals_without_a_value_are_refused(bad: Decimal) -> None:
+    with pytest.raises(CanonicalizationError):
+        canonical_json({"d": bad})
+
+
+def _nested(depth: int, leaf: Any = 1, *, key: str | None = None) -> Any:
+    """``depth`` containers around ``leaf`` (objects under ``key``, else arrays), built
+    without recursion."""
+    value = leaf
+    for _ in range(depth):
+        value = [value] if key is None else {key: value}
+    return value
+
+
+@pytest.mark.parametrize("key", [None, "a", "\U0001f600"])
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 1000, 100_000])
+def test_too_deep_a_value_is_a_canonicalisation_error(key: str | None, depth: int) -> None:
+    for value in (_nested(depth, key=key), {"row": _nested(depth, key=key)}):
+        with pytest.raises(CanonicalizationError, match="nested deeper than"):
+            payload_forms(value)
+
+
+@pytest.mark.parametrize("key", [None, "a", "\U0001f600"])
+def test_the_deepest_allowed_value_is_written_without_recursion(key: str | None) -> None:
+    value = _nested(MAX_DEPTH, 2.0, key=key)
+    expected = rfc8785.dumps(value)
+    # Allow a few dozen frames beyond the caller's: canonicalising must not need one
+    # (or two) per level of nesting.
+    frames = len(__import__("inspect").stack())
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(frames + 80)
+    try:
+        canonical, stored = payload_forms(value)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert canonical == expected
+    assert canonical_bytes(json.loads(stored)) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"\udfff": 1}, {"a": {"\ud800x": 1}}, {"\U0001f600": {"\udc00": 2}}, ["\ud83d"], "\udfff"],
+)
+def test_a_lone_surrogate_anywhere_is_a_canonicalisation_error(value: Any) -> None:
+    with pytest.raises(CanonicalizationError, match=r"lone surrogate|surrogates"):
+        payload_forms(value)
+
+
+def test_an_int_too_long_to_write_is_a_canonicalisation_error() -> None:
+    with pytest.raises(CanonicalizationError, match="too long"):
+        canonical_json([10**5000, "\U0001f600"])
