@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from plugins import known_plugins, llm, resolve_plugin
+from plugins import expressions, known_plugins, llm, resolve_plugin
 
 from . import _config as config
+from ._graph import TRIGGER_NAMES
 from .cli import build_parser
 
 if TYPE_CHECKING:
@@ -105,7 +106,100 @@ def render_configuration_reference() -> str:
         doc = (model.__doc__ or "").strip()
         lines += [f"## {title}", "", doc, "", *_model_table(model), ""]
     lines += _plugin_sections()
+    lines += _expression_sections()
+    lines += _template_sections()
     return "\n".join(lines).rstrip() + "\n"
+
+
+#: Where expressions appear, and the variables each place offers.
+_EXPRESSION_PLACES: list[tuple[str, tuple[str, ...]]] = [
+    ("`gates[].condition`", ("row",)),
+    ("transform `filter`: `keep`", ("row",)),
+    ("transform `compute`: each of `fields`", ("row",)),
+    ("`aggregations[].group_by` (a bare field name means `row['name']`)", ("row",)),
+    ("`aggregations[].trigger.condition`", TRIGGER_NAMES),
+]
+
+
+def _limit_table(limits: tuple[expressions.Limit, ...]) -> list[str]:
+    lines = ["| limit | value | meaning |", "|---|---|---|"]
+    for limit in limits:
+        value = f"{limit.value:,} {limit.unit}".strip()
+        lines.append(f"| {limit.name} | {_cell(value)} | {_cell(limit.meaning)} |")
+    return lines
+
+
+def _expression_sections() -> list[str]:
+    """The expression language: grammar, variables, functions and limits, from the code."""
+    lines = [
+        "## Expressions",
+        "",
+        "Conditions, filters, computed fields and group keys are safe expressions: one",
+        "Python expression from a small whitelist, compiled once (no `eval`). Anything else",
+        "is refused when the pipeline is built, with its key path. An evaluation that fails",
+        "— a missing field, a type error, a limit below — is that row's error: it goes to",
+        "the node's `on_error`, or the row ends `failed`, with the reason recorded.",
+        "",
+        "### Grammar",
+        "",
+        "```",
+        expressions.GRAMMAR.rstrip(),
+        "```",
+        "",
+        "`is` compares only with `None`, `True` or `False`; `%` does not format strings; no",
+        "attribute but `.get` and no dunder name is reachable.",
+        "",
+        "### Variables",
+        "",
+        "| where | variables |",
+        "|---|---|",
+    ]
+    for place, names in _EXPRESSION_PLACES:
+        lines.append(f"| {place} | {', '.join(f'`{name}`' for name in names)} |")
+    lines += ["", "### Functions", "", "| function | meaning |", "|---|---|"]
+    for function in expressions.FUNCTIONS:
+        lines.append(f"| `{_cell(function.signature)}` | {_cell(function.meaning)} |")
+    lines += [
+        "",
+        "### Limits",
+        "",
+        "Every evaluation is bounded, so that none takes more than a few tens of",
+        "milliseconds or a few tens of megabytes, whatever the row:",
+        "",
+        *_limit_table(expressions.LIMITS),
+        "",
+    ]
+    return lines
+
+
+def _template_sections() -> list[str]:
+    """What prompt templates may do and every limit of a render, from the code."""
+    template = llm.PromptTemplate
+    lines = [
+        "## Prompt templates",
+        "",
+        "`prompt` and `system` of the `llm` plugins (and their `_file` forms) are Jinja2",
+        "templates rendered in an immutable sandbox with one variable, `row`; an undefined",
+        "name or field is an error. A render that fails — an error, a limit below — is that",
+        "row's error. `lipsum` is not available, and the methods of these types are the",
+        "only ones a template may call on them:",
+        "",
+        "| type | methods |",
+        "|---|---|",
+    ]
+    for kind, methods in template.METHODS.items():
+        lines.append(f"| `{kind.__name__}` | {', '.join(f'`{m}`' for m in sorted(methods))} |")
+    lines += [
+        "",
+        "### Limits",
+        "",
+        "Every render is bounded, so that none takes more than a few tens of milliseconds",
+        "or a few tens of megabytes, whatever the row:",
+        "",
+        *_limit_table(template.limits()),
+        "",
+    ]
+    return lines
 
 
 def _parser_lines(parser: argparse.ArgumentParser, title: str) -> list[str]:

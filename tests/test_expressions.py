@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import plugins.expressions as expressions
+from engine._docs import render_configuration_reference
 from plugins.expressions import (
     Expression,
     ExpressionError,
@@ -48,8 +49,34 @@ def test_public_names_are_pinned() -> None:
         "ExpressionError",
         "ExpressionEvaluationError",
         "ExpressionSyntaxError",
+        "FUNCTIONS",
+        "Function",
+        "GRAMMAR",
+        "LIMITS",
+        "Limit",
         "compile_expression",
     ]
+
+
+def test_the_module_docstring_states_every_limit() -> None:
+    doc = expressions.__doc__ or ""
+    for limit in expressions.LIMITS:
+        assert f"{limit.value:,}" in doc, limit.name
+
+
+def test_the_reference_documents_the_grammar_every_function_and_every_limit() -> None:
+    reference = render_configuration_reference()
+    assert expressions.GRAMMAR.rstrip() in reference
+    for function in expressions.FUNCTIONS:
+        assert f"`{function.signature}`" in reference
+    for limit in expressions.LIMITS:
+        assert f"| {limit.name} | {limit.value:,}" in reference
+    assert "`row`, `batch_count`, `batch_age_seconds`" in reference
+
+
+def test_every_function_is_documented() -> None:
+    documented = {function.name for function in expressions.FUNCTIONS}
+    assert documented == {*expressions._FUNCTION_ARITY, "get"}
 
 
 def test_errors_share_one_root() -> None:
@@ -459,8 +486,8 @@ def test_runtime_failure_names_the_problem(source: str, message: str) -> None:
         ("2 ** -100_000", "over the limit of 10,000"),
         ("7 ** 10_000", "power would be too large"),
         ("(2 ** 9_000) * (2 ** 9_000)", "integer product would be too large"),
-        ("'a' * 10 ** 9", "repetition would have 1000000000 items"),
-        ("10 ** 9 * 'a'", "repetition would have 1000000000 items"),
+        ("'a' * 10 ** 9", "repetition would have 1,000,000,000 items"),
+        ("10 ** 9 * 'a'", "repetition would have 1,000,000,000 items"),
         ("[0] * 10 ** 9", "the limit is 1,000,000"),
         ("(0,) * 1_000_001", "the limit is 1,000,000"),
         ("b'ab' * 600_000", "the limit is 1,000,000"),
@@ -494,13 +521,19 @@ def test_get_on_a_non_mapping_is_an_evaluation_error() -> None:
         evaluate("n.get('a')", n=5)
 
 
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 def test_deeply_nested_row_data_is_an_evaluation_error() -> None:
-    left: list[Any] = []
-    right: list[Any] = []
-    for _ in range(100_000):
-        left, right = [left], [right]
-    with pytest.raises(ExpressionEvaluationError, match="RecursionError"):
-        evaluate("row['a'] == row['b']", {"a": left, "b": right})
+    # Deeper than the limit, long before Python's own comparison would recurse too deep.
+    row = {"a": _nested(5_000), "b": _nested(5_000)}
+    with pytest.raises(ExpressionEvaluationError, match="nested more than 200 levels"):
+        evaluate("row['a'] == row['b']", row)
+    assert evaluate("row['a'] == row['b']", {"a": _nested(199), "b": _nested(199)})
 
 
 class Hostile:
