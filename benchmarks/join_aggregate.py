@@ -9,7 +9,8 @@ aggregation flushing every 100 rows, and a JSONL sink — every token, state, ba
 outcome in a SQLite Landscape.  The two pipelines alternate run by run; printed are the
 medians of rows/s, their ratio (the goal: at least 0.5) and the Landscape size per
 source row.  ``--rss`` instead runs the join pipeline alone in child processes at N and
-10 x N rows and prints their peak RSS and its ratio (the goal: at most 1.3).
+10 x N rows and prints the peak RSS of each one's whole process tree (the engine and its
+SQLite writer process) and their ratio (the goal: at most 1.3).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def main() -> None:
     parser.add_argument("--rss", action="store_true", help="peak RSS at N and 10 x N rows")
     args = parser.parse_args()
     if args.rss:
-        memory(args.rows, "join_aggregate:run_join", "   (goal <= 1.30)")
+        memory(args.rows, "join", "   (goal <= 1.30)")
     else:
         compare(args.rows, args.repeat)
 

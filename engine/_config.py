@@ -65,6 +65,14 @@ class RuntimeSettings(_Model):
     commit_interval_ms: int = Field(
         50, ge=1, description="Longest time an audit record waits for its group commit."
     )
+    time_slice_ms: float = Field(
+        0.25,
+        ge=0,
+        description="Longest stretch of work after which a node lets the event loop's "
+        "other tasks run (at its next send), so that a service embedding the engine keeps "
+        "answering while a run goes on. Smaller answers sooner and costs throughput; 0 "
+        "lets nodes run until their buffers fill (most throughput, least responsive).",
+    )
     drain_timeout_seconds: float = Field(
         30.0,
         ge=0,

@@ -575,6 +575,7 @@ class Pipeline:
         restored tokens (close it at once otherwise).
         """
         buffer = self.settings.runtime.max_buffer_size
+        time_slice = self.settings.runtime.time_slice_ms / 1000
         senders: dict[str, MemoryObjectSendStream[Token]] = {}
         inboxes: dict[str, Inbox] = {}
         for node_id, spec in self.graph.nodes.items():
@@ -585,9 +586,13 @@ class Pipeline:
         tasks = []
         for node_id, spec in self.graph.nodes.items():
             targets = set(self.graph.consumers_of(node_id))
-            outbox = Outbox({target: senders[target].clone() for target in targets})
+            outbox = Outbox(
+                {target: senders[target].clone() for target in targets}, time_slice=time_slice
+            )
             tasks.append(_NODE_TASKS[spec.kind](spec, run, inboxes.get(node_id), outbox))
-        reentry = Outbox({target: send.clone() for target, send in senders.items()})
+        reentry = Outbox(
+            {target: send.clone() for target, send in senders.items()}, time_slice=time_slice
+        )
         for send in senders.values():
             send.close()
         return tasks, reentry

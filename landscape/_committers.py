@@ -1,8 +1,11 @@
 """Where a group commit is executed: in-process through SQLAlchemy, or in a SQLite process.
 
-A committer takes a list of ``(sql, width, columns, values)`` statements — positional SQL
+A committer takes ``(sql, width, columns, values)`` statements — positional SQL
 compiled for its dialect; its rows' values one after another, ``width`` to a row; and the
 positions in a row of the values the SQL binds — and executes them in one transaction.
+It takes them from an iterable, one at a time: the writer makes each statement as it is
+wanted, so a large batch is encoded (and freed) a piece at a time between the event
+loop's other work.
 A statement of width 0 is a **guard**: executed once with ``values`` as its parameters,
 it must change exactly one row, or the transaction is rolled back and the committer
 raises :class:`OwnershipLost` (the run's lease is someone else's).
@@ -21,9 +24,11 @@ import marshal
 import struct
 import sys
 from pathlib import Path
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import anyio
+import anyio.lowlevel
 from anyio.streams.buffered import BufferedByteReceiveStream
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -32,6 +37,7 @@ from ._leases import OwnershipLost
 from ._sqlite_worker import rows_of
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
     from types import TracebackType
 
     from anyio.abc import Process
@@ -48,6 +54,10 @@ __all__ = [
 Statement = tuple[str, int, tuple[int, ...], list[Any]]
 Statements = list[Statement]
 _HEADER = struct.Struct(">Q")
+# Values per frame sent to the SQLite process: encoding one takes a few hundred microseconds.
+_FRAME_VALUES = 4_096
+# Seconds of encoding between two sends (each one a turn for the event loop's other tasks).
+_SEND_SLICE = 0.0005
 _LEASE_LOST = "the run's lease is held by another owner: this process may write nothing more"
 _WORKER = Path(__file__).with_name("_sqlite_worker.py")
 
@@ -66,6 +76,41 @@ def _enlarge_pipe(stream: object) -> None:
         fcntl.fcntl(pipe.fileno(), set_size, 1 << 20)
 
 
+def _frames(statements: Iterable[Statement]) -> Iterator[bytes]:
+    """The frames of one batch: each a length-prefixed marshalled ``(last, statements)``
+    of about :data:`_FRAME_VALUES` values (a statement is never split)."""
+    group: Statements = []
+    size = 0
+    for statement in statements:
+        if group and size + len(statement[3]) > _FRAME_VALUES:
+            yield _frame(False, group)
+            group, size = [], 0
+        group.append(statement)
+        size += len(statement[3])
+    yield _frame(True, group)
+
+
+def _slices(frames: Iterator[bytes]) -> Iterator[bytes]:
+    """``frames`` joined into one send per :data:`_SEND_SLICE` of encoding: each send
+    lets the event loop's other tasks run, and the SQLite process waits for none of them
+    while it has frames to execute."""
+    pending: list[bytes] = []
+    began = perf_counter()
+    for frame in frames:
+        pending.append(frame)
+        if perf_counter() - began >= _SEND_SLICE:
+            yield b"".join(pending)
+            pending.clear()
+            began = perf_counter()
+    if pending:
+        yield b"".join(pending)
+
+
+def _frame(last: bool, statements: Statements) -> bytes:
+    data = marshal.dumps((last, statements))
+    return _HEADER.pack(len(data)) + data
+
+
 class Committer(Protocol):
     """Executes one batch of statements atomically."""
 
@@ -78,7 +123,7 @@ class Committer(Protocol):
         tb: TracebackType | None,
     ) -> None: ...
 
-    async def submit(self, statements: Statements) -> None: ...
+    async def submit(self, statements: Iterable[Statement]) -> None: ...
 
     async def wait_durable(self) -> None: ...
 
@@ -98,7 +143,7 @@ class SqlAlchemyCommitter:
     async def wait_durable(self) -> None:
         """Nothing to wait for: :meth:`submit` returns once its transaction committed."""
 
-    async def submit(self, statements: Statements) -> None:
+    async def submit(self, statements: Iterable[Statement]) -> None:
         try:
             async with self._engine.begin() as conn:
                 for sql, width, columns, values in statements:
@@ -154,18 +199,24 @@ class SqliteProcessCommitter:
                 await process.wait()
             await process.aclose()
 
-    async def submit(self, statements: Statements) -> None:
-        """Send one batch; the previous batch's answer is awaited first (one in flight)."""
+    async def submit(self, statements: Iterable[Statement]) -> None:
+        """Send one batch, a frame at a time; the previous batch's answer is awaited
+        first (one in flight)."""
         await self.wait_durable()
         if self._process is None:
             raise LandscapeUnavailable("the SQLite writer process is not running")
-        assert self._process.stdin is not None
-        frame = marshal.dumps(statements)
-        try:
-            await self._process.stdin.send(_HEADER.pack(len(frame)))
-            await self._process.stdin.send(frame)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
-            raise LandscapeUnavailable(f"the SQLite writer process died: {exc!r}") from exc
+        stdin = self._process.stdin
+        assert stdin is not None
+        # Shielded: the frames of a batch cut short would be committed with the next one.
+        with anyio.CancelScope(shield=True):
+            try:
+                for frames in _slices(_frames(statements)):
+                    await stdin.send(frames)
+                    # A send that finds room in the pipe returns at once, without a
+                    # turn of the loop: let its other tasks run between two slices.
+                    await anyio.lowlevel.cancel_shielded_checkpoint()
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                raise LandscapeUnavailable(f"the SQLite writer process died: {exc!r}") from exc
         self._awaiting_answer = True
 
     async def wait_durable(self) -> None:

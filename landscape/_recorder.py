@@ -23,6 +23,7 @@ from ._outcomes import BatchStatus, NodeStateStatus, Outcome, RunStatus
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
+    from contextlib import AbstractContextManager
 
     from ._leases import Fence
     from ._writer import GroupCommitWriter, WriterStatistics
@@ -575,6 +576,12 @@ class Recorder:
     async def flush(self) -> None:
         """Return once every record made so far is committed."""
         await self._writer.flush()
+
+    def together(self) -> AbstractContextManager[None]:
+        """A block whose records are committed in one transaction, though it may let
+        other tasks run; it must not wait for the writer (see
+        ``GroupCommitWriter.together``)."""
+        return self._writer.together()
 
     async def ensure_lease(self) -> None:
         """Return once the run's lease is confirmed as this process's (see

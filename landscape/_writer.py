@@ -17,6 +17,7 @@ else's.  While there is nothing to commit the writer commits the guard alone eve
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, Self
 
@@ -24,13 +25,13 @@ import anyio
 from sqlalchemy import and_, bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ._committers import Committer, SqlAlchemyCommitter, Statement, Statements
+from ._committers import Committer, SqlAlchemyCommitter, Statement
 from ._errors import AuditIntegrityError, LandscapeUnavailable
 from ._leases import OwnershipLost, guard_statement
 from ._schema import INSERT_ORDER, payloads
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterator, Mapping
     from types import TracebackType
 
     from anyio.abc import TaskStatus
@@ -42,6 +43,10 @@ if TYPE_CHECKING:
 __all__ = ["GroupCommitWriter", "WriterStatistics"]
 
 _SEEN_PAYLOADS = 32_768
+# Values per chunk of a batch (see _Batch): a few hundred microseconds to encode and to free.
+_CHUNK_VALUES = 4_096
+# Payloads are longer than other values: a chunk of them holds fewer.
+_CHUNK_PAYLOAD_VALUES = 1_024
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,17 +64,42 @@ class _Batch:
     Rows are queued flat, their values one after another in one list per table, not as a
     tuple each: a run queues a dozen records per row, and as tuples every one of them
     would live through a collection of the garbage collector's young generation (which
-    then runs every few dozen rows, a cost the flat lists do not have).
+    then runs every few dozen rows, a cost the flat lists do not have).  A table's list
+    is sealed into a chunk of its own every :data:`_CHUNK_VALUES` values: a commit then
+    encodes, sends and frees its batch a chunk at a time, never all of it in one go on
+    the event loop.
     """
 
-    __slots__ = ("inserts", "payloads", "size", "updates")
+    __slots__ = ("inserts", "payloads", "sealed", "size", "updates")
 
     def __init__(self) -> None:
         self.inserts: dict[Table, list[Any]] = {table: [] for table in INSERT_ORDER}
         #: ``hash, content`` pairs; duplicates are filtered by the writer's seen-set.
         self.payloads: list[str] = []
+        #: Full chunks per table (``None``: payloads), in the order they were queued.
+        self.sealed: dict[Table | None, list[list[Any]]] = {}
         self.updates: list[tuple[Table, dict[str, Any], dict[str, Any]]] = []
         self.size = 0
+
+    def seal(self, table: Table) -> None:
+        self.sealed.setdefault(table, []).append(self.inserts[table])
+        self.inserts[table] = []
+
+    def seal_payloads(self) -> None:
+        self.sealed.setdefault(None, []).append(self.payloads)
+        self.payloads = []
+
+    def take(self, table: Table | None) -> list[list[Any]]:
+        """Remove and return the queued values of ``table`` (``None``: payloads), chunk
+        by chunk, newest last."""
+        chunks = self.sealed.pop(table, [])
+        if table is None:
+            current, self.payloads = self.payloads, []
+        else:
+            current, self.inserts[table] = self.inserts[table], []
+        if current:
+            chunks.append(current)
+        return chunks
 
 
 class GroupCommitWriter:
@@ -130,6 +160,10 @@ class GroupCommitWriter:
         self._closing = False
         self._failure: BaseException | None = None
         self._lock = anyio.Lock()
+        #: Records queued inside :meth:`together` blocks not yet left: no batch is cut
+        #: while one is open.
+        self._holds = 0
+        self._released = anyio.Event()
         self._payload_insert = self._payload_statement()
         self._update_sql: dict[tuple[Table, tuple[str, ...], tuple[str, ...]], Any] = {}
         #: Insert SQL per table and the column positions it binds (see _insert_statement).
@@ -154,6 +188,10 @@ class GroupCommitWriter:
                 if self._failure is None:
                     await self.aclose()
             finally:
+                # The run's tasks keep the writer in reference cycles, which only a full
+                # collection frees — rare in a long-lived process: what it holds in
+                # proportion to the run (tens of thousands of hashes) goes now.
+                self._seen_payloads, self._seen_before = set(), set()
                 await self._committer.__aexit__(exc_type, exc, tb)
 
     # -- producers -------------------------------------------------------------------
@@ -167,7 +205,10 @@ class GroupCommitWriter:
         if self._closing:
             self._ensure_open()
         batch = self._batch
-        batch.inserts[table].extend(row)
+        values = batch.inserts[table]
+        values.extend(row)
+        if len(values) >= _CHUNK_VALUES:
+            batch.seal(table)
         batch.size += 1  # _queued, inlined: a dozen records per row come this way
         if not self._work_signalled:
             self._signal_work()
@@ -188,6 +229,8 @@ class GroupCommitWriter:
             self._seen_before, self._seen_payloads = seen, set()
         batch = self._batch
         batch.payloads.extend((content_hash, content))
+        if len(batch.payloads) >= _CHUNK_PAYLOAD_VALUES:
+            batch.seal_payloads()
         batch.size += 1  # _queued, inlined
         if not self._work_signalled:
             self._signal_work()
@@ -240,6 +283,23 @@ class GroupCommitWriter:
             self._urgent.set()
             self._has_work.set()
             await self._lease_confirmed.wait()
+
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        """Records queued inside this block are committed in one transaction.
+
+        The block may let other tasks run (to keep the event loop responsive while it
+        queues many records); no batch is cut until it is left.  It must not wait for
+        the writer — for room, a flush or the lease — or it would wait for itself.
+        """
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            if not self._holds:
+                self._released.set()
+                self._released = anyio.Event()
 
     def close(self) -> None:
         """Ask the writer to commit what is queued and stop."""
@@ -322,16 +382,20 @@ class GroupCommitWriter:
 
         Without ``durable`` the batch may still be in flight on return (the committer
         keeps at most one): it counts as committed once the committer confirms it.
-        With ``beat`` a fenced writer commits even an empty batch (its guard alone: the
-        lease's heartbeat).
+        With ``beat`` a fenced writer that is not closing commits even an empty batch
+        (its guard alone: the lease's heartbeat).
         """
         async with self._lock:
+            while self._holds:
+                await self._released.wait()
             batch = self._batch
             seq = self._handed_over = self._handed_over + batch.size
             self._batch = _Batch()
             self._drained.set()
             self._drained = anyio.Event()
-            if batch.size or (beat and self._guard is not None):
+            # None once closing: the last batch may hold the lease's release, and a guard
+            # committed after it would find the lease gone (the run then failed).
+            if batch.size or (beat and self._guard is not None and not self._closing):
                 sent = anyio.current_time()
                 await self._commit(batch)
                 # Submitting waited for the answer to the batch before: it is committed.
@@ -355,17 +419,34 @@ class GroupCommitWriter:
             self._lease_confirmed = anyio.Event()
 
     async def _commit(self, batch: _Batch) -> None:
-        statements: Statements = [] if self._guard is None else [self._guard]
-        if batch.payloads:
-            statements.append((self._payload_insert, 2, (0, 1), batch.payloads))
-        for table in INSERT_ORDER:
-            values = batch.inserts.get(table)
-            if values:
-                statements.append(self._insert_statement(table, values))
-        statements.extend(self._update_statement(*update) for update in batch.updates)
-        await self._committer.submit(statements)
+        self._check_widths(batch)
+        await self._committer.submit(self._statements(batch))
         self._records_written += batch.size
         self._commits += 1
+
+    @staticmethod
+    def _check_widths(batch: _Batch) -> None:
+        """Refuse a batch holding a row of the wrong width before any of it is sent."""
+        for table in INSERT_ORDER:
+            width = len(table.columns)
+            chunks = [*batch.sealed.get(table, []), batch.inserts[table]]
+            if any(len(values) % width for values in chunks):
+                raise AuditIntegrityError(f"{table.name}: a queued row has the wrong width")
+
+    def _statements(self, batch: _Batch) -> Iterator[Statement]:
+        """The batch's statements, made one chunk at a time as the committer sends them;
+        each chunk leaves the batch as its statement is made, so once sent it is freed."""
+        if self._guard is not None:
+            yield self._guard
+        chunks = batch.take(None)
+        while chunks:
+            yield self._payload_insert, 2, (0, 1), chunks.pop(0)
+        for table in INSERT_ORDER:
+            chunks = batch.take(table)
+            while chunks:
+                yield self._insert_statement(table, chunks.pop(0))
+        for queued in batch.updates:
+            yield self._update_statement(*queued)
 
     def _insert_statement(self, table: Table, values: list[Any]) -> Statement:
         """The insert of a batch's ``values`` for ``table`` (its rows one after another).

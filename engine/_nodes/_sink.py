@@ -99,16 +99,22 @@ class SinkNode(NodeTask):
             self.stats.in_flight = 0
         self.write_seq += 1
         self.run_ctx.sink_writes[self.node_id] = self.write_seq
-        self.recorder.sink_position(
-            sink_node_id=self.node_id, write_seq=self.write_seq, position=sink.position()
-        )
         rejected = {r.token_id: r.error for r in rejections}
         completed = time.time()
+        # The position and the outcomes of the rows written commit together: a resume
+        # cuts the sink back to the last position on record, which must cover exactly
+        # the rows on record as written.
+        with self.recorder.together():
+            self.recorder.sink_position(
+                sink_node_id=self.node_id, write_seq=self.write_seq, position=sink.position()
+            )
+            for token in batch:
+                if token.token_id not in rejected:
+                    self._written(token, started, completed)
+                    await self.outbox.yield_if_due()
         for token in batch:
             error = rejected.get(token.token_id)
-            if error is None:
-                self._written(token, started, completed)
-            else:
+            if error is not None:
                 await self._not_written(token, error, started, completed)
 
     async def _write_items(self, sink: Sink, items: list[SinkItem]) -> list[SinkRejection]:

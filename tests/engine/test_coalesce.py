@@ -327,6 +327,9 @@ def run_join(sqlite_url: str, tmp_path: Path) -> Callable[..., Awaitable[Trail]]
         url: str | None = None,
     ) -> Trail:
         url = url or sqlite_url
+        # The drivers steer the run step by step: a node must send on what it released
+        # without yielding, whatever the machine's speed (no time slices).
+        config.setdefault("runtime", {})["time_slice_ms"] = 0
         pipeline = Pipeline.from_dict(config, base_dir=tmp_path, landscape_url=url, clock=clock)
         results: list[RunResult] = []
 

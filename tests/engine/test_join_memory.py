@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import anyio
@@ -44,6 +45,9 @@ class DroppingWriter:
 
     async def ensure_lease(self) -> None:
         return None
+
+    def together(self) -> AbstractContextManager[None]:
+        return nullcontext()
 
 
 class SamplingSink(Sink):

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 import anyio
 import anyio.lowlevel
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from landscape import _schema as t
 from landscape._canonical import canonical_hash
@@ -16,7 +16,7 @@ from landscape._errors import AuditIntegrityError
 from landscape._outcomes import Outcome
 from landscape._recorder import Recorder
 from landscape._store import Landscape
-from landscape._writer import GroupCommitWriter
+from landscape._writer import _CHUNK_VALUES, GroupCommitWriter
 
 
 @asynccontextmanager
@@ -246,3 +246,81 @@ async def test_a_batch_insert_binds_only_columns_that_hold_a_value(landscape: La
     assert "context_json" not in bound_names
     assert "batch_id" not in sql
     assert "sink_name" in sql
+
+
+async def test_a_batch_of_many_chunks_commits_whole_and_in_order(sqlite_url: str) -> None:
+    """The SQLite process is sent a batch a chunk at a time (each frame a turn of the
+    event loop); its rows must all land, in the order they were queued (``rowid``), in
+    one transaction."""
+    count = 3 * _CHUNK_VALUES // len(t.tokens.columns) + 7  # several chunks and a tail
+    async with Landscape.connect(sqlite_url) as landscape:
+        writer = landscape.open_writer()
+        async with running(writer):
+            _tokens(Recorder(writer, "run-1"), range(count))
+            await writer.flush()
+        assert writer.statistics().commits == 1
+        async with landscape.engine.connect() as conn:
+            query = select(t.tokens.c.token_id).order_by(text("rowid"))
+            stored = (await conn.execute(query)).scalars().all()
+    assert stored == [f"tok-{i:05d}" for i in range(count)]
+
+
+async def test_a_batch_refused_in_a_late_chunk_commits_none_of_it(landscape: Landscape) -> None:
+    """The database refuses a row in the batch's last chunk: the chunks sent before it
+    belong to the same transaction and must not be committed either."""
+    count = 2 * _CHUNK_VALUES // len(t.tokens.columns)
+
+    def tokens_then_a_second_terminal_outcome(rec: Recorder) -> None:
+        _tokens(rec, range(count))
+        _outcomes(rec, Outcome.COMPLETED, Outcome.FAILED)
+
+    await _expect_integrity_failure(landscape.open_writer(), tokens_then_a_second_terminal_outcome)
+    assert await _count(landscape, t.tokens) == 0
+    assert await _count(landscape, t.token_outcomes) == 0
+
+
+async def test_a_closing_writer_beats_no_more_after_the_release(landscape: Landscape) -> None:
+    """The last batch releases the lease; a heartbeat that fell due while the writer
+    closed must not commit its guard after it (the guard would find no lease held, and
+    the finished run would fail as taken over)."""
+    async with landscape.own_run("r1", new=True) as claimed:
+        writer = landscape.open_writer(commit_interval=0, fence=claimed)
+        async with writer, anyio.create_task_group() as tg:
+            await tg.start(writer.run)
+            recorder = Recorder(writer, "r1")
+            recorder.begin_run(config_hash="h", settings={}, engine_version="t", pipeline_name="p")
+            recorder.release_run(claimed)
+            await writer.aclose()
+            await writer._commit_queued(beat=True)  # the run loop's idle heartbeat, late
+    summary = await landscape.get_run("r1")
+    assert summary is not None
+    assert summary.owner is not None
+    assert summary.owner.released_at is not None
+
+
+async def test_records_queued_together_commit_in_one_transaction(landscape: Landscape) -> None:
+    """A block that lets other tasks run while it queues (a sink recording a write's
+    position and outcomes) is never cut in two by a commit: a crash between the two
+    commits would leave a position covering rows not on record as written."""
+    writer = landscape.open_writer(commit_interval=0)
+    async with running(writer) as tg:
+        rec = Recorder(writer, "run-1")
+        _tokens(rec, range(5))
+        await writer.flush()
+        flushed = anyio.Event()
+
+        async def flush_meanwhile() -> None:
+            await writer.flush()
+            flushed.set()
+
+        with rec.together():
+            _tokens(rec, range(5, 10))
+            tg.start_soon(flush_meanwhile)
+            for _ in range(20):  # the writer task and the flusher get many turns
+                await anyio.sleep(0.005)
+            assert not flushed.is_set()
+            assert await _count(landscape, t.tokens) == 5
+            _tokens(rec, range(10, 15))
+        with anyio.fail_after(10):
+            await flushed.wait()
+        assert await _token_ids(landscape) == [f"tok-{i:05d}" for i in range(15)]
