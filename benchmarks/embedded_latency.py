@@ -263,7 +263,8 @@ def sweep(args: argparse.Namespace) -> None:
             runs[ms].append(run_child(ROOT, args, freeze=True, time_slice_ms=ms))
             print(f"  run {i + 1} time_slice_ms {ms:<5g}: {line(runs[ms][-1])}", flush=True)
     print(f"rows: {args.rows:,}, collector frozen (medians of {args.repeat} runs)")
-    slowest = max(args.sweep)
+    # The baseline is slices off (0) when swept, else the longest slice.
+    slowest = 0.0 if 0.0 in args.sweep else max(args.sweep)
     for ms, figures in runs.items():
         ratio = ratio_line(figures, runs[slowest], "alone_rows_per_s")
         print(
